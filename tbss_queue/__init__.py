@@ -1,0 +1,24 @@
+"""tbss-queue: run the registration commands of an FSL TBSS study on many machines."""
+
+from .api import failures, list_batches, status, submit, tasks, wait
+from .config import Settings
+from .errors import TbssQueueError
+from .models import Batch, BatchStatus, NodeStatus, TaskRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "BatchStatus",
+    "NodeStatus",
+    "Settings",
+    "TaskRecord",
+    "TbssQueueError",
+    "__version__",
+    "failures",
+    "list_batches",
+    "status",
+    "submit",
+    "tasks",
+    "wait",
+]

@@ -1,0 +1,72 @@
+"""The Celery app: the one place where Celery settings live, each with the reason it is set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from .config import Settings
+
+TASK_NAME = "tbss_queue.run_command"
+# with the redis-py client, unix sockets are unix://; kombu and Celery's backend want redis+socket://
+_SOCKET_SCHEMES = ("unix://", "redis+socket://")
+
+
+def celery_url(url: str) -> str:
+    """The URL spelled the way kombu and Celery's Redis backend accept it."""
+    if url.startswith("unix://"):
+        return "redis+socket://" + url[len("unix://") :]
+    return url
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured for long, CPU-bound commands that must run exactly once."""
+    app = Celery("tbss_queue", set_as_current=False)
+    transport: dict[str, Any] = {
+        # a message unacknowledged this long is handed out again: must outlive any command
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu otherwise sweeps for expired unacked messages only every ~100 s
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+        "health_check_interval": 25,
+    }
+    app.conf.update(
+        broker_url=celery_url(settings.broker),
+        result_backend=celery_url(settings.backend_url),
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        visibility_timeout=settings.visibility_timeout,
+        # ack after the command ended, so a crash hands the task back instead of losing it
+        task_acks_late=True,
+        # with acks_late, each pool process reserves exactly one task: no hoarding across nodes
+        worker_prefetch_multiplier=1,
+        # a killed pool process requeues its task (our heartbeats bound the loop: crash limit)
+        task_reject_on_worker_lost=True,
+        # otherwise a Redis reconnect restores the unacked task while it still runs: twice at once
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # a redelivered task whose success is recorded is not run again
+        worker_deduplicate_successful_tasks=True,
+        task_track_started=True,
+        # JSON only on the wire: pickle from whoever can write to Redis is refused
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Flower and `tbss-queue` see every task without depending on Flower having enabled events
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        result_expires=7 * 24 * 3600,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        # a study runs for days: keep reconnecting instead of giving up after ~46 min
+        broker_connection_max_retries=None,
+        task_default_queue=settings.queue,
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_time_limit=None,
+        enable_utc=True,
+    )
+    return app

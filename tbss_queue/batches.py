@@ -1,0 +1,341 @@
+"""Batch bookkeeping in Redis: records, per-task states and the counters `status` reads.
+
+Every state change goes through one Lua script, so a task's state and the per-batch counters
+change together and exactly: a task delivered twice is counted once, and `status` reads a few
+counters instead of every task (its cost does not grow with the batch).
+
+Keys (prefix tbssq:), for batch B:
+  batches             ZSET  batch id -> submit time
+  b:B                 HASH  batch metadata
+  b:B:cmd             HASH  task id -> JSON {line, argv, key}
+  b:B:state           HASH  task id -> state
+  b:B:counts          HASH  state -> number of tasks in it
+  b:B:result          HASH  task id -> JSON record of its last attempt
+  b:B:ended           ZSET  task id -> end time (throughput, ETA)
+  b:B:nodes           HASH  "node|field" -> value (per-node counters)
+  b:B:attempts        HASH  task id -> attempts started; "lost:"+id -> lost-worker requeues
+  running             HASH  "B|task" -> JSON {node, token, started, pid} (global)
+  hb:B|task           STRING runner token, expiring: the running command's heartbeat
+  index               HASH  command key -> "B|task": latest task of a command (resume)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .errors import BatchNotFound
+
+PREFIX = "tbssq:"
+BATCHES = PREFIX + "batches"
+RUNNING = PREFIX + "running"
+INDEX = PREFIX + "index"
+
+QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
+    "queued", "running", "succeeded", "failed", "skipped", "cancelled",
+)
+STATES = (QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED)
+FINAL_STATES = (SUCCEEDED, FAILED, SKIPPED, CANCELLED)
+UNCOMMITTED_TTL = 24 * 3600
+"""A batch whose submit died half-way disappears after this long; it is never visible."""
+
+
+def batch_key(batch_id: str, part: str = "") -> str:
+    return f"{PREFIX}b:{batch_id}" + (f":{part}" if part else "")
+
+
+def member(batch_id: str, task_id: str) -> str:
+    return f"{batch_id}|{task_id}"
+
+
+def heartbeat_key(batch_id: str, task_id: str) -> str:
+    return f"{PREFIX}hb:{member(batch_id, task_id)}"
+
+
+def new_batch_id() -> str:
+    """A short id a person can type: 8 hex digits."""
+    return secrets.token_hex(4)
+
+
+# Moves a task into `running` for one runner, unless it is final or another runner's heartbeat
+# is alive. KEYS: state counts nodes running hb attempts meta; ARGV: tid member node now token
+# ttl pid
+_CLAIM = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 'unknown' end
+if old == 'succeeded' or old == 'failed' or old == 'cancelled' or old == 'skipped' then
+  return old
+end
+if old == 'running' and redis.call('EXISTS', KEYS[5]) == 1 then return 'busy' end
+local prev = redis.call('HGET', KEYS[4], ARGV[2])
+if prev then
+  redis.call('HINCRBY', KEYS[3], cjson.decode(prev)['node'] .. '|running', -1)
+end
+if old ~= 'running' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'running')
+  redis.call('HINCRBY', KEYS[2], old, -1)
+  redis.call('HINCRBY', KEYS[2], 'running', 1)
+end
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', 1)
+redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({node=ARGV[3], token=ARGV[5],
+  started=tonumber(ARGV[4]), pid=tonumber(ARGV[7])}))
+redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+redis.call('HSETNX', KEYS[7], 'first_started', ARGV[4])
+return 'ok'
+"""
+
+# Records the end of one attempt. The first final outcome wins, except that a success replaces a
+# failure (a rerun that worked). KEYS: state counts nodes running hb result ended meta;
+# ARGV: tid member node now token new_state record_json duration
+_FINISH = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 'unknown' end
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if rec and cjson.decode(rec)['token'] == ARGV[5] then
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[5])
+  redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
+end
+redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', ARGV[4])
+if old == 'succeeded' or old == 'cancelled' or old == 'skipped' or old == ARGV[6] then
+  return old
+end
+if rec and old == 'running' and cjson.decode(rec)['token'] ~= ARGV[5] then
+  -- another runner owns it now; let that one report
+  return 'taken'
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[6])
+redis.call('HINCRBY', KEYS[2], old, -1)
+redis.call('HINCRBY', KEYS[2], ARGV[6], 1)
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[7])
+redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[6], 1)
+redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3] .. '|busy', ARGV[8])
+redis.call('HSET', KEYS[8], 'last_ended', ARGV[4])
+return 'ok'
+"""
+
+# Makes a submitted batch visible and its messages consumable, all at once.
+# KEYS: meta cmd state counts staging queue batches index keys
+# ARGV: batch_id now n_messages
+_COMMIT = """
+for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}) do redis.call('PERSIST', k) end
+local n = tonumber(ARGV[3])
+for i = 1, n do redis.call('LMOVE', KEYS[5], KEYS[6], 'RIGHT', 'LEFT') end
+redis.call('DEL', KEYS[5])
+local keys = redis.call('HGETALL', KEYS[9])
+for i = 1, #keys, 2 do
+  redis.call('HSET', KEYS[8], keys[i], ARGV[1] .. '|' .. keys[i + 1])
+end
+redis.call('DEL', KEYS[9])
+redis.call('HSET', KEYS[1], 'committed', ARGV[2])
+redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+return n
+"""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One command of a batch as stored: its task id, line, argv and identity key."""
+
+    task_id: str
+    line: int
+    argv: tuple[str, ...]
+    key: str
+    state: str = QUEUED
+    note: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"line": self.line, "argv": list(self.argv), "key": self.key,
+                           "note": self.note})
+
+
+class BatchStore:
+    """Reads and writes batch records on one Redis. Cheap to create; safe after fork."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._commit = client.register_script(_COMMIT)
+
+    # -- submit -------------------------------------------------------------------------------
+
+    def stage(self, batch_id: str, meta: dict[str, Any], tasks: Sequence[TaskSpec],
+              messages: Sequence[tuple[str, str]], chunk: int = 5000) -> str | None:
+        """Write a batch's records and messages where no worker or reader sees them yet.
+
+        Returns the Redis list the messages are meant for (None if there are none).
+        """
+        counts: dict[str, int] = {}
+        for t in tasks:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        staging = batch_key(batch_id, "staging")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(batch_key(batch_id), mapping={k: _enc(v) for k, v in meta.items()})
+        pipe.hset(batch_key(batch_id, "counts"),
+                  mapping={s: counts.get(s, 0) for s in STATES})
+        for part in ("", "counts"):
+            pipe.expire(batch_key(batch_id, part), UNCOMMITTED_TTL)
+        pipe.execute()
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start : start + chunk]
+            pipe.hset(batch_key(batch_id, "cmd"), mapping={t.task_id: t.to_json() for t in part})
+            pipe.hset(batch_key(batch_id, "state"), mapping={t.task_id: t.state for t in part})
+            live = {t.key: t.task_id for t in part if t.state == QUEUED}
+            if live:
+                pipe.hset(batch_key(batch_id, "keys"), mapping=live)
+            for part_name in ("cmd", "state", "keys"):
+                pipe.expire(batch_key(batch_id, part_name), UNCOMMITTED_TTL)
+            pipe.execute()
+        queue = None
+        for start in range(0, len(messages), chunk):
+            part_msgs = messages[start : start + chunk]
+            queue = part_msgs[0][0]
+            pipe.lpush(staging, *[m for _, m in part_msgs])
+            pipe.expire(staging, UNCOMMITTED_TTL)
+            pipe.execute()
+        if messages and any(q != queue for q, _ in messages):
+            raise ValueError("all messages of a batch must go to one queue")
+        return queue
+
+    def commit(self, batch_id: str, queue: str | None, n_messages: int) -> None:
+        """Publish the staged messages and make the batch visible, atomically."""
+        keys = [batch_key(batch_id), batch_key(batch_id, "cmd"), batch_key(batch_id, "state"),
+                batch_key(batch_id, "counts"), batch_key(batch_id, "staging"),
+                queue or batch_key(batch_id, "noqueue"), BATCHES, INDEX,
+                batch_key(batch_id, "keys")]
+        self._commit(keys=keys, args=[batch_id, time.time(), n_messages])
+
+    def discard(self, batch_id: str) -> None:
+        """Remove whatever a failed submit staged."""
+        self.r.delete(*[batch_key(batch_id, p) for p in
+                        ("", "cmd", "state", "counts", "staging", "keys")])
+
+    def live_tasks(self, keys: Iterable[str]) -> dict[str, tuple[str, str, str]]:
+        """For command keys, the (batch, task, state) of their latest task, where one exists."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        found: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(keys), 10000):
+            chunk = keys[i : i + 10000]
+            for key, ref in zip(chunk, self.r.hmget(INDEX, chunk), strict=True):
+                if ref:
+                    b, t = ref.split("|", 1)
+                    found[key] = (b, t)
+        pipe = self.r.pipeline(transaction=False)
+        items = list(found.items())
+        for _, (b, t) in items:
+            pipe.hget(batch_key(b, "state"), t)
+        states = pipe.execute()
+        return {k: (b, t, s) for (k, (b, t)), s in zip(items, states, strict=True) if s}
+
+    # -- worker side ----------------------------------------------------------------------------
+
+    def claim(self, batch_id: str, task_id: str, node: str, token: str, ttl: float,
+              pid: int) -> str:
+        """Mark a task running for this runner. Returns 'ok', 'busy', a final state or 'unknown'."""
+        keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"),
+                batch_key(batch_id, "nodes"), RUNNING, heartbeat_key(batch_id, task_id),
+                batch_key(batch_id, "attempts"), batch_key(batch_id)]
+        args = [task_id, member(batch_id, task_id), node, time.time(), token,
+                max(1, int(ttl)), pid]
+        return str(self._claim(keys=keys, args=args))
+
+    def heartbeat(self, batch_id: str, task_id: str, token: str, ttl: float) -> None:
+        """Keep a running command's heartbeat alive."""
+        self.r.set(heartbeat_key(batch_id, task_id), token, ex=max(1, int(ttl)))
+
+    def finish(self, batch_id: str, task_id: str, node: str, token: str, state: str,
+               record: dict[str, Any]) -> str:
+        """Record the outcome of one attempt; returns 'ok' or why it changed nothing."""
+        keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"),
+                batch_key(batch_id, "nodes"), RUNNING, heartbeat_key(batch_id, task_id),
+                batch_key(batch_id, "result"), batch_key(batch_id, "ended"), batch_key(batch_id)]
+        now = record.get("ended") or time.time()
+        args = [task_id, member(batch_id, task_id), node, now, token, state,
+                json.dumps(record), record.get("duration", 0.0)]
+        return str(self._finish(keys=keys, args=args))
+
+    # -- readers --------------------------------------------------------------------------------
+
+    def latest_batch_id(self) -> str:
+        ids = self.r.zrange(BATCHES, -1, -1)
+        if not ids:
+            raise BatchNotFound("no batch has been submitted to this broker yet")
+        return str(ids[0])
+
+    def batch_ids(self) -> list[str]:
+        return [str(b) for b in self.r.zrange(BATCHES, 0, -1)]
+
+    def resolve_id(self, batch_id: str | None) -> str:
+        """The full id of a batch given by id or unique prefix; None means the latest batch."""
+        if batch_id is None:
+            return self.latest_batch_id()
+        if self.r.zscore(BATCHES, batch_id) is not None:
+            return batch_id
+        matches = [b for b in self.batch_ids() if b.startswith(batch_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
+        raise BatchNotFound(f"batch prefix {batch_id!r} is ambiguous: {', '.join(matches)}")
+
+    def snapshot(self, batch_id: str, window: float = 600.0) -> dict[str, Any]:
+        """Everything `status` needs, in one round trip of a fixed number of commands."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(batch_key(batch_id))
+        pipe.hgetall(batch_key(batch_id, "counts"))
+        pipe.hgetall(batch_key(batch_id, "nodes"))
+        pipe.zcount(batch_key(batch_id, "ended"), now - window, "+inf")
+        meta, counts, nodes, recent = pipe.execute()
+        if not meta or "committed" not in meta:
+            raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
+        return {"meta": {k: _dec(v) for k, v in meta.items()},
+                "counts": {k: int(v) for k, v in counts.items()},
+                "nodes": nodes, "recent": int(recent), "now": now, "window": window}
+
+    def task_specs(self, batch_id: str) -> dict[str, dict[str, Any]]:
+        return {t: json.loads(v) for t, v in self.r.hgetall(batch_key(batch_id, "cmd")).items()}
+
+    def states(self, batch_id: str) -> dict[str, str]:
+        return dict(self.r.hgetall(batch_key(batch_id, "state")))
+
+    def results(self, batch_id: str, task_ids: Sequence[str] | None = None
+                ) -> dict[str, dict[str, Any]]:
+        key = batch_key(batch_id, "result")
+        if task_ids is None:
+            raw = self.r.hgetall(key)
+        else:
+            raw = dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True)) \
+                if task_ids else {}
+        return {t: json.loads(v) for t, v in raw.items() if v}
+
+    def running(self, batch_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Running records ("batch|task" -> record), optionally of one batch."""
+        out = {}
+        for m, v in self.r.hgetall(RUNNING).items():
+            if batch_id is None or m.startswith(batch_id + "|"):
+                out[m] = json.loads(v)
+        return out
+
+
+def _enc(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _dec(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -1,0 +1,207 @@
+"""The `tbss-queue` command: parses options, builds Settings, calls the API, renders the result.
+
+No logic lives here; every command is a few lines over a function of `tbss_queue.api`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from . import api
+from .config import Settings
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TbssQueueError
+from .progress import LiveProgress, failures_table, status_table, summary_line
+
+EPILOG = """\b
+Examples:
+  tbss-queue demo demo-study --subjects 6      # a synthetic study to try things on
+  tbss-queue run demo-study/FA/.commands       # everything on this machine, no set-up
+  tbss-queue worker --broker redis://head:6379/0     # on every machine that should work
+  tbss-queue submit FA/.commands --wait        # on the machine that holds the study
+  tbss-queue status --watch
+"""
+
+out = Console()
+err = Console(stderr=True)
+
+
+def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--broker / --result-backend, declared once, resolved into Settings for the command."""
+
+    @click.option("--broker", envvar="TBSS_QUEUE_BROKER", metavar="URL",
+                  help="Redis URL of the queue [env TBSS_QUEUE_BROKER; "
+                       "default redis://localhost:6379/0].")
+    @click.option("--result-backend", envvar="TBSS_QUEUE_RESULT_BACKEND", metavar="URL",
+                  help="Celery result backend [default: the broker].")
+    @functools.wraps(f)
+    def wrapper(*args: Any, broker: str | None, result_backend: str | None,
+                **kwargs: Any) -> Any:
+        settings = Settings.resolve(broker=broker, result_backend=result_backend)
+        return f(*args, settings=settings, **kwargs)
+
+    return wrapper
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+@click.group(epilog=EPILOG)
+@click.version_option(package_name="tbss-queue")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Run the registration commands of an FSL TBSS study (FA/.commands) on many machines.
+
+    Commands go to one Redis queue; `tbss-queue worker` on every machine runs them.
+    """
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--cwd", type=click.Path(file_okay=False),
+              help="Directory the commands run in [default: the file's directory, FA/].")
+@click.option("--time-limit", type=float, metavar="SECONDS",
+              help="Kill a command (and its children) after this long [default 6 h].")
+@click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
+@json_option
+@broker_options
+def submit(file: str, cwd: str | None, time_limit: float | None, wait: bool, as_json: bool,
+           settings: Settings) -> None:
+    """Queue every command of FILE as one batch.
+
+    Example: tbss-queue submit FA/.commands --wait
+    """
+    batch = api.submit(file, cwd=cwd, time_limit=time_limit, settings=settings)
+    for warning in batch.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    if as_json and not wait:
+        click.echo(json.dumps(batch.to_dict()))
+    else:
+        err.print(f"batch {batch.id}: {batch.queued} commands queued, {batch.skipped} skipped "
+                  f"(broker {settings.display_broker})", highlight=False)
+        if not wait:
+            click.echo(batch.id)
+    if wait:
+        sys.exit(_wait_and_report(batch.id, settings, as_json))
+
+
+def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
+    with LiveProgress(err) as update:
+        final = api.wait(batch_id, settings=settings, on_update=update)
+    if as_json:
+        click.echo(json.dumps(final.to_dict()))
+    else:
+        _print_final(final, settings)
+    return EXIT_OK if final.ok else EXIT_FAILED
+
+
+def _print_final(final: Any, settings: Settings) -> None:
+    err.print(summary_line(final), highlight=False)
+    if final.failed:
+        err.print(failures_table(api.failures(final.batch, settings=settings)))
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--watch", is_flag=True, help="Refresh every few seconds until Ctrl-C.")
+@json_option
+@broker_options
+def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) -> None:
+    """Counts, throughput, ETA and workers of BATCH (default: the latest).
+
+    Example: tbss-queue status --json
+    """
+    current = api.status(batch, settings=settings)
+    if as_json:
+        click.echo(json.dumps(current.to_dict()))
+        return
+    out.print(status_table(current))
+    if current.failed:
+        out.print(failures_table(api.failures(current.batch, settings=settings)))
+
+
+@cli.command()
+@json_option
+@broker_options
+def batches(as_json: bool, settings: Settings) -> None:
+    """List the batches on the broker with their counts.
+
+    Example: tbss-queue batches
+    """
+    items = api.list_batches(settings=settings)
+    if as_json:
+        click.echo(json.dumps([b.to_dict() for b in items]))
+        return
+    if not items:
+        err.print("no batches yet")
+    for b in items:
+        out.print(summary_line(b), highlight=False)
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@json_option
+@broker_options
+def failures(batch: str | None, as_json: bool, settings: Settings) -> None:
+    """List the failed commands of BATCH with cause, exit code, node and stderr.
+
+    Example: tbss-queue failures 1a2b3c4d
+    """
+    records = api.failures(batch, settings=settings)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records]))
+    else:
+        out.print(failures_table(records))
+
+
+@cli.command()
+@click.option("-c", "--concurrency", type=click.IntRange(min=1),
+              help="Commands run at once on this node [default: CPU count].")
+@click.option("-n", "--name", help="Node name (name or name@host) [default: tbss@HOSTNAME].")
+@click.option("--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@broker_options
+def worker(concurrency: int | None, name: str | None, loglevel: str,
+           settings: Settings) -> None:
+    """Run commands from the queue on this machine until stopped.
+
+    SIGTERM lets running commands finish (Celery's warm shutdown).
+
+    Example: tbss-queue worker --broker redis://head:6379/0 -c 8
+    """
+    from .worker import WorkerOptions, run_worker
+
+    run_worker(settings, WorkerOptions(concurrency=concurrency, name=name,
+                                       loglevel=loglevel.upper()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: map every TbssQueueError to its one-line message and exit code."""
+    try:
+        cli.main(args=argv, prog_name="tbss-queue", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+    except TbssQueueError as exc:
+        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+            raise
+        click.echo(f"tbss-queue: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    sys.exit(EXIT_OK)

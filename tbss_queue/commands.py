@@ -1,0 +1,138 @@
+"""Reading a commands file (TBSS's FA/.commands): one command per line, never a shell."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CommandsFileError
+
+SHELL_METACHARACTERS = frozenset(";|&<>`$()*?[]")
+"""Characters a shell would interpret. Without a shell they would be passed on literally,
+which is never what the author of such a line meant, so a line holding one unquoted is refused."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One line of a commands file, split into the argv that will be executed."""
+
+    line: int
+    argv: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """The normalized command line: identical for lines that differ only in spacing/quoting."""
+        return shlex.join(self.argv)
+
+    def key(self, cwd: str) -> str:
+        """Identity of a command across submissions: its normalized text + working directory."""
+        return hashlib.sha1(f"{cwd}\0{self.text}".encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class ParsedFile:
+    """A parsed commands file: its unique commands, and the lines that repeated one."""
+
+    path: str
+    commands: tuple[Command, ...]
+    duplicates: tuple[tuple[int, int], ...]  # (line, line of its first occurrence)
+
+
+def split_line(text: str) -> tuple[str, ...]:
+    """Split one command line with POSIX quoting; ValueError names the problem."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=False)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    try:
+        words = tuple(lexer)
+    except ValueError as exc:
+        raise ValueError(str(exc).lower().replace("no closing quotation", "unbalanced quote")) from None
+    _refuse_metacharacters(text)
+    return words
+
+
+def _refuse_metacharacters(text: str) -> None:
+    """Reject characters a shell would act on when they stand outside quotes."""
+    quote: str | None = None
+    escaped = False
+    previous = " "
+    for ch in text:
+        at_word_start, previous = previous.isspace(), ch
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            if ch == "'":
+                quote = None
+        elif ch == "\\":
+            escaped = True
+        elif quote == '"':
+            if ch == '"':
+                quote = None
+            elif ch in "$`":
+                raise ValueError(f"shell syntax {ch!r} is not supported: commands run without a shell")
+        elif ch in "'\"":
+            quote = ch
+        elif ch in SHELL_METACHARACTERS or (ch == "~" and at_word_start):
+            raise ValueError(
+                f"shell syntax {ch!r} is not supported: commands run without a shell "
+                "(quote it if it is meant literally)"
+            )
+
+
+def parse_text(text: str, path: str = "<commands>") -> ParsedFile:
+    """Parse the text of a commands file. Raises CommandsFileError naming the line at fault."""
+    commands: list[Command] = []
+    first_seen: dict[tuple[str, ...], int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            argv = split_line(stripped)
+        except ValueError as exc:
+            raise CommandsFileError(path, str(exc), number) from None
+        if not argv:
+            continue
+        if argv in first_seen:
+            duplicates.append((number, first_seen[argv]))
+            continue
+        first_seen[argv] = number
+        commands.append(Command(number, argv))
+    if not commands:
+        raise CommandsFileError(path, "no commands in file (empty, or only comments)")
+    return ParsedFile(path, tuple(commands), tuple(duplicates))
+
+
+def parse_commands_file(path: str | os.PathLike[str]) -> ParsedFile:
+    """Read and parse a commands file; every problem is a CommandsFileError, never a traceback."""
+    name = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise CommandsFileError(name, "no such file")
+    if p.is_dir():
+        raise CommandsFileError(name, "is a directory, not a commands file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CommandsFileError(name, f"cannot read: {exc.strerror or exc}") from None
+    return parse_bytes(data, name)
+
+
+def parse_bytes(data: bytes, path: str = "<commands>") -> ParsedFile:
+    """Decode and parse; binary content is refused with the line where it starts."""
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise CommandsFileError(path, "binary content (NUL byte): not a text commands file", line)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise CommandsFileError(path, "not UTF-8 text (binary file?)", line) from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if any(ord(c) < 32 and c not in "\t\r\f\v" for c in raw):
+            raise CommandsFileError(path, "control characters: not a text commands file", number)
+    return parse_text(text, path)

@@ -1,0 +1,111 @@
+"""The plain, frozen records the API returns; `to_dict()` is what `--json` prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One submission of one commands file."""
+
+    id: str
+    path: str
+    cwd: str
+    submitted: float
+    total: int
+    queued: int
+    skipped: int
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What one worker node did for a batch."""
+
+    node: str
+    running: int
+    succeeded: int
+    failed: int
+    busy_seconds: float
+    last_seen: float | None
+
+    @property
+    def per_hour(self) -> float:
+        """Commands finished per hour of command run time on this node (all its slots)."""
+        done = self.succeeded + self.failed
+        return 3600.0 * done / self.busy_seconds if self.busy_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "per_hour": round(self.per_hour, 2)}
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """Counts, speed and ETA of a batch, read from counters the tasks maintain."""
+
+    batch: str
+    path: str
+    cwd: str
+    submitted: float
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    skipped: int
+    cancelled: int
+    rate_recent: float  # commands finished per minute, last `window` seconds
+    rate_overall: float  # per minute since the first command started
+    eta_seconds: float | None
+    first_started: float | None
+    last_ended: float | None
+    nodes: tuple[NodeStatus, ...] = field(default=())
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.skipped + self.cancelled
+
+    @property
+    def done(self) -> bool:
+        return self.queued == 0 and self.running == 0
+
+    @property
+    def ok(self) -> bool:
+        return self.done and self.failed == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["nodes"] = [n.to_dict() for n in self.nodes]
+        d["done"] = self.done
+        d["finished"] = self.finished
+        return d
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One command of a batch with its current state and last attempt."""
+
+    task_id: str
+    line: int
+    argv: tuple[str, ...]
+    state: str
+    cause: str | None = None
+    exit_code: int | None = None
+    node: str | None = None
+    duration: float | None = None
+    stderr_tail: str = ""
+    message: str = ""
+
+    @property
+    def text(self) -> str:
+        import shlex
+
+        return shlex.join(self.argv)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "argv": list(self.argv), "command": self.text}

@@ -1,0 +1,57 @@
+"""Turning commands into Celery task messages without sending them yet.
+
+Celery builds each message itself (apply_async: protocol, headers, routing); only kombu's last
+step, the Redis LPUSH in `Channel._put`, is captured, so that `batches.BatchStore.commit` can
+publish a whole batch atomically: either every command is queued or none is.
+"""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from kombu.utils.json import dumps
+
+from .app import TASK_NAME
+from .batches import TaskSpec
+
+_NAMESPACE = uuid.UUID("6b7c1f1e-2f55-4d0c-9a43-3c1f3e0a7b42")
+
+
+def task_id_for(batch_id: str, command_key: str) -> str:
+    """Task ids derive from batch and command: the same command can't be queued twice in a batch."""
+    return str(uuid.uuid5(_NAMESPACE, f"{batch_id}|{command_key}"))
+
+
+def build_messages(
+    app: Celery, batch_id: str, cwd: str, tasks: Sequence[TaskSpec], options: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Celery's messages for `tasks`, as (redis list, payload) pairs, none of them sent."""
+    captured: list[tuple[str, str]] = []
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+
+        def capture(queue: str, message: dict[str, Any], **_: Any) -> None:
+            pri = channel._get_message_priority(message, reverse=False)
+            captured.append((channel._q_for_pri(queue, pri), dumps(message)))
+
+        channel._put = capture
+        producer = app.amqp.Producer(channel, auto_declare=False)
+        try:
+            for t in tasks:
+                app.send_task(
+                    TASK_NAME,
+                    args=(batch_id, list(t.argv), cwd),
+                    kwargs=dict(options),
+                    task_id=t.task_id,
+                    producer=producer,
+                    # Flower shows this as the task's args: the command itself
+                    argsrepr=shlex.join(t.argv),
+                    kwargsrepr=repr(options),
+                )
+        finally:
+            producer.release()
+    return captured

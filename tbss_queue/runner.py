@@ -1,0 +1,159 @@
+"""Run one command as a subprocess: own session, no shell, output tails, whole tree killed.
+
+Deliberately free of Celery and Redis so it can be tested in milliseconds. Celery never kills a
+task's child processes, so this module does: the command leads its own session and that whole
+process group is killed in a `finally`, which also runs when the pool process gets SIGTERM
+(time limit, revoke, shutdown) because billiard turns SIGTERM into SystemExit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+TAIL_BYTES = 64 * 1024
+"""How much of the end of stdout and of stderr is kept."""
+
+KILL_GRACE = 2.0
+"""Seconds between SIGTERM and SIGKILL when a command's process group is stopped."""
+
+# causes of failure, also used as task states by the bookkeeping
+CAUSE_EXIT = "exit"
+CAUSE_SIGNAL = "signal"
+CAUSE_TIMEOUT = "timeout"
+CAUSE_NOT_FOUND = "not-found"
+CAUSE_NO_CWD = "no-cwd"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened to one command."""
+
+    exit_code: int | None
+    started: float
+    ended: float
+    stdout_tail: str
+    stderr_tail: str
+    cause: str | None = None  # None on success
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.cause is None
+
+    @property
+    def duration(self) -> float:
+        return self.ended - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "duration": self.duration}
+
+
+def run_command(
+    argv: Sequence[str],
+    cwd: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    on_tick: Callable[[int], None] | None = None,
+    tick: float = 5.0,
+    tail_bytes: int = TAIL_BYTES,
+) -> RunResult:
+    """Run argv in cwd; never raises for the command's own failures (they are in the result).
+
+    on_tick(pid) is called about every `tick` seconds while the command runs (heartbeats).
+    """
+    started = time.time()
+    if not os.path.isdir(cwd):
+        return _failed(started, CAUSE_NO_CWD, f"working directory does not exist: {cwd}")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {argv[0]}")
+        except PermissionError:
+            return _failed(started, CAUSE_NOT_FOUND, f"executable not runnable (permission denied): {argv[0]}")
+        except OSError as exc:
+            return _failed(started, CAUSE_NOT_FOUND, f"cannot start {argv[0]}: {exc.strerror or exc}")
+        timed_out = False
+        try:
+            deadline = None if timeout is None else started + timeout
+            while True:
+                wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.time() >= deadline:
+                        timed_out = True
+                        break
+                    if on_tick is not None:
+                        on_tick(proc.pid)
+        finally:
+            kill_process_group(proc.pid)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=KILL_GRACE)
+        ended = time.time()
+        stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
+    code = proc.returncode
+    if timed_out:
+        return RunResult(code, started, ended, stdout, stderr, CAUSE_TIMEOUT,
+                         f"time limit of {timeout:g} s reached; process group killed")
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return RunResult(code, started, ended, stdout, stderr, CAUSE_SIGNAL,
+                         f"killed by signal {name}" + _last_line(stderr))
+    if code != 0:
+        return RunResult(code, started, ended, stdout, stderr, CAUSE_EXIT,
+                         f"exit code {code}" + _last_line(stderr))
+    return RunResult(code, started, ended, stdout, stderr)
+
+
+def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
+    """SIGTERM the group, give it `grace` seconds, then SIGKILL what is left."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        # our own child may be a zombie that keeps the group alive: reap it
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pgid, os.WNOHANG)
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _failed(started: float, cause: str, message: str) -> RunResult:
+    return RunResult(None, started, time.time(), "", message, cause, message)
+
+
+def _tail(f: IO[bytes], limit: int) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - limit))
+    return f.read().decode("utf-8", errors="replace")
+
+
+def _last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return f": {lines[-1][:300]}" if lines else ""

@@ -1,0 +1,44 @@
+"""Starting a worker node: a Celery worker with tbss-queue's app, for one machine."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from .app import make_app
+from .broker import connect
+from .config import Settings, cpu_count
+from .tasks import register
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How this node consumes (as opposed to what the queue is: `Settings`)."""
+
+    concurrency: int | None = None
+    name: str | None = None
+    loglevel: str = "INFO"
+
+    @property
+    def nodename(self) -> str:
+        """Celery's name@host form; a bare name gets this host appended."""
+        name = self.name or "tbss"
+        return name if "@" in name else f"{name}@{socket.gethostname()}"
+
+
+def run_worker(settings: Settings, options: WorkerOptions) -> None:
+    """Run a worker node in this process until it is stopped (SIGTERM: finish running commands)."""
+    connect(settings)  # fail fast, with a one-line error, if the broker is wrong
+    app = make_app(settings)
+    register(app, settings)
+    argv = [
+        "worker",
+        f"--hostname={options.nodename}",
+        f"--concurrency={options.concurrency or cpu_count()}",
+        f"--queues={settings.queue}",
+        f"--loglevel={options.loglevel}",
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    app.worker_main(argv=argv)
