@@ -1,8 +1,8 @@
 """The Python API: the verbs the CLI calls, usable the same way from a notebook.
 
-    from tbss_queue import submit, status
-    batch = submit("FA/.commands")
-    status(batch.id).to_dict()
+from tbss_queue import submit, status
+batch = submit("FA/.commands")
+status(batch.id).to_dict()
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -63,14 +64,21 @@ def submit(
         if key in live and live[key][2] in _LIVE:
             other, _, other_state = live[key]
             state, note = SKIPPED, f"already {other_state} in batch {other}"
-        specs.append(TaskSpec(task_id_for(batch_id, key), command.line, command.argv, key,
-                              state, note))
+        specs.append(
+            TaskSpec(task_id_for(batch_id, key), command.line, command.argv, key, state, note)
+        )
     to_queue = [s for s in specs if s.state == QUEUED]
     options = {"time_limit": time_limit} if time_limit else {}
     messages = build_messages(make_app(settings), batch_id, workdir, to_queue, options)
     now = time.time()
-    meta = {"id": batch_id, "path": str(Path(path).resolve()), "cwd": workdir, "submitted": now,
-            "total": len(specs), "time_limit": time_limit}
+    meta: dict[str, Any] = {
+        "id": batch_id,
+        "path": str(Path(path).resolve()),
+        "cwd": workdir,
+        "submitted": now,
+        "total": len(specs),
+        "time_limit": time_limit,
+    }
     try:
         queue = store.stage(batch_id, meta, specs, messages)
         store.commit(batch_id, queue, len(messages))
@@ -81,8 +89,16 @@ def submit(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
     )
-    return Batch(batch_id, meta["path"], workdir, now, len(specs), len(to_queue),
-                 len(specs) - len(to_queue), warnings)
+    return Batch(
+        batch_id,
+        meta["path"],
+        workdir,
+        now,
+        len(specs),
+        len(to_queue),
+        len(specs) - len(to_queue),
+        warnings,
+    )
 
 
 def _workdir(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None) -> str:
@@ -106,8 +122,9 @@ def list_batches(*, settings: Settings | None = None) -> list[BatchStatus]:
     return [compute(b, store.snapshot(b)) for b in store.batch_ids()]
 
 
-def tasks(batch_id: str | None = None, *, state: str | None = None,
-          settings: Settings | None = None) -> list[TaskRecord]:
+def tasks(
+    batch_id: str | None = None, *, state: str | None = None, settings: Settings | None = None
+) -> list[TaskRecord]:
     """The commands of a batch in file order, with state and last attempt (reads every task)."""
     _, store = _store(settings)
     bid = store.resolve_id(batch_id)
@@ -117,17 +134,24 @@ def tasks(batch_id: str | None = None, *, state: str | None = None,
     out = []
     for tid in wanted:
         spec, res = specs[tid], results.get(tid, {})
-        out.append(TaskRecord(
-            task_id=tid, line=spec["line"], argv=tuple(spec["argv"]), state=states.get(tid, "?"),
-            cause=res.get("cause"), exit_code=res.get("exit_code"), node=res.get("node"),
-            duration=res.get("duration"), stderr_tail=res.get("stderr_tail", ""),
-            message=res.get("message") or spec.get("note", ""),
-        ))
+        out.append(
+            TaskRecord(
+                task_id=tid,
+                line=spec["line"],
+                argv=tuple(spec["argv"]),
+                state=states.get(tid, "?"),
+                cause=res.get("cause"),
+                exit_code=res.get("exit_code"),
+                node=res.get("node"),
+                duration=res.get("duration"),
+                stderr_tail=res.get("stderr_tail", ""),
+                message=res.get("message") or spec.get("note", ""),
+            )
+        )
     return sorted(out, key=lambda r: r.line)
 
 
-def failures(batch_id: str | None = None, *, settings: Settings | None = None
-             ) -> list[TaskRecord]:
+def failures(batch_id: str | None = None, *, settings: Settings | None = None) -> list[TaskRecord]:
     """The failed commands of a batch, with cause, exit code, node and stderr tail."""
     return tasks(batch_id, state=FAILED, settings=settings)
 

@@ -38,7 +38,12 @@ RUNNING = PREFIX + "running"
 INDEX = PREFIX + "index"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
-    "queued", "running", "succeeded", "failed", "skipped", "cancelled",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "skipped",
+    "cancelled",
 )
 STATES = (QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED)
 FINAL_STATES = (SUCCEEDED, FAILED, SKIPPED, CANCELLED)
@@ -154,23 +159,31 @@ class TaskSpec:
     note: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"line": self.line, "argv": list(self.argv), "key": self.key,
-                           "note": self.note})
+        return json.dumps(
+            {"line": self.line, "argv": list(self.argv), "key": self.key, "note": self.note}
+        )
 
 
 class BatchStore:
     """Reads and writes batch records on one Redis. Cheap to create; safe after fork."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.r = client
+        # decode_responses=True: every reply is str; redis-py's stubs can't express that
+        self.r: Any = client
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._commit = client.register_script(_COMMIT)
 
     # -- submit -------------------------------------------------------------------------------
 
-    def stage(self, batch_id: str, meta: dict[str, Any], tasks: Sequence[TaskSpec],
-              messages: Sequence[tuple[str, str]], chunk: int = 5000) -> str | None:
+    def stage(
+        self,
+        batch_id: str,
+        meta: dict[str, Any],
+        tasks: Sequence[TaskSpec],
+        messages: Sequence[tuple[str, str]],
+        chunk: int = 5000,
+    ) -> str | None:
         """Write a batch's records and messages where no worker or reader sees them yet.
 
         Returns the Redis list the messages are meant for (None if there are none).
@@ -179,12 +192,11 @@ class BatchStore:
         for t in tasks:
             counts[t.state] = counts.get(t.state, 0) + 1
         staging = batch_key(batch_id, "staging")
-        pipe = self.r.pipeline(transaction=False)
+        pipe: Any = self.r.pipeline(transaction=False)
         pipe.hset(batch_key(batch_id), mapping={k: _enc(v) for k, v in meta.items()})
-        pipe.hset(batch_key(batch_id, "counts"),
-                  mapping={s: counts.get(s, 0) for s in STATES})
-        for part in ("", "counts"):
-            pipe.expire(batch_key(batch_id, part), UNCOMMITTED_TTL)
+        pipe.hset(batch_key(batch_id, "counts"), mapping={s: counts.get(s, 0) for s in STATES})
+        for name in ("", "counts"):
+            pipe.expire(batch_key(batch_id, name), UNCOMMITTED_TTL)
         pipe.execute()
         for start in range(0, len(tasks), chunk):
             part = tasks[start : start + chunk]
@@ -209,16 +221,24 @@ class BatchStore:
 
     def commit(self, batch_id: str, queue: str | None, n_messages: int) -> None:
         """Publish the staged messages and make the batch visible, atomically."""
-        keys = [batch_key(batch_id), batch_key(batch_id, "cmd"), batch_key(batch_id, "state"),
-                batch_key(batch_id, "counts"), batch_key(batch_id, "staging"),
-                queue or batch_key(batch_id, "noqueue"), BATCHES, INDEX,
-                batch_key(batch_id, "keys")]
+        keys = [
+            batch_key(batch_id),
+            batch_key(batch_id, "cmd"),
+            batch_key(batch_id, "state"),
+            batch_key(batch_id, "counts"),
+            batch_key(batch_id, "staging"),
+            queue or batch_key(batch_id, "noqueue"),
+            BATCHES,
+            INDEX,
+            batch_key(batch_id, "keys"),
+        ]
         self._commit(keys=keys, args=[batch_id, time.time(), n_messages])
 
     def discard(self, batch_id: str) -> None:
         """Remove whatever a failed submit staged."""
-        self.r.delete(*[batch_key(batch_id, p) for p in
-                        ("", "cmd", "state", "counts", "staging", "keys")])
+        self.r.delete(
+            *[batch_key(batch_id, p) for p in ("", "cmd", "state", "counts", "staging", "keys")]
+        )
 
     def live_tasks(self, keys: Iterable[str]) -> dict[str, tuple[str, str, str]]:
         """For command keys, the (batch, task, state) of their latest task, where one exists."""
@@ -241,29 +261,59 @@ class BatchStore:
 
     # -- worker side ----------------------------------------------------------------------------
 
-    def claim(self, batch_id: str, task_id: str, node: str, token: str, ttl: float,
-              pid: int) -> str:
+    def claim(
+        self, batch_id: str, task_id: str, node: str, token: str, ttl: float, pid: int
+    ) -> str:
         """Mark a task running for this runner. Returns 'ok', 'busy', a final state or 'unknown'."""
-        keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"),
-                batch_key(batch_id, "nodes"), RUNNING, heartbeat_key(batch_id, task_id),
-                batch_key(batch_id, "attempts"), batch_key(batch_id)]
-        args = [task_id, member(batch_id, task_id), node, time.time(), token,
-                max(1, int(ttl)), pid]
+        keys = [
+            batch_key(batch_id, "state"),
+            batch_key(batch_id, "counts"),
+            batch_key(batch_id, "nodes"),
+            RUNNING,
+            heartbeat_key(batch_id, task_id),
+            batch_key(batch_id, "attempts"),
+            batch_key(batch_id),
+        ]
+        args: list[Any] = [
+            task_id,
+            member(batch_id, task_id),
+            node,
+            time.time(),
+            token,
+            max(1, int(ttl)),
+            pid,
+        ]
         return str(self._claim(keys=keys, args=args))
 
     def heartbeat(self, batch_id: str, task_id: str, token: str, ttl: float) -> None:
         """Keep a running command's heartbeat alive."""
         self.r.set(heartbeat_key(batch_id, task_id), token, ex=max(1, int(ttl)))
 
-    def finish(self, batch_id: str, task_id: str, node: str, token: str, state: str,
-               record: dict[str, Any]) -> str:
+    def finish(
+        self, batch_id: str, task_id: str, node: str, token: str, state: str, record: dict[str, Any]
+    ) -> str:
         """Record the outcome of one attempt; returns 'ok' or why it changed nothing."""
-        keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"),
-                batch_key(batch_id, "nodes"), RUNNING, heartbeat_key(batch_id, task_id),
-                batch_key(batch_id, "result"), batch_key(batch_id, "ended"), batch_key(batch_id)]
+        keys = [
+            batch_key(batch_id, "state"),
+            batch_key(batch_id, "counts"),
+            batch_key(batch_id, "nodes"),
+            RUNNING,
+            heartbeat_key(batch_id, task_id),
+            batch_key(batch_id, "result"),
+            batch_key(batch_id, "ended"),
+            batch_key(batch_id),
+        ]
         now = record.get("ended") or time.time()
-        args = [task_id, member(batch_id, task_id), node, now, token, state,
-                json.dumps(record), record.get("duration", 0.0)]
+        args = [
+            task_id,
+            member(batch_id, task_id),
+            node,
+            now,
+            token,
+            state,
+            json.dumps(record),
+            record.get("duration", 0.0),
+        ]
         return str(self._finish(keys=keys, args=args))
 
     # -- readers --------------------------------------------------------------------------------
@@ -301,9 +351,14 @@ class BatchStore:
         meta, counts, nodes, recent = pipe.execute()
         if not meta or "committed" not in meta:
             raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
-        return {"meta": {k: _dec(v) for k, v in meta.items()},
-                "counts": {k: int(v) for k, v in counts.items()},
-                "nodes": nodes, "recent": int(recent), "now": now, "window": window}
+        return {
+            "meta": {k: _dec(v) for k, v in meta.items()},
+            "counts": {k: int(v) for k, v in counts.items()},
+            "nodes": nodes,
+            "recent": int(recent),
+            "now": now,
+            "window": window,
+        }
 
     def task_specs(self, batch_id: str) -> dict[str, dict[str, Any]]:
         return {t: json.loads(v) for t, v in self.r.hgetall(batch_key(batch_id, "cmd")).items()}
@@ -311,14 +366,18 @@ class BatchStore:
     def states(self, batch_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(batch_key(batch_id, "state")))
 
-    def results(self, batch_id: str, task_ids: Sequence[str] | None = None
-                ) -> dict[str, dict[str, Any]]:
+    def results(
+        self, batch_id: str, task_ids: Sequence[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
         key = batch_key(batch_id, "result")
         if task_ids is None:
             raw = self.r.hgetall(key)
         else:
-            raw = dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True)) \
-                if task_ids else {}
+            raw = (
+                dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True))
+                if task_ids
+                else {}
+            )
         return {t: json.loads(v) for t, v in raw.items() if v}
 
     def running(self, batch_id: str | None = None) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ def redis_url(url: str) -> str:
 
 
 def connect(settings: Settings, *, check: bool = True) -> redis.Redis:
-    """A Redis client for the broker; BrokerUnavailable (one line, password masked) if unreachable."""
+    """A Redis client for the broker; BrokerUnavailable (one line, no password) if unreachable."""
     client = _client(redis_url(settings.broker))
     if check:
         try:

@@ -36,14 +36,20 @@ err = Console(stderr=True)
 def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--broker / --result-backend, declared once, resolved into Settings for the command."""
 
-    @click.option("--broker", envvar="TBSS_QUEUE_BROKER", metavar="URL",
-                  help="Redis URL of the queue [env TBSS_QUEUE_BROKER; "
-                       "default redis://localhost:6379/0].")
-    @click.option("--result-backend", envvar="TBSS_QUEUE_RESULT_BACKEND", metavar="URL",
-                  help="Celery result backend [default: the broker].")
+    @click.option(
+        "--broker",
+        envvar="TBSS_QUEUE_BROKER",
+        metavar="URL",
+        help="Redis URL of the queue [env TBSS_QUEUE_BROKER; default redis://localhost:6379/0].",
+    )
+    @click.option(
+        "--result-backend",
+        envvar="TBSS_QUEUE_RESULT_BACKEND",
+        metavar="URL",
+        help="Celery result backend [default: the broker].",
+    )
     @functools.wraps(f)
-    def wrapper(*args: Any, broker: str | None, result_backend: str | None,
-                **kwargs: Any) -> Any:
+    def wrapper(*args: Any, broker: str | None, result_backend: str | None, **kwargs: Any) -> Any:
         settings = Settings.resolve(broker=broker, result_backend=result_backend)
         return f(*args, settings=settings, **kwargs)
 
@@ -64,21 +70,36 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     Commands go to one Redis queue; `tbss-queue worker` on every machine runs them.
     """
     ctx.obj = {"verbose": verbose}
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--cwd", type=click.Path(file_okay=False),
-              help="Directory the commands run in [default: the file's directory, FA/].")
-@click.option("--time-limit", type=float, metavar="SECONDS",
-              help="Kill a command (and its children) after this long [default 6 h].")
+@click.option(
+    "--cwd",
+    type=click.Path(file_okay=False),
+    help="Directory the commands run in [default: the file's directory, FA/].",
+)
+@click.option(
+    "--time-limit",
+    type=float,
+    metavar="SECONDS",
+    help="Kill a command (and its children) after this long [default 6 h].",
+)
 @click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
 @json_option
 @broker_options
-def submit(file: str, cwd: str | None, time_limit: float | None, wait: bool, as_json: bool,
-           settings: Settings) -> None:
+def submit(
+    file: str,
+    cwd: str | None,
+    time_limit: float | None,
+    wait: bool,
+    as_json: bool,
+    settings: Settings,
+) -> None:
     """Queue every command of FILE as one batch.
 
     Example: tbss-queue submit FA/.commands --wait
@@ -89,8 +110,11 @@ def submit(file: str, cwd: str | None, time_limit: float | None, wait: bool, as_
     if as_json and not wait:
         click.echo(json.dumps(batch.to_dict()))
     else:
-        err.print(f"batch {batch.id}: {batch.queued} commands queued, {batch.skipped} skipped "
-                  f"(broker {settings.display_broker})", highlight=False)
+        err.print(
+            f"batch {batch.id}: {batch.queued} commands queued, {batch.skipped} skipped "
+            f"(broker {settings.display_broker})",
+            highlight=False,
+        )
         if not wait:
             click.echo(batch.id)
     if wait:
@@ -167,14 +191,21 @@ def failures(batch: str | None, as_json: bool, settings: Settings) -> None:
 
 
 @cli.command()
-@click.option("-c", "--concurrency", type=click.IntRange(min=1),
-              help="Commands run at once on this node [default: CPU count].")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Commands run at once on this node [default: CPU count].",
+)
 @click.option("-n", "--name", help="Node name (name or name@host) [default: tbss@HOSTNAME].")
-@click.option("--loglevel", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--loglevel",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 @broker_options
-def worker(concurrency: int | None, name: str | None, loglevel: str,
-           settings: Settings) -> None:
+def worker(concurrency: int | None, name: str | None, loglevel: str, settings: Settings) -> None:
     """Run commands from the queue on this machine until stopped.
 
     SIGTERM lets running commands finish (Celery's warm shutdown).
@@ -183,8 +214,9 @@ def worker(concurrency: int | None, name: str | None, loglevel: str,
     """
     from .worker import WorkerOptions, run_worker
 
-    run_worker(settings, WorkerOptions(concurrency=concurrency, name=name,
-                                       loglevel=loglevel.upper()))
+    run_worker(
+        settings, WorkerOptions(concurrency=concurrency, name=name, loglevel=loglevel.upper())
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

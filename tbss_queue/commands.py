@@ -49,7 +49,9 @@ def split_line(text: str) -> tuple[str, ...]:
     try:
         words = tuple(lexer)
     except ValueError as exc:
-        raise ValueError(str(exc).lower().replace("no closing quotation", "unbalanced quote")) from None
+        raise ValueError(
+            str(exc).lower().replace("no closing quotation", "unbalanced quote")
+        ) from None
     _refuse_metacharacters(text)
     return words
 
@@ -72,7 +74,9 @@ def _refuse_metacharacters(text: str) -> None:
             if ch == '"':
                 quote = None
             elif ch in "$`":
-                raise ValueError(f"shell syntax {ch!r} is not supported: commands run without a shell")
+                raise ValueError(
+                    f"shell syntax {ch!r} is not supported: commands run without a shell"
+                )
         elif ch in "'\"":
             quote = ch
         elif ch in SHELL_METACHARACTERS or (ch == "~" and at_word_start):

@@ -51,9 +51,7 @@ class Settings:
     broker_explicit: bool = field(default=False, compare=False)
 
     @classmethod
-    def resolve(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def resolve(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from explicit overrides (None = not given), then the environment."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

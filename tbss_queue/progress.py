@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console, Group
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from .models import BatchStatus, TaskRecord
@@ -32,8 +32,8 @@ def fmt_duration(seconds: float | None) -> str:
 def summary_line(s: BatchStatus) -> str:
     return (
         f"batch {s.batch}: {s.succeeded} succeeded, {s.failed} failed, {s.running} running, "
-        f"{s.queued} queued, {s.skipped} skipped" + (f", {s.cancelled} cancelled" if s.cancelled
-                                                    else "")
+        f"{s.queued} queued, {s.skipped} skipped"
+        + (f", {s.cancelled} cancelled" if s.cancelled else "")
         + f" of {s.total} | {s.rate_recent:.1f}/min (10 min), {s.rate_overall:.1f}/min overall"
         + f" | ETA {fmt_duration(s.eta_seconds) if not s.done else 'done'}"
     )
@@ -44,19 +44,25 @@ def status_table(s: BatchStatus) -> Group:
     counts = Table(title=f"batch {s.batch}  ({s.path})", title_justify="left", box=None)
     for col in ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled"):
         counts.add_column(col, justify="right")
-    counts.add_row(*(str(getattr(s, c)) for c in
-                     ("total", "queued", "running", "succeeded", "failed", "skipped",
-                      "cancelled")))
-    speed = (f"throughput {s.rate_recent:.1f}/min (last 10 min), {s.rate_overall:.1f}/min overall"
-             f" | ETA {'done' if s.done else fmt_duration(s.eta_seconds)}")
+    counts.add_row(
+        *(
+            str(getattr(s, c))
+            for c in ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
+        )
+    )
+    speed = (
+        f"throughput {s.rate_recent:.1f}/min (last 10 min), {s.rate_overall:.1f}/min overall"
+        f" | ETA {'done' if s.done else fmt_duration(s.eta_seconds)}"
+    )
     nodes = Table(box=None, title="workers", title_justify="left")
     for col in ("node", "running", "succeeded", "failed", "cmds/hour", "last seen"):
         nodes.add_column(col, justify="left" if col == "node" else "right")
     now = time.time()
     for n in s.nodes:
         seen = f"{fmt_duration(now - n.last_seen)} ago" if n.last_seen else "-"
-        nodes.add_row(n.node, str(n.running), str(n.succeeded), str(n.failed),
-                      f"{n.per_hour:.0f}", seen)
+        nodes.add_row(
+            n.node, str(n.running), str(n.succeeded), str(n.failed), f"{n.per_hour:.0f}", seen
+        )
     return Group(counts, speed, nodes)
 
 
@@ -66,8 +72,14 @@ def failures_table(records: list[TaskRecord]) -> Table:
         table.add_column(col, overflow="fold")
     for r in records:
         last = r.stderr_tail.strip().splitlines()[-1:] or [r.message]
-        table.add_row(str(r.line), r.cause or "-", "-" if r.exit_code is None else str(r.exit_code),
-                      r.node or "-", r.text, last[0][:200])
+        table.add_row(
+            str(r.line),
+            r.cause or "-",
+            "-" if r.exit_code is None else str(r.exit_code),
+            r.node or "-",
+            r.text,
+            last[0][:200],
+        )
     return table
 
 
@@ -85,7 +97,7 @@ class LiveProgress:
             console=self.console,
             transient=False,
         )
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> Callable[[BatchStatus], None]:
         self.progress.start()
@@ -95,8 +107,10 @@ class LiveProgress:
         self.progress.stop()
 
     def update(self, s: BatchStatus) -> None:
-        detail = (f"ok {s.succeeded}  failed {s.failed}  running {s.running}  "
-                  f"{s.rate_recent:.1f}/min  ETA {fmt_duration(s.eta_seconds)}")
+        detail = (
+            f"ok {s.succeeded}  failed {s.failed}  running {s.running}  "
+            f"{s.rate_recent:.1f}/min  ETA {fmt_duration(s.eta_seconds)}"
+        )
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
         self.progress.update(self._task, completed=s.finished, total=s.total, detail=detail)

@@ -87,9 +87,13 @@ def run_command(
         except FileNotFoundError:
             return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {argv[0]}")
         except PermissionError:
-            return _failed(started, CAUSE_NOT_FOUND, f"executable not runnable (permission denied): {argv[0]}")
+            return _failed(
+                started, CAUSE_NOT_FOUND, f"executable not runnable (permission denied): {argv[0]}"
+            )
         except OSError as exc:
-            return _failed(started, CAUSE_NOT_FOUND, f"cannot start {argv[0]}: {exc.strerror or exc}")
+            return _failed(
+                started, CAUSE_NOT_FOUND, f"cannot start {argv[0]}: {exc.strerror or exc}"
+            )
         timed_out = False
         try:
             deadline = None if timeout is None else started + timeout
@@ -112,15 +116,36 @@ def run_command(
         stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
     code = proc.returncode
     if timed_out:
-        return RunResult(code, started, ended, stdout, stderr, CAUSE_TIMEOUT,
-                         f"time limit of {timeout:g} s reached; process group killed")
+        return RunResult(
+            code,
+            started,
+            ended,
+            stdout,
+            stderr,
+            CAUSE_TIMEOUT,
+            f"time limit of {timeout:g} s reached; process group killed",
+        )
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return RunResult(code, started, ended, stdout, stderr, CAUSE_SIGNAL,
-                         f"killed by signal {name}" + _last_line(stderr))
+        return RunResult(
+            code,
+            started,
+            ended,
+            stdout,
+            stderr,
+            CAUSE_SIGNAL,
+            f"killed by signal {name}" + _last_line(stderr),
+        )
     if code != 0:
-        return RunResult(code, started, ended, stdout, stderr, CAUSE_EXIT,
-                         f"exit code {code}" + _last_line(stderr))
+        return RunResult(
+            code,
+            started,
+            ended,
+            stdout,
+            stderr,
+            CAUSE_EXIT,
+            f"exit code {code}" + _last_line(stderr),
+        )
     return RunResult(code, started, ended, stdout, stderr)
 
 

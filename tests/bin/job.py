@@ -1,0 +1,39 @@
+"""A stand-in command for tests: logs its id, sleeps, writes its output, exits as told."""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+p = argparse.ArgumentParser()
+p.add_argument("id")
+p.add_argument("--log", help="append the id to this file when done")
+p.add_argument("--out", help="write this output file when done")
+p.add_argument("--sleep", type=float, default=0.0)
+p.add_argument("--exit", type=int, default=0)
+p.add_argument("--stderr", default="")
+p.add_argument("--child", action="store_true", help="start a long-running child first")
+p.add_argument("--pidfile", help="write pid (and child pid) here at start")
+p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
+a = p.parse_args()
+
+pids = [os.getpid()]
+if a.child:
+    pids.append(subprocess.Popen(["sleep", "600"]).pid)
+if a.pidfile:
+    with open(a.pidfile, "a") as f:
+        f.write(" ".join(map(str, pids)) + "\n")
+if a.kill_parent:
+    os.kill(os.getppid(), 9)
+time.sleep(a.sleep)
+if a.stderr:
+    print(a.stderr, file=sys.stderr)
+if a.exit == 0:
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(a.id + "\n")
+    if a.log:
+        with open(a.log, "a") as f:
+            f.write(a.id + "\n")
+sys.exit(a.exit)
