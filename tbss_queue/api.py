@@ -21,6 +21,7 @@ from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings
 from .errors import BrokerUnavailable, ConfigError
+from .fsl import parse_fsl_reg, reg_done
 from .models import Batch, BatchStatus, TaskRecord
 from .publish import build_messages, task_id_for
 from .status import compute
@@ -42,46 +43,55 @@ def submit(
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
 
-    Commands already queued, running or succeeded (same text, same working directory) in an
-    earlier batch are not queued again: they count as skipped. Raises CommandsFileError for a bad
-    file before anything is written to Redis.
+    Submitting the same file again (same path and working directory) resumes its batch: only
+    commands that are new, failed or cancelled are queued; queued, running and succeeded ones
+    are left alone, whatever their order in the file. A command queued, running or succeeded in
+    another batch is skipped. Raises CommandsFileError for a bad file before Redis is touched.
     """
     settings = settings or Settings.resolve()
     parsed = parse_commands_file(path)
-    workdir = _workdir(path, cwd)
+    workdir = workdir_for(path, cwd)
     if time_limit is not None and not 0 < time_limit < settings.visibility_timeout:
         raise ConfigError(
             f"--time-limit {time_limit:g} s must be positive and below the visibility timeout "
             f"({settings.visibility_timeout} s), or Redis would hand the command out twice"
         )
     settings, store = _store(settings)
-    batch_id = new_batch_id()
+    resolved = str(Path(path).resolve())
+    file_key = f"{workdir}|{resolved}"
+    batch_id = store.batch_for_file(file_key) or new_batch_id()
     keys = [c.key(workdir) for c in parsed.commands]
-    live = store.live_tasks(keys)
-    specs: list[TaskSpec] = []
-    for command, key in zip(parsed.commands, keys, strict=True):
+    ids = [task_id_for(batch_id, k) for k in keys]
+    mine = store.states_of(batch_id, ids)
+    elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
+    changes: list[TaskSpec] = []
+    for command, key, tid in zip(parsed.commands, keys, ids, strict=True):
+        if mine.get(tid) in _LIVE:
+            continue  # resubmission: already queued, running or done in this batch
         state, note = QUEUED, ""
-        if key in live and live[key][2] in _LIVE:
-            other, _, other_state = live[key]
-            state, note = SKIPPED, f"already {other_state} in batch {other}"
-        specs.append(
-            TaskSpec(task_id_for(batch_id, key), command.line, command.argv, key, state, note)
-        )
-    to_queue = [s for s in specs if s.state == QUEUED]
+        other = elsewhere.get(key)
+        reg = parse_fsl_reg(command.argv)
+        if reg is not None and reg_done(reg, workdir):
+            state, note = SKIPPED, f"outputs exist ({reg.output}_warp.msf)"
+        elif other and other[0] != batch_id and other[2] in _LIVE:
+            state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
+        changes.append(TaskSpec(tid, command.line, command.argv, key, state, note))
+    to_queue = [s for s in changes if s.state == QUEUED]
     options = {"time_limit": time_limit} if time_limit else {}
     messages = build_messages(make_app(settings), batch_id, workdir, to_queue, options)
     now = time.time()
     meta: dict[str, Any] = {
         "id": batch_id,
-        "path": str(Path(path).resolve()),
+        "path": resolved,
         "cwd": workdir,
-        "submitted": now,
-        "total": len(specs),
         "time_limit": time_limit,
+        "last_submitted": now,
     }
+    if not mine:
+        meta["submitted"] = now
     try:
-        queue = store.stage(batch_id, meta, specs, messages)
-        store.commit(batch_id, queue, len(messages))
+        queue = store.stage(batch_id, meta, changes, messages)
+        store.commit(batch_id, queue, len(messages), file_key)
     except BaseException:
         store.discard(batch_id)
         raise
@@ -91,17 +101,17 @@ def submit(
     )
     return Batch(
         batch_id,
-        meta["path"],
+        resolved,
         workdir,
         now,
-        len(specs),
+        len(parsed.commands),
         len(to_queue),
-        len(specs) - len(to_queue),
+        len(parsed.commands) - len(to_queue),
         warnings,
     )
 
 
-def _workdir(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None) -> str:
+def workdir_for(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None) -> str:
     """The directory commands run in: --cwd, else the one holding the file (FA/ for TBSS)."""
     chosen = Path(cwd) if cwd is not None else Path(path).resolve().parent
     if not chosen.is_dir():

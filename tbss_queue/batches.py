@@ -17,6 +17,8 @@ Keys (prefix tbssq:), for batch B:
   running             HASH  "B|task" -> JSON {node, token, started, pid} (global)
   hb:B|task           STRING runner token, expiring: the running command's heartbeat
   index               HASH  command key -> "B|task": latest task of a command (resume)
+  files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
+  b:B:stage:*, b:B:staging   what a submit writes before its atomic commit
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ PREFIX = "tbssq:"
 BATCHES = PREFIX + "batches"
 RUNNING = PREFIX + "running"
 INDEX = PREFIX + "index"
+FILES = PREFIX + "files"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "queued",
@@ -128,22 +131,71 @@ redis.call('HSET', KEYS[8], 'last_ended', ARGV[4])
 return 'ok'
 """
 
-# Makes a submitted batch visible and its messages consumable, all at once.
-# KEYS: meta cmd state counts staging queue batches index keys
-# ARGV: batch_id now n_messages
+# Makes a submission visible and its messages consumable, all at once: staged task states are
+# merged into the batch (new tasks, or failed ones queued again), counters follow, messages move
+# to the queue. KEYS: meta cmd state counts staging queue batches index s_meta s_cmd s_state
+# s_keys files; ARGV: batch_id now n_messages file_key
 _COMMIT = """
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}) do redis.call('PERSIST', k) end
-local n = tonumber(ARGV[3])
-for i = 1, n do redis.call('LMOVE', KEYS[5], KEYS[6], 'RIGHT', 'LEFT') end
-redis.call('DEL', KEYS[5])
-local keys = redis.call('HGETALL', KEYS[9])
+local function merge(src, dst)
+  local kv = redis.call('HGETALL', src)
+  for i = 1, #kv, 2 do redis.call('HSET', dst, kv[i], kv[i + 1]) end
+end
+merge(KEYS[9], KEYS[1])
+merge(KEYS[10], KEYS[2])
+local st = redis.call('HGETALL', KEYS[11])
+for i = 1, #st, 2 do
+  local old = redis.call('HGET', KEYS[3], st[i])
+  if old then redis.call('HINCRBY', KEYS[4], old, -1) end
+  redis.call('HSET', KEYS[3], st[i], st[i + 1])
+  redis.call('HINCRBY', KEYS[4], st[i + 1], 1)
+end
+local keys = redis.call('HGETALL', KEYS[12])
 for i = 1, #keys, 2 do
   redis.call('HSET', KEYS[8], keys[i], ARGV[1] .. '|' .. keys[i + 1])
 end
-redis.call('DEL', KEYS[9])
-redis.call('HSET', KEYS[1], 'committed', ARGV[2])
-redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+local n = tonumber(ARGV[3])
+for i = 1, n do redis.call('LMOVE', KEYS[5], KEYS[6], 'RIGHT', 'LEFT') end
+redis.call('DEL', KEYS[5], KEYS[9], KEYS[10], KEYS[11], KEYS[12])
+redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[3]), 'committed', ARGV[2])
+redis.call('HSET', KEYS[13], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[7], 'NX', ARGV[2], ARGV[1])
 return n
+"""
+
+
+# Takes a task away from a runner that is gone (no heartbeat) or stopped: back to queued, or
+# failed as `lost` once it has lost its worker `limit` times. Only the runner's own record (token)
+# is released, so two reapers can't both requeue. KEYS: state counts nodes running hb attempts
+# result ended; ARGV: tid member token now limit count_loss ignore_heartbeat
+_REQUEUE = """
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if not rec then return 'gone' end
+local r = cjson.decode(rec)
+if r['token'] ~= ARGV[3] then return 'gone' end
+if ARGV[7] == '0' and redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
+redis.call('HINCRBY', KEYS[3], r['node'] .. '|running', -1)
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old ~= 'running' then return 'gone' end
+local lost = 0
+if ARGV[6] == '1' then lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1) end
+local new = 'queued'
+if lost >= tonumber(ARGV[5]) then new = 'failed' end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+redis.call('HINCRBY', KEYS[2], new, 1)
+if new == 'failed' then
+  local msg = 'worker lost ' .. lost .. ' times while running it (last: ' .. r['node'] ..
+    '); crash limit reached'
+  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({cause='lost', message=msg,
+    node=r['node'], exit_code=cjson.null, started=r['started'], ended=tonumber(ARGV[4]),
+    duration=tonumber(ARGV[4]) - r['started'], stdout_tail='', stderr_tail=msg}))
+  redis.call('ZADD', KEYS[8], ARGV[4], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
+  return 'lost'
+end
+return 'requeued'
 """
 
 
@@ -173,6 +225,7 @@ class BatchStore:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._commit = client.register_script(_COMMIT)
+        self._requeue = client.register_script(_REQUEUE)
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -184,43 +237,39 @@ class BatchStore:
         messages: Sequence[tuple[str, str]],
         chunk: int = 5000,
     ) -> str | None:
-        """Write a batch's records and messages where no worker or reader sees them yet.
+        """Write a submission's records and messages where no worker or reader sees them yet.
 
-        Returns the Redis list the messages are meant for (None if there are none).
+        `tasks` are new tasks or existing ones whose state changes (requeued). Returns the Redis
+        list the messages are meant for (None if there are none).
         """
-        counts: dict[str, int] = {}
-        for t in tasks:
-            counts[t.state] = counts.get(t.state, 0) + 1
-        staging = batch_key(batch_id, "staging")
         pipe: Any = self.r.pipeline(transaction=False)
-        pipe.hset(batch_key(batch_id), mapping={k: _enc(v) for k, v in meta.items()})
-        pipe.hset(batch_key(batch_id, "counts"), mapping={s: counts.get(s, 0) for s in STATES})
-        for name in ("", "counts"):
-            pipe.expire(batch_key(batch_id, name), UNCOMMITTED_TTL)
-        pipe.execute()
+        staged = [batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")]
+        staging = batch_key(batch_id, "staging")
+        pipe.hset(staged[0], mapping={k: _enc(v) for k, v in meta.items()})
         for start in range(0, len(tasks), chunk):
             part = tasks[start : start + chunk]
-            pipe.hset(batch_key(batch_id, "cmd"), mapping={t.task_id: t.to_json() for t in part})
-            pipe.hset(batch_key(batch_id, "state"), mapping={t.task_id: t.state for t in part})
+            pipe.hset(staged[1], mapping={t.task_id: t.to_json() for t in part})
+            pipe.hset(staged[2], mapping={t.task_id: t.state for t in part})
             live = {t.key: t.task_id for t in part if t.state == QUEUED}
             if live:
-                pipe.hset(batch_key(batch_id, "keys"), mapping=live)
-            for part_name in ("cmd", "state", "keys"):
-                pipe.expire(batch_key(batch_id, part_name), UNCOMMITTED_TTL)
+                pipe.hset(staged[3], mapping=live)
+            _expire(pipe, (*staged, staging))
             pipe.execute()
         queue = None
         for start in range(0, len(messages), chunk):
-            part_msgs = messages[start : start + chunk]
-            queue = part_msgs[0][0]
-            pipe.lpush(staging, *[m for _, m in part_msgs])
-            pipe.expire(staging, UNCOMMITTED_TTL)
+            batch_msgs = messages[start : start + chunk]
+            queue = batch_msgs[0][0]
+            pipe.lpush(staging, *[m for _, m in batch_msgs])
+            _expire(pipe, (*staged, staging))
             pipe.execute()
+        _expire(pipe, (*staged, staging))
+        pipe.execute()
         if messages and any(q != queue for q, _ in messages):
             raise ValueError("all messages of a batch must go to one queue")
         return queue
 
-    def commit(self, batch_id: str, queue: str | None, n_messages: int) -> None:
-        """Publish the staged messages and make the batch visible, atomically."""
+    def commit(self, batch_id: str, queue: str | None, n_messages: int, file_key: str) -> None:
+        """Publish the staged messages and merge the staged records, atomically."""
         keys = [
             batch_key(batch_id),
             batch_key(batch_id, "cmd"),
@@ -230,15 +279,32 @@ class BatchStore:
             queue or batch_key(batch_id, "noqueue"),
             BATCHES,
             INDEX,
-            batch_key(batch_id, "keys"),
+            *[batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")],
+            FILES,
         ]
-        self._commit(keys=keys, args=[batch_id, time.time(), n_messages])
+        self._commit(keys=keys, args=[batch_id, time.time(), n_messages, file_key])
 
     def discard(self, batch_id: str) -> None:
-        """Remove whatever a failed submit staged."""
+        """Remove whatever a failed submit staged (the batch itself is untouched)."""
         self.r.delete(
-            *[batch_key(batch_id, p) for p in ("", "cmd", "state", "counts", "staging", "keys")]
+            batch_key(batch_id, "staging"),
+            *[batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")],
         )
+
+    def batch_for_file(self, file_key: str) -> str | None:
+        """The batch an earlier submission of this file (same path, same cwd) created."""
+        found = self.r.hget(FILES, file_key)
+        return str(found) if found else None
+
+    def states_of(self, batch_id: str, task_ids: Sequence[str]) -> dict[str, str]:
+        if not task_ids:
+            return {}
+        out = {}
+        key = batch_key(batch_id, "state")
+        for i in range(0, len(task_ids), 10000):
+            chunk = list(task_ids[i : i + 10000])
+            out.update({t: s for t, s in zip(chunk, self.r.hmget(key, chunk), strict=True) if s})
+        return out
 
     def live_tasks(self, keys: Iterable[str]) -> dict[str, tuple[str, str, str]]:
         """For command keys, the (batch, task, state) of their latest task, where one exists."""
@@ -316,6 +382,44 @@ class BatchStore:
         ]
         return str(self._finish(keys=keys, args=args))
 
+    def requeue(
+        self,
+        batch_id: str,
+        task_id: str,
+        token: str,
+        *,
+        limit: int,
+        count_loss: bool = True,
+        ignore_heartbeat: bool = False,
+    ) -> str:
+        """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'."""
+        keys = [
+            batch_key(batch_id, "state"),
+            batch_key(batch_id, "counts"),
+            batch_key(batch_id, "nodes"),
+            RUNNING,
+            heartbeat_key(batch_id, task_id),
+            batch_key(batch_id, "attempts"),
+            batch_key(batch_id, "result"),
+            batch_key(batch_id, "ended"),
+        ]
+        args: list[Any] = [
+            task_id,
+            member(batch_id, task_id),
+            token,
+            time.time(),
+            limit,
+            int(count_loss),
+            int(ignore_heartbeat),
+        ]
+        return str(self._requeue(keys=keys, args=args))
+
+    def heartbeat_alive(self, batch_id: str, task_id: str) -> bool:
+        return bool(self.r.exists(heartbeat_key(batch_id, task_id)))
+
+    def meta(self, batch_id: str) -> dict[str, Any]:
+        return {k: _dec(v) for k, v in self.r.hgetall(batch_key(batch_id)).items()}
+
     # -- readers --------------------------------------------------------------------------------
 
     def latest_batch_id(self) -> str:
@@ -387,6 +491,11 @@ class BatchStore:
             if batch_id is None or m.startswith(batch_id + "|"):
                 out[m] = json.loads(v)
         return out
+
+
+def _expire(pipe: Any, keys: Iterable[str]) -> None:
+    for key in keys:
+        pipe.expire(key, UNCOMMITTED_TTL)
 
 
 def _enc(value: Any) -> str:

@@ -17,8 +17,15 @@ from rich.console import Console
 
 from . import api
 from .config import Settings
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TbssQueueError
-from .progress import LiveProgress, failures_table, status_table, summary_line
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
+from .local import Interrupted
+from .progress import (
+    LiveProgress,
+    failures_table,
+    fmt_duration,
+    status_table,
+    summary_line,
+)
 
 EPILOG = """\b
 Examples:
@@ -138,6 +145,77 @@ def _print_final(final: Any, settings: Settings) -> None:
 
 
 @cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--cwd",
+    type=click.Path(file_okay=False),
+    help="Directory the commands run in [default: the file's directory, FA/].",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Commands run at once [default: CPU count].",
+)
+@click.option(
+    "--time-limit",
+    type=float,
+    metavar="SECONDS",
+    help="Kill a command (and its children) after this long [default 6 h].",
+)
+@json_option
+@broker_options
+def run(
+    file: str,
+    cwd: str | None,
+    concurrency: int | None,
+    time_limit: float | None,
+    as_json: bool,
+    settings: Settings,
+) -> None:
+    """Run FILE to the end on this machine: private Redis, local workers, live progress.
+
+    With no --broker / TBSS_QUEUE_BROKER, a private redis-server is started (data kept in
+    CWD/.tbss-queue/, so running again after Ctrl-C resumes). With a broker, the file is
+    submitted there and waited for; nothing is started.
+
+    Example: tbss-queue run FA/.commands -c 8
+    """
+    from .local import run as run_local
+
+    with LiveProgress(err) as update:
+        result = run_local(
+            file,
+            cwd=cwd,
+            concurrency=concurrency,
+            time_limit=time_limit,
+            settings=settings,
+            on_update=update,
+        )
+    final = result.status
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    **final.to_dict(),
+                    "wall_seconds": result.wall_seconds,
+                    "failures": [r.to_dict() for r in result.failures],
+                }
+            )
+        )
+    else:
+        err.print(summary_line(final), highlight=False)
+        if result.failures:
+            err.print(failures_table(result.failures))
+        err.print(
+            f"wall time {fmt_duration(result.wall_seconds)}"
+            + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
+            highlight=False,
+        )
+    sys.exit(EXIT_OK if final.ok else EXIT_FAILED)
+
+
+@cli.command()
 @click.argument("batch", required=False)
 @click.option("--watch", is_flag=True, help="Refresh every few seconds until Ctrl-C.")
 @json_option
@@ -219,13 +297,57 @@ def worker(concurrency: int | None, name: str | None, loglevel: str, settings: S
     )
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--subjects",
+    default=6,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Number of synthetic subjects (N x N registrations).",
+)
+@click.option(
+    "--seconds",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="CPU time each stand-in registration takes.",
+)
+@click.option("--seed", default=0, show_default=True, help="Random seed of the images.")
+def demo(directory: str, subjects: int, seconds: float, seed: int) -> None:
+    """Write a synthetic TBSS study: DIRECTORY/FA/*_FA.nii.gz and FA/.commands.
+
+    The commands are exactly what `tbss_2_reg -n` writes. Without FSL installed they call a
+    stand-in fsl_reg (DIRECTORY/fsl-standin/bin/fsl_reg) that is NOT FSL: it does a real,
+    CPU-bound least-squares affine fit for about --seconds and writes the files fsl_reg writes
+    (OUT.mat, OUT_warp.nii.gz, OUT_warp.msf), so every later step can be tried.
+
+    Example: tbss-queue demo demo-study --subjects 6 && tbss-queue run demo-study/FA/.commands
+    """
+    from .demo import make_demo
+
+    study = make_demo(directory, subjects=subjects, seconds=seconds, seed=seed)
+    n = len(study.subjects)
+    err.print(
+        f"wrote {n} synthetic FA images and {n * n} registrations to {study.commands}",
+        highlight=False,
+    )
+    if study.standin:
+        err.print(
+            "note: FSL not found; the commands call a stand-in fsl_reg that is NOT FSL "
+            f"({study.fsldir}/bin/fsl_reg)",
+            highlight=False,
+        )
+    click.echo(study.commands)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every TbssQueueError to its one-line message and exit code."""
     try:
         cli.main(args=argv, prog_name="tbss-queue", standalone_mode=False)
-    except click.exceptions.Abort:
-        err.print("interrupted")
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
+        err.print("interrupted; run the same command again to resume")
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)

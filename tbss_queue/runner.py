@@ -134,7 +134,7 @@ def run_command(
             stdout,
             stderr,
             CAUSE_SIGNAL,
-            f"killed by signal {name}" + _last_line(stderr),
+            f"killed by signal {name}" + last_line(stderr),
         )
     if code != 0:
         return RunResult(
@@ -144,7 +144,7 @@ def run_command(
             stdout,
             stderr,
             CAUSE_EXIT,
-            f"exit code {code}" + _last_line(stderr),
+            f"exit code {code}" + last_line(stderr),
         )
     return RunResult(code, started, ended, stdout, stderr)
 
@@ -179,6 +179,7 @@ def _tail(f: IO[bytes], limit: int) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
-def _last_line(stderr: str) -> str:
+def last_line(stderr: str) -> str:
+    """': <last non-empty line>' of some output, or '' (for one-line messages)."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     return f": {lines[-1][:300]}" if lines else ""

@@ -12,9 +12,12 @@ from celery.exceptions import Ignore
 
 from . import runner
 from .app import TASK_NAME
-from .batches import FAILED, SUCCEEDED, BatchStore
+from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect
 from .config import Settings
+from .fsl import parse_fsl_reg, reg_done, remove_stale
+
+CAUSE_MISSING_OUTPUT = "missing output"
 
 
 class CommandFailed(Exception):
@@ -51,6 +54,14 @@ def execute(
     if claim != "ok":
         # finished, cancelled, or running elsewhere: a redelivery, nothing to do
         raise Ignore()
+
+    reg = parse_fsl_reg(argv)
+    if reg is not None:
+        if reg_done(reg, cwd):
+            record = {"node": node, "message": "outputs already exist", "duration": 0.0}
+            store.finish(batch_id, task_id, node, token, SKIPPED, record)
+            raise Ignore()
+        remove_stale(reg, cwd)
 
     def beat(_pid: int) -> None:
         store.heartbeat(batch_id, task_id, token, settings.lost_after)

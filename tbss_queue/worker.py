@@ -5,9 +5,13 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from celery.signals import worker_ready, worker_shutting_down
+
 from .app import make_app
+from .batches import BatchStore
 from .broker import connect
 from .config import Settings, cpu_count
+from .recovery import Reaper
 from .tasks import register
 
 
@@ -31,6 +35,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
     register(app, settings)
+    reaper = Reaper(app, settings, BatchStore(connect(settings, check=False)))
+    worker_ready.connect(lambda **_: reaper.start(), weak=False)
+    worker_shutting_down.connect(lambda **_: reaper.stopped.set(), weak=False)
     argv = [
         "worker",
         f"--hostname={options.nodename}",

@@ -1,0 +1,168 @@
+"""One machine, no set-up: a private redis-server and a local worker for `tbss-queue run`.
+
+The Redis data lives in `<cwd>/.tbss-queue/` with persistence on, so an interrupted run resumes
+where it stopped. Everything started here is stopped here, also on Ctrl-C or SIGTERM: the worker
+(cold shutdown, then SIGKILL), every process its commands left (found by an environment tag),
+then redis-server (which writes its append-only file on the way out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from . import api
+from .app import make_app
+from .batches import BatchStore
+from .broker import connect
+from .commands import parse_commands_file
+from .config import Settings, cpu_count
+from .errors import TbssQueueError
+from .models import BatchStatus, TaskRecord
+from .procs import TAG_VAR, kill_tagged
+from .recovery import reconcile
+from .redis_server import RedisServer
+
+RUN_DIR = ".tbss-queue"
+"""Where `run` keeps its Redis data and worker log, inside the working directory."""
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread when `run` gets SIGTERM, so that clean-up runs as for Ctrl-C."""
+
+
+class LocalWorkerDied(TbssQueueError):
+    """Raised when the local worker process exits while the batch still has work."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a `run` ended: the batch's final status, where it ran, and how long it took."""
+
+    status: BatchStatus
+    failures: list[TaskRecord]
+    embedded: bool
+    run_dir: str | None
+    wall_seconds: float
+
+
+def run(
+    path: str | os.PathLike[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    concurrency: int | None = None,
+    time_limit: float | None = None,
+    settings: Settings | None = None,
+    on_update: Callable[[BatchStatus], None] | None = None,
+) -> RunResult:
+    """Run a commands file to the end on this machine (or on the configured broker's workers)."""
+    settings = settings or Settings.resolve()
+    started = time.monotonic()
+    parse_commands_file(path)  # a bad file fails before anything is started
+    if settings.broker_explicit:
+        batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=settings)
+        final = api.wait(batch.id, settings=settings, on_update=on_update)
+        failed = api.failures(batch.id, settings=settings)
+        return RunResult(final, failed, False, None, time.monotonic() - started)
+    run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
+    with _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
+        batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=local)
+
+        def update(status: BatchStatus) -> None:
+            watch()
+            if on_update is not None:
+                on_update(status)
+
+        final = api.wait(batch.id, settings=local, on_update=update)
+        failed = api.failures(batch.id, settings=local)
+    return RunResult(final, failed, True, str(run_dir), time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def embedded(
+    run_dir: Path, concurrency: int | None
+) -> Iterator[tuple[Settings, Callable[[], None]]]:
+    """A private Redis and one local worker node; yields their settings and a liveness check."""
+    tag = uuid.uuid4().hex
+    server = RedisServer(run_dir, persistent=True)
+    server.start()
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        settings = Settings.resolve(broker=server.url)
+        # nothing can be running after a stop: put interrupted commands back in the queue
+        reconcile(make_app(settings), BatchStore(connect(settings)), settings)
+        log_path = run_dir / "worker.log"
+        env = {**os.environ, "TBSS_QUEUE_BROKER": server.url, TAG_VAR: tag}
+        with open(log_path, "ab") as log:
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tbss_queue",
+                    "worker",
+                    "--name",
+                    "local",
+                    "--concurrency",
+                    str(concurrency or cpu_count()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+        def watch() -> None:
+            if worker is not None and worker.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise LocalWorkerDied(
+                    f"the local worker exited (code {worker.returncode}); see {log_path}: "
+                    + (tail[0] if tail else "")
+                )
+
+        yield settings, watch
+    finally:
+        if worker is not None:
+            _stop_worker(worker)
+        kill_tagged(tag)
+        server.stop()
+
+
+def _stop_worker(worker: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Cold shutdown: running commands are killed and go back to the queue for the next run."""
+    if worker.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGQUIT)
+        try:
+            worker.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(grace)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (a notebook's worker thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
