@@ -53,8 +53,12 @@ def test_standin_writes_what_fsl_reg_writes(tmp_path: Path) -> None:
 
 def test_standin_like_fsl_reg_exits_0_without_output_on_a_missing_image(tmp_path: Path) -> None:
     study = make_demo(tmp_path / "s", subjects=2, seconds=0)
-    res = subprocess.run([f"{study.fsldir}/bin/fsl_reg", "nope_FA", "sub01_FA", "x", "-e"],
-                         cwd=study.fa_dir, capture_output=True, text=True)
+    res = subprocess.run(
+        [f"{study.fsldir}/bin/fsl_reg", "nope_FA", "sub01_FA", "x", "-e"],
+        cwd=study.fa_dir,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "nope_FA" in res.stderr
     assert not (Path(study.fa_dir) / "x_warp.msf").exists()
 

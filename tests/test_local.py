@@ -37,8 +37,12 @@ def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_pat
     study = make_demo(tmp_path / "study", subjects=4, seconds=1.0)
     fa = Path(study.fa_dir)
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
-                            env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(_done(fa)) < 4 and time.monotonic() < deadline:
@@ -70,8 +74,12 @@ def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_pat
 def test_sigterm_stops_run_the_same_way(tmp_path: Path) -> None:
     study = make_demo(tmp_path / "study", subjects=2, seconds=30.0)
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
-                            env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any("fsl_reg" in " ".join(p.cmdline()) for p in tagged(tag)):
