@@ -1,6 +1,6 @@
 """tbss-queue: run the registration commands of an FSL TBSS study on many machines."""
 
-from .api import failures, list_batches, status, submit, tasks, wait
+from .api import cancel, failures, list_batches, retry, status, submit, tasks, wait
 from .config import Settings
 from .errors import TbssQueueError
 from .models import Batch, BatchStatus, NodeStatus, TaskRecord
@@ -15,8 +15,10 @@ __all__ = [
     "TaskRecord",
     "TbssQueueError",
     "__version__",
+    "cancel",
     "failures",
     "list_batches",
+    "retry",
     "status",
     "submit",
     "tasks",

@@ -16,17 +16,18 @@ from typing import Any
 import redis
 
 from .app import make_app
-from .batches import FAILED, QUEUED, SKIPPED, BatchStore, TaskSpec, new_batch_id
+from .batches import CANCELLED, FAILED, QUEUED, SKIPPED, BatchStore, TaskSpec, new_batch_id
 from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings
+from .done import done_marker
 from .errors import BrokerUnavailable, ConfigError
-from .fsl import parse_fsl_reg, reg_done
 from .models import Batch, BatchStatus, TaskRecord
-from .publish import build_messages, task_id_for
+from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
 from .status import compute
 
 _LIVE = ("queued", "running", "succeeded")
+_OPTIONS = ("time_limit", "retries", "done_if_exists")
 
 
 def _store(settings: Settings | None) -> tuple[Settings, BatchStore]:
@@ -39,23 +40,23 @@ def submit(
     *,
     cwd: str | os.PathLike[str] | None = None,
     time_limit: float | None = None,
+    retries: int = 0,
+    done_if_exists: str | None = None,
     settings: Settings | None = None,
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
 
     Submitting the same file again (same path and working directory) resumes its batch: only
     commands that are new, failed or cancelled are queued; queued, running and succeeded ones
-    are left alone, whatever their order in the file. A command queued, running or succeeded in
-    another batch is skipped. Raises CommandsFileError for a bad file before Redis is touched.
+    are left alone, whatever their order in the file. Commands whose outputs exist (fsl_reg's
+    .msf and warp, or `done_if_exists`), or that are queued, running or succeeded in another
+    batch, are skipped. Raises CommandsFileError for a bad file before Redis is touched.
     """
     settings = settings or Settings.resolve()
     parsed = parse_commands_file(path)
     workdir = workdir_for(path, cwd)
-    if time_limit is not None and not 0 < time_limit < settings.visibility_timeout:
-        raise ConfigError(
-            f"--time-limit {time_limit:g} s must be positive and below the visibility timeout "
-            f"({settings.visibility_timeout} s), or Redis would hand the command out twice"
-        )
+    _check_time_limit(time_limit, settings)
+    markers = [done_marker(c.argv, workdir, done_if_exists) for c in parsed.commands]
     settings, store = _store(settings)
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
@@ -65,36 +66,29 @@ def submit(
     mine = store.states_of(batch_id, ids)
     elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
     changes: list[TaskSpec] = []
-    for command, key, tid in zip(parsed.commands, keys, ids, strict=True):
+    for command, key, tid, marker in zip(parsed.commands, keys, ids, markers, strict=True):
         if mine.get(tid) in _LIVE:
             continue  # resubmission: already queued, running or done in this batch
         state, note = QUEUED, ""
         other = elsewhere.get(key)
-        reg = parse_fsl_reg(command.argv)
-        if reg is not None and reg_done(reg, workdir):
-            state, note = SKIPPED, f"outputs exist ({reg.output}_warp.msf)"
+        if marker is not None and marker.done():
+            state, note = SKIPPED, f"already done: {marker.describe()}"
         elif other and other[0] != batch_id and other[2] in _LIVE:
             state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
         changes.append(TaskSpec(tid, command.line, command.argv, key, state, note))
-    to_queue = [s for s in changes if s.state == QUEUED]
-    options = {"time_limit": time_limit} if time_limit else {}
-    messages = build_messages(make_app(settings), batch_id, workdir, to_queue, options)
     now = time.time()
     meta: dict[str, Any] = {
         "id": batch_id,
         "path": resolved,
         "cwd": workdir,
         "time_limit": time_limit,
+        "retries": retries,
+        "done_if_exists": done_if_exists,
         "last_submitted": now,
     }
     if not mine:
         meta["submitted"] = now
-    try:
-        queue = store.stage(batch_id, meta, changes, messages)
-        store.commit(batch_id, queue, len(messages), file_key)
-    except BaseException:
-        store.discard(batch_id)
-        raise
+    queued = _enqueue(store, settings, batch_id, meta, changes, file_key)
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -105,10 +99,85 @@ def submit(
         workdir,
         now,
         len(parsed.commands),
-        len(to_queue),
-        len(parsed.commands) - len(to_queue),
+        queued,
+        len(parsed.commands) - queued,
         warnings,
     )
+
+
+def _check_time_limit(time_limit: float | None, settings: Settings) -> None:
+    if time_limit is not None and not 0 < time_limit + HARD_LIMIT_MARGIN < (
+        settings.visibility_timeout
+    ):
+        raise ConfigError(
+            f"--time-limit {time_limit:g} s must be positive and below the visibility timeout "
+            f"({settings.visibility_timeout} s) by {HARD_LIMIT_MARGIN} s, or Redis would hand "
+            "the command to a second worker while it still runs"
+        )
+
+
+def _enqueue(
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    meta: dict[str, Any],
+    changes: list[TaskSpec],
+    file_key: str,
+) -> int:
+    """Stage `changes` and their messages, then commit them in one step; returns how many
+    commands were queued. On any error nothing is visible and the staging is removed."""
+    to_queue = [s for s in changes if s.state == QUEUED]
+    messages = build_messages(
+        make_app(settings),
+        batch_id,
+        meta["cwd"],
+        to_queue,
+        task_kwargs(meta),
+        send_options(settings.time_limit, meta),
+    )
+    try:
+        queue = store.stage(batch_id, meta, changes, messages)
+        store.commit(batch_id, queue, len(messages), file_key)
+    except BaseException:
+        store.discard(batch_id)
+        raise
+    return len(to_queue)
+
+
+def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> Batch:
+    """Queue the failed and cancelled commands of a batch again, exactly those."""
+    settings, store = _store(settings)
+    bid = store.resolve_id(batch_id)
+    meta = store.meta(bid)
+    again = [t for t, s in store.states(bid).items() if s in (FAILED, CANCELLED)]
+    specs = store.task_specs(bid, again)
+    changes = [
+        TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), specs[t]["key"]) for t in again
+    ]
+    queued = _enqueue(
+        store,
+        settings,
+        bid,
+        {"last_submitted": time.time(), "cwd": meta["cwd"], **{k: meta.get(k) for k in _OPTIONS}},
+        changes,
+        f"{meta['cwd']}|{meta['path']}",
+    )
+    return Batch(bid, meta["path"], meta["cwd"], time.time(), queued, queued, 0)
+
+
+def cancel(batch_id: str | None = None, *, settings: Settings | None = None) -> BatchStatus:
+    """Drop a batch's queued commands and kill its running ones with their whole process tree.
+
+    Running commands are stopped through Celery's revoke (SIGTERM to the pool process, whose
+    `finally` kills the command's process group); queued messages are dropped when a worker
+    takes them (their state says cancelled).
+    """
+    settings, store = _store(settings)
+    bid = store.resolve_id(batch_id)
+    running = store.cancel(bid)
+    if running:
+        make_app(settings).control.revoke(running, terminate=True, signal="SIGTERM")
+    return status(bid, settings=settings)
 
 
 def workdir_for(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None) -> str:
@@ -164,6 +233,11 @@ def tasks(
 def failures(batch_id: str | None = None, *, settings: Settings | None = None) -> list[TaskRecord]:
     """The failed commands of a batch, with cause, exit code, node and stderr tail."""
     return tasks(batch_id, state=FAILED, settings=settings)
+
+
+def write_commands(records: list[TaskRecord], path: str | os.PathLike[str]) -> None:
+    """Write commands as a commands file (one normalized line each), e.g. to fix and resubmit."""
+    Path(path).write_text("".join(r.text + "\n" for r in records))
 
 
 def wait(

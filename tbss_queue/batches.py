@@ -199,6 +199,35 @@ return 'requeued'
 """
 
 
+# Cancels every queued or running task of a batch; returns the ids that were running (their
+# processes are then killed through Celery's revoke). KEYS: state counts nodes running ended
+# meta; ARGV: batch_id now hb_prefix
+_CANCEL = """
+local st = redis.call('HGETALL', KEYS[1])
+local was_running = {}
+for i = 1, #st, 2 do
+  local tid, old = st[i], st[i + 1]
+  if old == 'queued' or old == 'running' then
+    redis.call('HSET', KEYS[1], tid, 'cancelled')
+    redis.call('HINCRBY', KEYS[2], old, -1)
+    redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+    if old == 'running' then
+      table.insert(was_running, tid)
+      local m = ARGV[1] .. '|' .. tid
+      local rec = redis.call('HGET', KEYS[4], m)
+      if rec then
+        redis.call('HINCRBY', KEYS[3], cjson.decode(rec)['node'] .. '|running', -1)
+        redis.call('HDEL', KEYS[4], m)
+      end
+      redis.call('DEL', ARGV[3] .. m)
+    end
+  end
+end
+redis.call('HSET', KEYS[6], 'cancelled_at', ARGV[2])
+return was_running
+"""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One command of a batch as stored: its task id, line, argv and identity key."""
@@ -226,6 +255,7 @@ class BatchStore:
         self._finish = client.register_script(_FINISH)
         self._commit = client.register_script(_COMMIT)
         self._requeue = client.register_script(_REQUEUE)
+        self._cancel = client.register_script(_CANCEL)
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -414,6 +444,24 @@ class BatchStore:
         ]
         return str(self._requeue(keys=keys, args=args))
 
+    def cancel(self, batch_id: str) -> list[str]:
+        """Mark queued and running tasks cancelled; returns the ids that were running."""
+        keys = [
+            batch_key(batch_id, "state"),
+            batch_key(batch_id, "counts"),
+            batch_key(batch_id, "nodes"),
+            RUNNING,
+            batch_key(batch_id, "ended"),
+            batch_key(batch_id),
+        ]
+        return [
+            str(t) for t in self._cancel(keys=keys, args=[batch_id, time.time(), PREFIX + "hb:"])
+        ]
+
+    def save_result(self, batch_id: str, task_id: str, record: dict[str, Any]) -> None:
+        """Keep the record of an attempt that will be retried (its state stays queued)."""
+        self.r.hset(batch_key(batch_id, "result"), task_id, json.dumps(record))
+
     def heartbeat_alive(self, batch_id: str, task_id: str) -> bool:
         return bool(self.r.exists(heartbeat_key(batch_id, task_id)))
 
@@ -464,8 +512,16 @@ class BatchStore:
             "window": window,
         }
 
-    def task_specs(self, batch_id: str) -> dict[str, dict[str, Any]]:
-        return {t: json.loads(v) for t, v in self.r.hgetall(batch_key(batch_id, "cmd")).items()}
+    def task_specs(
+        self, batch_id: str, task_ids: Sequence[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """task id -> {line, argv, key, note}: every task of the batch, or the ones named."""
+        key = batch_key(batch_id, "cmd")
+        if task_ids is None:
+            raw = self.r.hgetall(key)
+        else:
+            raw = dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True))
+        return {t: json.loads(v) for t, v in raw.items() if v}
 
     def states(self, batch_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(batch_key(batch_id, "state")))

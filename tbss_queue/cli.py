@@ -254,18 +254,57 @@ def batches(as_json: bool, settings: Settings) -> None:
 
 @cli.command()
 @click.argument("batch", required=False)
+@click.option(
+    "--write",
+    "write_to",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the failed commands as a new commands file.",
+)
 @json_option
 @broker_options
-def failures(batch: str | None, as_json: bool, settings: Settings) -> None:
+def failures(batch: str | None, write_to: str | None, as_json: bool, settings: Settings) -> None:
     """List the failed commands of BATCH with cause, exit code, node and stderr.
 
-    Example: tbss-queue failures 1a2b3c4d
+    Example: tbss-queue failures 1a2b3c4d --write FA/.commands.failed
     """
     records = api.failures(batch, settings=settings)
+    if write_to:
+        api.write_commands(records, write_to)
+        err.print(f"wrote {len(records)} failed commands to {write_to}", highlight=False)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records]))
     else:
         out.print(failures_table(records))
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
+@broker_options
+def retry(batch: str | None, wait: bool, settings: Settings) -> None:
+    """Queue the failed (and cancelled) commands of BATCH again, exactly those.
+
+    Example: tbss-queue retry 1a2b3c4d --wait
+    """
+    again = api.retry(batch, settings=settings)
+    err.print(f"batch {again.id}: {again.queued} commands queued again", highlight=False)
+    if wait:
+        sys.exit(_wait_and_report(again.id, settings, False))
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@broker_options
+def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
+    """Drop the queued commands of BATCH and kill its running ones (with their children).
+
+    Example: tbss-queue cancel 1a2b3c4d --yes
+    """
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"cancel batch {batch or '(latest)'}?", abort=True)
+    final = api.cancel(batch, settings=settings)
+    err.print(summary_line(final), highlight=False)
 
 
 @cli.command()

@@ -26,8 +26,29 @@ def task_id_for(batch_id: str, command_key: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{batch_id}|{command_key}"))
 
 
+HARD_LIMIT_MARGIN = 60
+"""Seconds Celery's own hard time limit lies beyond ours: a backstop if the runner hangs."""
+
+
+def task_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
+    """The per-batch options every task message of a batch carries (only those that are set)."""
+    keys = ("time_limit", "retries", "done_if_exists")
+    return {k: meta[k] for k in keys if meta.get(k)}
+
+
+def send_options(settings_time_limit: float, meta: dict[str, Any]) -> dict[str, Any]:
+    """Celery options of a batch's messages: its hard time limit, as a backstop."""
+    limit = meta.get("time_limit") or settings_time_limit
+    return {"time_limit": float(limit) + HARD_LIMIT_MARGIN}
+
+
 def build_messages(
-    app: Celery, batch_id: str, cwd: str, tasks: Sequence[TaskSpec], options: dict[str, Any]
+    app: Celery,
+    batch_id: str,
+    cwd: str,
+    tasks: Sequence[TaskSpec],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> list[tuple[str, str]]:
     """Celery's messages for `tasks`, as (redis list, payload) pairs, none of them sent."""
     captured: list[tuple[str, str]] = []
@@ -45,12 +66,13 @@ def build_messages(
                 app.send_task(
                     TASK_NAME,
                     args=(batch_id, list(t.argv), cwd),
-                    kwargs=dict(options),
+                    kwargs=kwargs,
                     task_id=t.task_id,
                     producer=producer,
                     # Flower shows this as the task's args: the command itself
                     argsrepr=shlex.join(t.argv),
-                    kwargsrepr=repr(options),
+                    kwargsrepr=repr(kwargs),
+                    **options,
                 )
         finally:
             producer.release()

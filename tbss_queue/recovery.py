@@ -21,22 +21,26 @@ from celery import Celery
 from .app import TASK_NAME
 from .batches import QUEUED, RUNNING, BatchStore
 from .config import Settings
+from .publish import send_options, task_kwargs
 
 log = logging.getLogger(__name__)
 
 
-def republish(app: Celery, store: BatchStore, batch_id: str, task_id: str) -> None:
+def republish(
+    app: Celery, store: BatchStore, settings: Settings, batch_id: str, task_id: str
+) -> None:
     """Send a task's message again, with the same id, as submit built it."""
-    spec = json.loads(store.r.hget(f"tbssq:b:{batch_id}:cmd", task_id))
+    spec = store.task_specs(batch_id, [task_id])[task_id]
     meta = store.meta(batch_id)
-    options = {"time_limit": meta["time_limit"]} if meta.get("time_limit") else {}
+    kwargs = task_kwargs(meta)
     app.send_task(
         TASK_NAME,
         args=(batch_id, spec["argv"], meta["cwd"]),
-        kwargs=options,
+        kwargs=kwargs,
         task_id=task_id,
         argsrepr=shlex.join(spec["argv"]),
-        kwargsrepr=repr(options),
+        kwargsrepr=repr(kwargs),
+        **send_options(settings.time_limit, meta),
     )
 
 
@@ -63,7 +67,7 @@ def requeue_lost(
             ignore_heartbeat=everything,
         )
         if outcome == "requeued":
-            republish(app, store, batch_id, task_id)
+            republish(app, store, settings, batch_id, task_id)
             log.warning(
                 "requeued task %s of batch %s: its node %s stopped answering",
                 task_id,
@@ -91,7 +95,7 @@ def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, i
     for batch_id in store.batch_ids():
         for task_id, state in store.states(batch_id).items():
             if state == QUEUED and task_id not in queued_ids:
-                republish(app, store, batch_id, task_id)
+                republish(app, store, settings, batch_id, task_id)
                 republished += 1
     counts["republished"] = republished
     return counts

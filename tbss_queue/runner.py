@@ -9,9 +9,11 @@ process group is killed in a `finally`, which also runs when the pool process ge
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +85,7 @@ def run_command(
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
             )
         except FileNotFoundError:
             return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {argv[0]}")
@@ -147,6 +150,29 @@ def run_command(
             f"exit code {code}" + last_line(stderr),
         )
     return RunResult(code, started, ended, stdout, stderr)
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL me when my parent dies (a worker killed with SIGKILL, OOM).
+
+    The `finally` of run_command can't run then, and an orphaned command finishing after its
+    task was requeued elsewhere would run twice. Covers the direct child only; grandchildren
+    are covered by systemd's control-group kill in deployments (see worker/).
+    """
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeVar
 
+import redis
 from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore
@@ -15,9 +21,15 @@ from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect
 from .config import Settings
-from .fsl import parse_fsl_reg, reg_done, remove_stale
+from .done import done_marker, remove_stale
+from .recovery import republish
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CAUSE_MISSING_OUTPUT = "missing output"
+RETRY_DELAY = 5.0
+"""Seconds before a failed command is tried again (`--retries`)."""
 
 
 class CommandFailed(Exception):
@@ -37,6 +49,18 @@ def command_env(batch_id: str, task_id: str) -> dict[str, str]:
     return env
 
 
+def _until_redis_answers(fn: Callable[[], T], patience: float) -> T:
+    """Call fn, retrying through a Redis restart for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def execute(
     task: Task,
     settings: Settings,
@@ -44,42 +68,105 @@ def execute(
     argv: list[str],
     cwd: str,
     time_limit: float | None = None,
+    retries: int = 0,
+    done_if_exists: str | None = None,
 ) -> dict[str, Any]:
     """Run one command of a batch exactly once, as far as the bookkeeping can tell."""
     store = BatchStore(connect(settings, check=False))
     task_id = task.request.id
     node = task.request.hostname or "unknown"
     token = uuid.uuid4().hex
-    claim = store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid())
+    patience = 10 * settings.lost_after
+    claim = _until_redis_answers(
+        lambda: store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid()),
+        patience,
+    )
     if claim != "ok":
-        # finished, cancelled, or running elsewhere: a redelivery, nothing to do
-        raise Ignore()
+        raise Ignore()  # finished, cancelled, or running elsewhere: a redelivery
 
-    reg = parse_fsl_reg(argv)
-    if reg is not None:
-        if reg_done(reg, cwd):
-            record = {"node": node, "message": "outputs already exist", "duration": 0.0}
-            store.finish(batch_id, task_id, node, token, SKIPPED, record)
-            raise Ignore()
-        remove_stale(reg, cwd)
+    def record_end(state: str, record: dict[str, Any]) -> str:
+        return _until_redis_answers(
+            lambda: store.finish(batch_id, task_id, node, token, state, record), patience
+        )
+
+    marker = done_marker(argv, cwd, done_if_exists)
+    if marker is not None and marker.done():
+        record_end(
+            SKIPPED,
+            {"node": node, "message": f"already done: {marker.describe()}", "duration": 0.0},
+        )
+        raise Ignore()
+    if marker is not None:
+        remove_stale(argv, cwd)
 
     def beat(_pid: int) -> None:
-        store.heartbeat(batch_id, task_id, token, settings.lost_after)
+        try:
+            store.heartbeat(batch_id, task_id, token, settings.lost_after)
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("heartbeat of task %s failed: broker unreachable", task_id)
 
-    result = runner.run_command(
-        argv,
-        cwd,
-        env=command_env(batch_id, task_id),
-        timeout=time_limit if time_limit else settings.time_limit,
-        on_tick=beat,
-        tick=settings.heartbeat,
-    )
-    record = {**result.to_dict(), "node": node, "slot": current_process().index, "argv": argv}
-    state = SUCCEEDED if result.ok else FAILED
-    store.finish(batch_id, task_id, node, token, state, record)
-    if not result.ok:
-        raise CommandFailed(result.message)
-    return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
+    try:
+        result = runner.run_command(
+            argv,
+            cwd,
+            env=command_env(batch_id, task_id),
+            timeout=time_limit if time_limit else settings.time_limit,
+            on_tick=beat,
+            tick=settings.heartbeat,
+        )
+    except BaseException:
+        # stopped from outside (shutdown, cancel, lost broker): the runner already killed the
+        # command's tree. Hand the task back unless it was cancelled, and queue it again in
+        # case Celery acknowledges the message (a duplicate is dropped by the claim).
+        with contextlib.suppress(Exception):
+            if (
+                store.requeue(
+                    batch_id,
+                    task_id,
+                    token,
+                    limit=settings.crash_limit,
+                    count_loss=False,
+                    ignore_heartbeat=True,
+                )
+                == "requeued"
+            ):
+                republish(task.app, store, settings, batch_id, task_id)
+        raise
+    if result.ok and marker is not None and not marker.done():
+        # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
+        result = replace(
+            result,
+            cause=CAUSE_MISSING_OUTPUT,
+            message=(
+                f"exit code 0 but {marker.describe()} is missing or empty"
+                + runner.last_line(result.stderr_tail)
+            ),
+        )
+    record = {
+        **result.to_dict(),
+        "node": node,
+        "slot": current_process().index,
+        "argv": argv,
+        "attempt": task.request.retries + 1,
+    }
+    if result.ok:
+        record_end(SUCCEEDED, record)
+        return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
+    if task.request.retries < retries and result.cause != runner.CAUSE_NO_CWD:
+        store.requeue(
+            batch_id,
+            task_id,
+            token,
+            limit=settings.crash_limit,
+            count_loss=False,
+            ignore_heartbeat=True,
+        )
+        store.save_result(batch_id, task_id, record)
+        raise task.retry(
+            countdown=RETRY_DELAY, max_retries=retries, exc=CommandFailed(result.message)
+        )
+    record_end(FAILED, record)
+    raise CommandFailed(result.message)
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -87,6 +174,12 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
     def run_command(
-        self: Task, batch_id: str, argv: list[str], cwd: str, time_limit: float | None = None
+        self: Task,
+        batch_id: str,
+        argv: list[str],
+        cwd: str,
+        time_limit: float | None = None,
+        retries: int = 0,
+        done_if_exists: str | None = None,
     ) -> dict[str, Any]:
-        return execute(self, settings, batch_id, argv, cwd, time_limit)
+        return execute(self, settings, batch_id, argv, cwd, time_limit, retries, done_if_exists)

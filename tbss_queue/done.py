@@ -1,0 +1,77 @@
+"""When is a command's work already done? fsl_reg's outputs, or a `--done-if-exists` pattern.
+
+Checked at submit time (such commands count as skipped) and again by the worker right before a
+command starts, so a registration finished by someone else meanwhile is not run again.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .fsl import parse_fsl_reg, reg_done
+from .fsl import remove_stale as remove_stale_reg
+
+
+@dataclass(frozen=True)
+class DoneMarker:
+    """The evidence that a command's work exists: fsl_reg outputs or files matching a pattern."""
+
+    cwd: str
+    argv: tuple[str, ...]
+    pattern: str | None
+
+    def done(self) -> bool:
+        if self.pattern is None:
+            reg = parse_fsl_reg(self.argv)
+            return reg is not None and reg_done(reg, self.cwd)
+        matches = glob.glob(os.path.join(self.cwd, self.pattern))
+        return any(os.path.isfile(m) and os.path.getsize(m) > 0 for m in matches)
+
+    def describe(self) -> str:
+        if self.pattern is None:
+            reg = parse_fsl_reg(self.argv)
+            return f"{reg.output}_warp.msf (two numbers) and its warp image" if reg else "?"
+        return f"a non-empty file matching {self.pattern}"
+
+
+def placeholders(argv: Sequence[str]) -> dict[str, str]:
+    """{out} {in} {ref} of an fsl_reg line (else {out} = the last argument), {0}..{N} = argv."""
+    reg = parse_fsl_reg(argv)
+    values = {str(i): word for i, word in enumerate(argv)}
+    values["last"] = argv[-1]
+    values["out"] = reg.output if reg else argv[-1]
+    if reg:
+        values["in"], values["ref"] = reg.input, reg.reference
+    return values
+
+
+def expand(pattern: str, argv: Sequence[str]) -> str:
+    """Fill a --done-if-exists pattern for one command; ConfigError names a bad placeholder."""
+    values = placeholders(argv)
+    for _, field, _, _ in string.Formatter().parse(pattern):
+        if field is not None and field not in values:
+            raise ConfigError(
+                f"--done-if-exists {pattern!r}: unknown placeholder {{{field}}} for "
+                f"{' '.join(argv)!r} (use {{out}}, {{in}}, {{ref}}, {{last}} or {{0}}..)"
+            )
+    return pattern.format_map(values)
+
+
+def done_marker(argv: Sequence[str], cwd: str, pattern: str | None) -> DoneMarker | None:
+    """How to tell this command is done, or None when nothing tells (it always runs)."""
+    if pattern:
+        return DoneMarker(cwd, tuple(argv), expand(pattern, argv))
+    if parse_fsl_reg(argv) is not None:
+        return DoneMarker(cwd, tuple(argv), None)
+    return None
+
+
+def remove_stale(argv: Sequence[str], cwd: str) -> list[str]:
+    """Before a (re)run, delete an earlier attempt's outputs (fsl_reg lines only)."""
+    reg = parse_fsl_reg(argv)
+    return remove_stale_reg(reg, cwd) if reg is not None else []
