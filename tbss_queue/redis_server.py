@@ -112,7 +112,7 @@ class RedisServer:
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         client = redis.Redis.from_url(self.url.replace("redis+socket://", "unix://"))
@@ -143,8 +143,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -59,6 +60,15 @@ def _until_redis_answers(fn: Callable[[], T], patience: float) -> T:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def execute(

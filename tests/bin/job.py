@@ -15,6 +15,7 @@ p.add_argument("--exit", type=int, default=0)
 p.add_argument("--stderr", default="")
 p.add_argument("--child", action="store_true", help="start a long-running child first")
 p.add_argument("--pidfile", help="write pid (and child pid) here at start")
+p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
 a = p.parse_args()
 
@@ -27,6 +28,9 @@ if a.pidfile:
 if a.kill_parent:
     os.kill(os.getppid(), 9)
 time.sleep(a.sleep)
+if a.fail_unless and not os.path.exists(a.fail_unless):
+    print(f"{a.fail_unless} is missing", file=sys.stderr)
+    sys.exit(1)
 if a.stderr:
     print(a.stderr, file=sys.stderr)
 if a.exit == 0:
