@@ -43,8 +43,12 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # a killed pool process requeues its task (our heartbeats bound the loop: crash limit)
         task_reject_on_worker_lost=True,
-        # otherwise a Redis reconnect restores the unacked task while it still runs: twice at once
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Deliberately off (Celery's 5.x default). Plain Celery needs it on: a reconnect restores
+        # the unacked message and a second worker runs it while the first still does. Here the
+        # claim in tasks.execute drops any copy of a running task, so cancelling would only kill
+        # every running registration on each Redis blip, and race with commands that just
+        # finished (their outcome unrecorded, they would run again).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # a redelivered task whose success is recorded is not run again
         worker_deduplicate_successful_tasks=True,
         task_track_started=True,

@@ -71,8 +71,9 @@ def new_batch_id() -> str:
     return secrets.token_hex(4)
 
 
-# Moves a task into `running` for one runner, unless it is final or another runner's heartbeat
-# is alive. KEYS: state counts nodes running hb attempts meta; ARGV: tid member node now token
+# Moves a queued task into `running` for one runner. A running task is never taken over here,
+# even with a lapsed heartbeat: only the reaper (recovery.py) decides that a runner is gone.
+# KEYS: state counts nodes running hb attempts meta; ARGV: tid member node now token
 # ttl pid
 _CLAIM = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
@@ -80,16 +81,10 @@ if not old then return 'unknown' end
 if old == 'succeeded' or old == 'failed' or old == 'cancelled' or old == 'skipped' then
   return old
 end
-if old == 'running' and redis.call('EXISTS', KEYS[5]) == 1 then return 'busy' end
-local prev = redis.call('HGET', KEYS[4], ARGV[2])
-if prev then
-  redis.call('HINCRBY', KEYS[3], cjson.decode(prev)['node'] .. '|running', -1)
-end
-if old ~= 'running' then
-  redis.call('HSET', KEYS[1], ARGV[1], 'running')
-  redis.call('HINCRBY', KEYS[2], old, -1)
-  redis.call('HINCRBY', KEYS[2], 'running', 1)
-end
+if old == 'running' then return 'busy' end
+redis.call('HSET', KEYS[1], ARGV[1], 'running')
+redis.call('HINCRBY', KEYS[2], old, -1)
+redis.call('HINCRBY', KEYS[2], 'running', 1)
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', 1)
 redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', ARGV[4])
 redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({node=ARGV[3], token=ARGV[5],
@@ -461,6 +456,10 @@ class BatchStore:
     def save_result(self, batch_id: str, task_id: str, record: dict[str, Any]) -> None:
         """Keep the record of an attempt that will be retried (its state stays queued)."""
         self.r.hset(batch_key(batch_id, "result"), task_id, json.dumps(record))
+
+    def redis_uptime(self) -> float:
+        """Seconds since redis-server started (a restart drops every expired heartbeat)."""
+        return float(self.r.info("server")["uptime_in_seconds"])
 
     def heartbeat_alive(self, batch_id: str, task_id: str) -> bool:
         return bool(self.r.exists(heartbeat_key(batch_id, task_id)))

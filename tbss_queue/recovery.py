@@ -10,16 +10,18 @@ finds the task finished or running and is dropped by the claim in `tasks.execute
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shlex
 import threading
+import time
 from typing import Any
 
 from celery import Celery
 
 from .app import TASK_NAME
-from .batches import QUEUED, RUNNING, BatchStore
+from .batches import QUEUED, RUNNING, RUNNING_STATE, BatchStore
 from .config import Settings
 from .publish import send_options, task_kwargs
 
@@ -44,6 +46,15 @@ def republish(
     )
 
 
+def heartbeats_judgeable(store: BatchStore, settings: Settings) -> bool:
+    """False until Redis has been up long enough for every live runner to have beaten again.
+
+    Heartbeats can't be written while Redis is down, and those that expired meanwhile are gone
+    after it reloads its data: right after a restart every running command looks dead.
+    """
+    return store.redis_uptime() >= settings.lost_after + 2 * settings.heartbeat
+
+
 def requeue_lost(
     app: Celery, store: BatchStore, settings: Settings, *, everything: bool = False
 ) -> dict[str, int]:
@@ -53,6 +64,8 @@ def requeue_lost(
     were interrupted, not crashed, so it does not count towards the crash limit.
     """
     counts = {"requeued": 0, "lost": 0}
+    if not everything and not heartbeats_judgeable(store, settings):
+        return counts
     for member, raw in store.r.hgetall(RUNNING).items():
         batch_id, task_id = member.split("|", 1)
         if not everything and store.heartbeat_alive(batch_id, task_id):
@@ -79,25 +92,88 @@ def requeue_lost(
     return counts
 
 
-def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, int]:
-    """Make queue and records agree after a stop where no worker survived (embedded restart).
+def restore_stalled(app: Celery, store: BatchStore, settings: Settings) -> int:
+    """Return to the queue messages a worker took but never started (it died or was cut off).
 
-    Running tasks go back to queued, and every queued task without a message in the queue
-    (its message was taken by a worker that then died) is published again.
+    They sit in kombu's `unacked` hash, which kombu itself restores only after the visibility
+    timeout (hours). A message unacknowledged for longer than `lost_after` whose task is not
+    running is stalled: kombu's own restore_by_tag puts it back (atomically: one reaper wins).
     """
-    counts = requeue_lost(app, store, settings, everything=True)
-    queued_ids = set()
-    for raw in store.r.lrange(settings.queue, 0, -1):
-        queued_ids.add(_task_id(raw))
-    # kombu's record of delivered, unacknowledged messages: their workers are gone
-    store.r.delete("unacked", "unacked_index")
+    restored = 0
+    if not heartbeats_judgeable(store, settings):
+        return restored
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        cutoff = time.time() - settings.lost_after
+        for tag in store.r.zrangebyscore(channel.unacked_index_key, 0, cutoff):
+            raw = store.r.hget(channel.unacked_key, tag)
+            ref = _batch_and_task(raw) if raw else None
+            if ref is None:
+                continue
+            batch_id, task_id = ref
+            if store.states_of(batch_id, [task_id]).get(task_id) == RUNNING_STATE:
+                continue  # a live command (or one the heartbeat check requeues)
+            channel.qos.restore_by_tag(tag, leftmost=True)
+            restored += 1
+            log.warning(
+                "restored task %s of batch %s: taken by a worker that never ran it",
+                task_id,
+                batch_id,
+            )
+    return restored
+
+
+def _batch_and_task(raw: str) -> tuple[str, str] | None:
+    """(batch id, task id) of a kombu unacked entry: [message, exchange, routing key]."""
+    try:
+        message = json.loads(raw)[0]
+        body = json.loads(base64.b64decode(message["body"]))
+        return str(body[0][0]), str(message["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def missing_messages(store: BatchStore, settings: Settings) -> int:
+    """How many queued tasks at least have no message (0 when queue and records agree).
+
+    O(number of batches): queued counters against the queue's length and kombu's unacked
+    hash. Messages of finished tasks only inflate the right side, so a positive number is sure.
+    """
+    batch_ids = store.batch_ids()
+    pipe = store.r.pipeline(transaction=False)
+    for b in batch_ids:
+        pipe.hget(f"tbssq:b:{b}:counts", QUEUED)
+    pipe.llen(settings.queue)
+    pipe.hlen("unacked")
+    *queued, in_queue, unacked = pipe.execute()
+    return sum(int(q or 0) for q in queued) - int(in_queue) - int(unacked)
+
+
+def republish_orphans(app: Celery, store: BatchStore, settings: Settings) -> int:
+    """Publish again every queued task that has no message in the queue or in kombu's unacked
+    hash: its message was lost (a worker took it, then Redis died before kombu recorded it)."""
+    present = {_task_id(raw) for raw in store.r.lrange(settings.queue, 0, -1)}
+    present |= {ref[1] for raw in store.r.hvals("unacked") if (ref := _batch_and_task(raw))}
     republished = 0
     for batch_id in store.batch_ids():
         for task_id, state in store.states(batch_id).items():
-            if state == QUEUED and task_id not in queued_ids:
+            if state == QUEUED and task_id not in present:
                 republish(app, store, settings, batch_id, task_id)
                 republished += 1
-    counts["republished"] = republished
+    if republished:
+        log.warning("published %d queued tasks again: their messages were lost", republished)
+    return republished
+
+
+def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, int]:
+    """Make queue and records agree after a stop where no worker survived (embedded restart).
+
+    Running tasks go back to queued, kombu's unacked messages (their workers are gone) are
+    dropped, and every queued task without a message is published again.
+    """
+    counts = requeue_lost(app, store, settings, everything=True)
+    store.r.delete("unacked", "unacked_index")
+    counts["republished"] = republish_orphans(app, store, settings)
     return counts
 
 
@@ -118,8 +194,16 @@ class Reaper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        suspicious = False
         while not self.stopped.wait(self.settings.heartbeat):
             try:
                 requeue_lost(self.app, self.store, self.settings)
+                restore_stalled(self.app, self.store, self.settings)
+                # a message in flight shows as missing for a moment: act on the second sighting
+                missing = missing_messages(self.store, self.settings) > 0
+                if missing and suspicious:
+                    republish_orphans(self.app, self.store, self.settings)
+                    missing = False
+                suspicious = missing
             except Exception:  # a broker outage must not kill the worker; try again later
                 log.warning("lost-task check failed; retrying", exc_info=True)

@@ -97,7 +97,19 @@ def test_redis_restart_mid_batch_loses_nothing(
         server.kill()
         time.sleep(2)
         server = RedisServer(tmp_path / "redis", port=port, persistent=True).start()
-        final = api.wait(batch.id, settings=local, timeout=180)
+        try:
+            final = api.wait(batch.id, settings=local, timeout=90)
+        except TimeoutError:
+            import redis as r
+
+            c = r.Redis.from_url(server.url, decode_responses=True)
+            stuck = [t for t in api.tasks(batch.id, settings=local) if t.state != "succeeded"]
+            raise AssertionError(
+                f"stuck: {stuck}\nrunning: {c.hgetall('tbssq:running')}\n"
+                f"unacked: {c.hkeys('unacked')} {c.zrange('unacked_index', 0, -1, withscores=True)}"
+                f"\nqueue: {c.llen('tbss-queue')} now {time.time()}"
+                f"\nattempts: {c.hgetall('tbssq:b:' + batch.id + ':attempts')}"
+            ) from None
         # Then the batch completes with every command run exactly once
         assert ran(log) == Counter(str(i) for i in range(20))
         assert (final.succeeded, final.failed, final.queued, final.running) == (20, 0, 0, 0)
