@@ -1,0 +1,40 @@
+"""Docs can't drift: every command is in the README with an example and has --help text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tbss_queue
+from tbss_queue.cli import cli
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_every_subcommand_is_documented_with_an_example_and_help() -> None:
+    for name, command in cli.commands.items():
+        assert f"### {name}" in README, f"README has no section for `{name}`"
+        assert re.search(rf"^tbss-queue {name}\b", README, re.M), f"no example of `{name}`"
+        assert command.help and "Example:" in command.help, f"`{name}` --help lacks an example"
+
+
+def test_readme_setup_commands_are_the_ci_ones() -> None:
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+    assert "./scripts/test" in README and "./scripts/test" in ci
+    assert "tbss-queue demo demo-study --subjects 6 && tbss-queue run" in README
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(tbss_queue.__all__) == sorted([
+        "Batch", "BatchStatus", "NodeStatus", "Settings", "TaskRecord", "TbssQueueError",
+        "__version__", "cancel", "failures", "list_batches", "retry", "status", "submit",
+        "tasks", "wait",
+    ])
+
+
+def test_only_the_cli_imports_click() -> None:
+    package = Path(tbss_queue.__file__).parent
+    offenders = [p.name for p in package.glob("*.py")
+                 if p.name != "cli.py" and re.search(r"^\s*(import|from) click", p.read_text(),
+                                                    re.M)]
+    assert offenders == []
