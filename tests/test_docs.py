@@ -25,16 +25,32 @@ def test_readme_setup_commands_are_the_ci_ones() -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(tbss_queue.__all__) == sorted([
-        "Batch", "BatchStatus", "NodeStatus", "Settings", "TaskRecord", "TbssQueueError",
-        "__version__", "cancel", "failures", "list_batches", "retry", "status", "submit",
-        "tasks", "wait",
-    ])
+    assert sorted(tbss_queue.__all__) == sorted(
+        [
+            "Batch",
+            "BatchStatus",
+            "NodeStatus",
+            "Settings",
+            "TaskRecord",
+            "TbssQueueError",
+            "__version__",
+            "cancel",
+            "failures",
+            "list_batches",
+            "retry",
+            "status",
+            "submit",
+            "tasks",
+            "wait",
+        ]
+    )
 
 
 def test_only_the_cli_imports_click() -> None:
     package = Path(tbss_queue.__file__).parent
-    offenders = [p.name for p in package.glob("*.py")
-                 if p.name != "cli.py" and re.search(r"^\s*(import|from) click", p.read_text(),
-                                                    re.M)]
+    offenders = [
+        p.name
+        for p in package.glob("*.py")
+        if p.name != "cli.py" and re.search(r"^\s*(import|from) click", p.read_text(), re.M)
+    ]
     assert offenders == []
