@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .config import Settings
 from .done import done_marker
 from .errors import BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, TaskRecord
+from .paths import PathMap
 from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
 from .status import compute
 
@@ -42,6 +44,7 @@ def submit(
     time_limit: float | None = None,
     retries: int = 0,
     done_if_exists: str | None = None,
+    path_map: PathMap | None = None,
     settings: Settings | None = None,
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
@@ -57,6 +60,12 @@ def submit(
     workdir = workdir_for(path, cwd)
     _check_time_limit(time_limit, settings)
     markers = [done_marker(c.argv, workdir, done_if_exists) for c in parsed.commands]
+    if path_map:  # what the workers will see; done checks above use this machine's paths
+        workdir = path_map.apply(workdir)
+        parsed = replace(
+            parsed,
+            commands=tuple(replace(c, argv=tuple(path_map.argv(c.argv))) for c in parsed.commands),
+        )
     settings, store = _store(settings)
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"

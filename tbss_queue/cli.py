@@ -20,6 +20,7 @@ from . import api
 from .config import Settings
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
 from .local import Interrupted
+from .paths import PathMap
 from .progress import (
     LiveProgress,
     failures_table,
@@ -97,6 +98,27 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     metavar="SECONDS",
     help="Kill a command (and its children) after this long [default 6 h].",
 )
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run a failed command again up to N times (lost workers are always retried).",
+)
+@click.option(
+    "--done-if-exists",
+    metavar="PATTERN",
+    help="Skip a command when a non-empty file matches PATTERN (relative to its directory; "
+    "{out} {in} {ref} {last} {0}..{N} come from the line). fsl_reg lines need none: their "
+    ".msf and warp are checked.",
+)
+@click.option(
+    "--path-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite path prefix FROM to TO in the commands and their directory (the workers "
+    "mount the study elsewhere). Repeatable.",
+)
 @click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
 @json_option
 @broker_options
@@ -104,15 +126,28 @@ def submit(
     file: str,
     cwd: str | None,
     time_limit: float | None,
+    retries: int,
+    done_if_exists: str | None,
+    path_map: tuple[str, ...],
     wait: bool,
     as_json: bool,
     settings: Settings,
 ) -> None:
-    """Queue every command of FILE as one batch.
+    """Queue every command of FILE as one batch (again: resume it).
+
+    Submitting the same file again queues only what is new, failed or cancelled.
 
     Example: tbss-queue submit FA/.commands --wait
     """
-    batch = api.submit(file, cwd=cwd, time_limit=time_limit, settings=settings)
+    batch = api.submit(
+        file,
+        cwd=cwd,
+        time_limit=time_limit,
+        retries=retries,
+        done_if_exists=done_if_exists,
+        path_map=PathMap.parse(path_map),
+        settings=settings,
+    )
     for warning in batch.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if as_json and not wait:
@@ -322,8 +357,21 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
+@click.option(
+    "--path-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite path prefix FROM to TO before running (this machine mounts the study "
+    "elsewhere). Repeatable.",
+)
 @broker_options
-def worker(concurrency: int | None, name: str | None, loglevel: str, settings: Settings) -> None:
+def worker(
+    concurrency: int | None,
+    name: str | None,
+    loglevel: str,
+    path_map: tuple[str, ...],
+    settings: Settings,
+) -> None:
     """Run commands from the queue on this machine until stopped.
 
     SIGTERM lets running commands finish (Celery's warm shutdown).
@@ -332,9 +380,13 @@ def worker(concurrency: int | None, name: str | None, loglevel: str, settings: S
     """
     from .worker import WorkerOptions, run_worker
 
-    run_worker(
-        settings, WorkerOptions(concurrency=concurrency, name=name, loglevel=loglevel.upper())
+    options = WorkerOptions(
+        concurrency=concurrency,
+        name=name,
+        loglevel=loglevel.upper(),
+        path_map=PathMap.parse(path_map),
     )
+    run_worker(settings, options)
 
 
 @cli.command()

@@ -23,6 +23,7 @@ from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect
 from .config import Settings
 from .done import done_marker, remove_stale
+from .paths import PathMap, fsl_env, local_fsl_tool
 from .recovery import republish
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,8 @@ class CommandFailed(Exception):
 
 def command_env(batch_id: str, task_id: str) -> dict[str, str]:
     """The environment a command runs in: the worker's, plus what FSL tools need."""
-    env = dict(os.environ)
-    # FSL images are written as .nii.gz unless the site says otherwise; FSL refuses to run unset
-    env.setdefault("FSLOUTPUTTYPE", "NIFTI_GZ")
+    # FSL refuses to write images with FSLOUTPUTTYPE unset; $FSLDIR/bin goes first on PATH
+    env = fsl_env(os.environ)
     # one registration per slot: keep OpenMP/BLAS builds from oversubscribing the cores
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, "1")
@@ -80,8 +80,12 @@ def execute(
     time_limit: float | None = None,
     retries: int = 0,
     done_if_exists: str | None = None,
+    path_map: PathMap | None = None,
 ) -> dict[str, Any]:
     """Run one command of a batch exactly once, as far as the bookkeeping can tell."""
+    if path_map:
+        argv, cwd = path_map.argv(argv), path_map.apply(cwd)
+    argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
     store = BatchStore(connect(settings, check=False))
     task_id = task.request.id
     node = task.request.hostname or "unknown"
@@ -179,7 +183,7 @@ def execute(
     raise CommandFailed(result.message)
 
 
-def register(app: Celery, settings: Settings) -> None:
+def register(app: Celery, settings: Settings, path_map: PathMap | None = None) -> None:
     """Attach the task to `app`, closing over the settings the worker was started with."""
 
     @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
@@ -192,4 +196,6 @@ def register(app: Celery, settings: Settings) -> None:
         retries: int = 0,
         done_if_exists: str | None = None,
     ) -> dict[str, Any]:
-        return execute(self, settings, batch_id, argv, cwd, time_limit, retries, done_if_exists)
+        return execute(
+            self, settings, batch_id, argv, cwd, time_limit, retries, done_if_exists, path_map
+        )

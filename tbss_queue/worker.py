@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery.signals import worker_ready, worker_shutting_down
 
@@ -11,6 +11,7 @@ from .app import make_app
 from .batches import BatchStore
 from .broker import connect
 from .config import Settings, cpu_count
+from .paths import PathMap
 from .recovery import Reaper
 from .tasks import register
 
@@ -22,6 +23,7 @@ class WorkerOptions:
     concurrency: int | None = None
     name: str | None = None
     loglevel: str = "INFO"
+    path_map: PathMap = field(default_factory=PathMap)
 
     @property
     def nodename(self) -> str:
@@ -34,7 +36,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """Run a worker node in this process until it is stopped (SIGTERM: finish running commands)."""
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
-    register(app, settings)
+    register(app, settings, options.path_map)
     reaper = Reaper(app, settings, BatchStore(connect(settings, check=False)))
     worker_ready.connect(lambda **_: reaper.start(), weak=False)
     worker_shutting_down.connect(lambda **_: reaper.stopped.set(), weak=False)

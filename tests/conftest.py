@@ -19,6 +19,9 @@ from tbss_queue.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import RedisServer, find_redis_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+# every process the suite starts (workers, `run`, the demo's stand-in fsl_reg) imports this
+# checkout's tbss_queue, whatever version pip last installed
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
