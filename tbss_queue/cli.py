@@ -364,27 +364,46 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
     help="Rewrite path prefix FROM to TO before running (this machine mounts the study "
     "elsewhere). Repeatable.",
 )
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    help="On SIGTERM, seconds running commands may finish before they are handed back.",
+)
+@click.option(
+    "--stop-after",
+    metavar="DURATION",
+    help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
+)
+@click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
 @broker_options
 def worker(
     concurrency: int | None,
     name: str | None,
     loglevel: str,
     path_map: tuple[str, ...],
+    grace: float,
+    stop_after: str | None,
+    until: str | None,
     settings: Settings,
 ) -> None:
     """Run commands from the queue on this machine until stopped.
 
-    SIGTERM lets running commands finish (Celery's warm shutdown).
+    SIGTERM: no new commands; running ones may finish for --grace seconds, then they are
+    killed and handed back to the queue (not failed).
 
     Example: tbss-queue worker --broker redis://head:6379/0 -c 8
     """
-    from .worker import WorkerOptions, run_worker
+    from .worker import WorkerOptions, run_worker, stop_after_seconds
 
     options = WorkerOptions(
         concurrency=concurrency,
         name=name,
         loglevel=loglevel.upper(),
         path_map=PathMap.parse(path_map),
+        grace=grace,
+        stop_after=stop_after_seconds(stop_after, until),
     )
     run_worker(settings, options)
 
@@ -517,6 +536,50 @@ def best_target_cmd(fa_dir: str, as_json: bool) -> None:
     err.print(table)
     err.print(f"best target: {result.best}", highlight=False)
     click.echo(result.best)
+
+
+@cli.command()
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback needs --basic-auth.",
+)
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--basic-auth",
+    envvar="TBSS_QUEUE_FLOWER_AUTH",
+    metavar="USER:PASSWORD",
+    help="Require this login [env TBSS_QUEUE_FLOWER_AUTH].",
+)
+@click.option(
+    "--db",
+    default="flower.db",
+    show_default=True,
+    help="Where Flower keeps its state across restarts.",
+)
+@click.option("--url-prefix", help="Serve under this path (behind a reverse proxy).")
+@broker_options
+def flower(
+    address: str,
+    port: int,
+    basic_auth: str | None,
+    db: str,
+    url_prefix: str | None,
+    settings: Settings,
+) -> None:
+    """Start Flower (read-only) for the configured broker: workers, tasks, /metrics.
+
+    Example: tbss-queue flower --port 5555
+    """
+    from .flower import FlowerOptions, run_flower
+
+    run_flower(
+        settings,
+        FlowerOptions(
+            address=address, port=port, basic_auth=basic_auth, db=db, url_prefix=url_prefix
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

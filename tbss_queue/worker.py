@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
+import re
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
+from celery.worker import state as worker_state
 
 from .app import make_app
 from .batches import BatchStore
 from .broker import connect
 from .config import Settings, cpu_count
+from .errors import ConfigError
 from .paths import PathMap
 from .recovery import Reaper
 from .tasks import register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 600.0
+"""Seconds a SIGTERM-ed worker lets running commands finish before handing them back: longer
+than a typical registration (3-5 min). Service managers must wait longer than this."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,8 @@ class WorkerOptions:
     name: str | None = None
     loglevel: str = "INFO"
     path_map: PathMap = field(default_factory=PathMap)
+    grace: float = DEFAULT_GRACE
+    stop_after: float | None = None  # seconds from start; then take no new command
 
     @property
     def nodename(self) -> str:
@@ -32,13 +50,66 @@ class WorkerOptions:
         return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
+def parse_duration(text: str, option: str = "--stop-after") -> float:
+    """'90', '90s', '10m', '2h', '1h30m', '1d' -> seconds."""
+    parts = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or parts is None:
+        raise ConfigError(f"{option} {text!r}: expected a duration like 90s, 10m, 2h or 1h30m")
+    d, h, m, s = (float(p) if p else 0.0 for p in parts.groups())
+    return d * 86400 + h * 3600 + m * 60 + s
+
+
+def seconds_until(text: str, now: dt.datetime | None = None) -> float:
+    """'HH:MM' (today, or tomorrow if past) or an ISO date-time -> seconds from now."""
+    now = now or dt.datetime.now()
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text):
+            hour, minute = map(int, text.split(":"))
+            when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if when <= now:
+                when += dt.timedelta(days=1)
+        else:
+            when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--until {text!r}: expected HH:MM or YYYY-MM-DDTHH:MM") from None
+    return max(0.0, (when - now).total_seconds())
+
+
+def stop_after_seconds(stop_after: str | None, until: str | None) -> float | None:
+    """--stop-after / --until as seconds from now (None: run until stopped)."""
+    if stop_after and until:
+        raise ConfigError("give --stop-after or --until, not both")
+    if stop_after:
+        return parse_duration(stop_after)
+    return seconds_until(until) if until else None
+
+
 def run_worker(settings: Settings, options: WorkerOptions) -> None:
-    """Run a worker node in this process until it is stopped (SIGTERM: finish running commands)."""
+    """Run a worker node in this process until it is stopped.
+
+    SIGTERM: take no new command, let running ones finish for up to `grace` seconds, then kill
+    them and hand their tasks back to the queue (not failed). With `stop_after`, the node stops
+    taking commands after that long and exits 0 once the running ones are done.
+    """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
     register(app, settings, options.path_map)
+    # Celery's soft shutdown: on SIGTERM (remapped to its cold shutdown), wait up to `grace` s
+    os.environ["REMAP_SIGTERM"] = "SIGQUIT"
+    app.conf.worker_soft_shutdown_timeout = options.grace
     reaper = Reaper(app, settings, BatchStore(connect(settings, check=False)))
-    worker_ready.connect(lambda **_: reaper.start(), weak=False)
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        reaper.start()
+        if options.stop_after is not None:
+            threading.Thread(
+                target=_drain,
+                args=(sender, settings.queue, options.stop_after),
+                name="tbss-queue-stop-after",
+                daemon=True,
+            ).start()
+
+    worker_ready.connect(on_ready, weak=False)
     worker_shutting_down.connect(lambda **_: reaper.stopped.set(), weak=False)
     argv = [
         "worker",
@@ -51,3 +122,13 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         "--without-gossip",
     ]
     app.worker_main(argv=argv)
+
+
+def _drain(consumer: Any, queue: str, after: float) -> None:
+    """After `after` seconds: stop consuming, wait for running commands, then shut down."""
+    time.sleep(after)
+    log.warning("stop-after reached: taking no new commands; exiting when running ones end")
+    consumer.cancel_task_queue(queue)
+    while worker_state.active_requests or worker_state.reserved_requests:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)

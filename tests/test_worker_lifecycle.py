@@ -1,0 +1,70 @@
+"""Stopping workers without losing or failing work: --stop-after, SIGTERM with a grace period."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.errors import ConfigError
+from tbss_queue.worker import parse_duration, seconds_until
+
+from .conftest import Worker, write_commands
+from .test_reliability import job, ran, wait_until
+
+
+def test_durations_and_times() -> None:
+    assert parse_duration("90") == 90 and parse_duration("10m") == 600
+    assert parse_duration("1h30m") == 5400 and parse_duration("3s") == 3
+    with pytest.raises(ConfigError, match="--stop-after 'soon'"):
+        parse_duration("soon")
+    now = dt.datetime(2026, 1, 1, 22, 0)
+    assert seconds_until("23:30", now) == 5400
+    assert seconds_until("06:00", now) == 8 * 3600  # tomorrow
+
+
+@pytest.mark.slow
+def test_stop_after_finishes_the_running_command_takes_no_new_one_and_exits_0(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    log = tmp_path / "log"
+    w1 = workers("w1", 1, "--stop-after", "3s")
+    batch = api.submit(
+        write_commands(tmp_path / "c", [job(i, log, "--sleep", "6") for i in range(3)]),
+        settings=settings,
+    )
+    assert w1.proc.wait(30) == 0
+    assert ran(log) == Counter(["0"])
+    assert api.status(batch.id, settings=settings).queued == 2
+    workers("w2", 2)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert ran(log) == Counter(["0", "1", "2"]) and final.failed == 0
+    by_node = {n.node.split("@")[0]: n.succeeded for n in final.nodes}
+    assert by_node == {"w1": 1, "w2": 2}
+
+
+@pytest.mark.slow
+def test_sigterm_hands_a_running_command_back_after_the_grace_period(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    log = tmp_path / "log"
+    w1 = workers("w1", 1, "--grace", "2")
+    batch = api.submit(
+        write_commands(tmp_path / "c", [job("long", log, "--sleep", "10")]), settings=settings
+    )
+    wait_until(lambda: api.status(batch.id, settings=settings).running == 1, what="running")
+    w1.proc.send_signal(signal.SIGTERM)  # the main process only, as systemd or Slurm would
+    assert w1.proc.wait(30) == 0
+    st = api.status(batch.id, settings=settings)
+    assert (st.failed, st.succeeded, st.running, st.queued) == (0, 0, 0, 1)
+    workers("w2")
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert (final.succeeded, final.failed) == (1, 0)
+    assert ran(log) == Counter(["long"])
+    assert [n.node.split("@")[0] for n in final.nodes if n.succeeded] == ["w2"]
