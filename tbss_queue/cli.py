@@ -582,6 +582,45 @@ def flower(
     )
 
 
+@cli.command("slurm-script")
+@click.option("--nodes", required=True, type=click.IntRange(min=1), help="Nodes to allocate.")
+@click.option("--time", "walltime", required=True, metavar="HH:MM:SS", help="Wall time.")
+@click.option(
+    "--cpus-per-node",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="CPUs per node = commands each node's worker runs at once.",
+)
+@click.option("--partition", help="Slurm partition.")
+@click.option(
+    "--expected",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="How long one command takes at most: the worker stops taking new ones "
+    "this long before the wall time ends.",
+)
+def slurm_script(
+    nodes: int, walltime: str, cpus_per_node: int, partition: str | None, expected: str
+) -> None:
+    """Print an sbatch script that runs one worker per node for the allocation.
+
+    Example: tbss-queue slurm-script --nodes 4 --time 12:00:00 --cpus-per-node 16 > pilot.sbatch
+    """
+    from .slurm import PilotJob
+    from .worker import parse_duration
+
+    job = PilotJob(
+        nodes=nodes,
+        time=walltime,
+        cpus_per_node=cpus_per_node,
+        partition=partition,
+        expected=int(parse_duration(expected, "--expected")),
+    )
+    click.echo(job.render(), nl=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every TbssQueueError to its one-line message and exit code."""
     try:

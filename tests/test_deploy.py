@@ -1,0 +1,256 @@
+"""Deployment files: compose validates and its services' commands work; worker/ explains itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.demo import make_demo
+from tbss_queue.fsl import read_msf
+from tbss_queue.procs import TAG_VAR, kill_tagged
+from tbss_queue.redis_server import find_redis_server, free_port
+from tbss_queue.slurm import PilotJob
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "worker"
+
+
+def compose_config(env: dict[str, str]) -> dict:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is not installed (apt-get install docker-compose)")
+    res = subprocess.run(
+        [exe, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr
+    return yaml.safe_load(res.stdout)
+
+
+def test_compose_file_validates_with_the_example_env() -> None:
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is not installed (apt-get install docker-compose)"
+    res = subprocess.run(
+        [exe, "--env-file", ".env.example", "config", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_compose_refuses_to_start_without_a_redis_password() -> None:
+    exe = shutil.which("docker-compose")
+    assert exe
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    res = subprocess.run(
+        [exe, "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**env, "STUDY_DIR": "/s", "FSLDIR": "/f", "FLOWER_AUTH": "a:b"},
+    )
+    assert res.returncode != 0 and "REDIS_PASSWORD" in res.stderr
+
+
+def test_redis_is_published_on_loopback_only_by_default() -> None:
+    cfg = compose_config(
+        {"REDIS_PASSWORD": "pw", "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
+    )
+    for service in ("redis", "flower"):
+        for port in cfg["services"][service]["ports"]:
+            host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
+            assert host_ip == "127.0.0.1"
+
+
+@pytest.fixture
+def compose_services(tmp_path: Path) -> Iterator[dict]:
+    """The compose services' commands, resolved by docker-compose, run here without Docker."""
+    study = make_demo(tmp_path / "study", subjects=2, seconds=0.2)
+    env = {
+        "REDIS_PASSWORD": "s3cret-pw",
+        "FLOWER_AUTH": "admin:flowerpw",
+        "STUDY_DIR": study.root,
+        "FSLDIR": study.fsldir,
+        "WORKER_CONCURRENCY": "2",
+    }
+    cfg = compose_config(env)["services"]
+    port, flower_port, tag = free_port(), free_port(), os.urandom(8).hex()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def local(service: str) -> dict[str, str]:
+        environment = cfg[service].get("environment") or {}
+        out = {k: str(v) for k, v in environment.items()}
+        if "TBSS_QUEUE_BROKER" in out:  # the compose network's host `redis` is here
+            out["TBSS_QUEUE_BROKER"] = out["TBSS_QUEUE_BROKER"].replace(
+                "@redis:6379", f"@127.0.0.1:{port}"
+            )
+        return {**os.environ, **out, TAG_VAR: tag}
+
+    try:
+        # redis: the shipped config, the compose command's password; a local port and dir
+        command = cfg["redis"]["command"]
+        assert command[1] == "/usr/local/etc/redis/redis.conf"
+        (tmp_path / "redis").mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    find_redis_server(),
+                    str(REPO / "deploy" / "redis.conf"),
+                    *command[2:],
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(tmp_path / "redis"),
+                ],
+                stdout=subprocess.DEVNULL,
+                env=local("redis"),
+            )
+        )
+        # flower and worker: the image's entrypoint is `tbss-queue`, the compose command its args
+        flower_cmd = [a.replace("/data/", f"{tmp_path}/") for a in cfg["flower"]["command"]]
+        flower_cmd[flower_cmd.index("--port") + 1] = str(flower_port)
+        logs = {}
+        for name, args in (("flower", flower_cmd), ("worker", cfg["worker"]["command"])):
+            logs[name] = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tbss_queue", *args],
+                    stdout=logs[name],
+                    stderr=subprocess.STDOUT,
+                    env=local(name),
+                    start_new_session=True,
+                )
+            )
+        broker = local("worker")["TBSS_QUEUE_BROKER"]
+        yield {"study": study, "broker": broker, "flower_port": flower_port, "tmp": tmp_path}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        kill_tagged(tag)
+        for fh in locals().get("logs", {}).values():
+            fh.close()
+
+
+@pytest.mark.slow
+def test_a_batch_completes_through_the_compose_services(compose_services: dict) -> None:
+    settings = Settings.resolve(env={}, broker=compose_services["broker"])
+    study = compose_services["study"]
+    deadline = time.monotonic() + 30
+    while True:  # redis and the worker come up in their own time, as under compose
+        try:
+            batch = api.submit(Path(study.commands), settings=settings)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "compose redis never answered"
+            time.sleep(0.5)
+    final = api.wait(batch.id, settings=settings, timeout=120)
+    assert (final.succeeded, final.failed) == (4, 0)
+    assert len([p for p in Path(study.fa_dir).glob("*_warp.msf") if read_msf(p)]) == 4
+    # Flower answers with the login from .env and refuses without it
+    url = f"http://127.0.0.1:{compose_services['flower_port']}/workers"
+    deadline = time.monotonic() + 30
+    auth = {"Authorization": "Basic " + b64encode(b"admin:flowerpw").decode()}
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=auth)) as r:
+                assert r.status == 200
+            break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, (compose_services["tmp"] / "flower.log").read_text()
+            time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url).close()
+    info.value.close()
+    assert info.value.code == 401
+
+
+def test_worker_dir_holds_deployment_files_only_and_they_explain_signals() -> None:
+    assert not list(WORKER.glob("*.py"))
+    entry = (WORKER / "entrypoint.sh").read_text()
+    assert entry.rstrip().splitlines()[-1] == 'exec tbss-queue "$@"'
+    dockerfile = (WORKER / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["' in dockerfile and "USER tbss" in dockerfile
+    unit = (WORKER / "tbss-queue-worker@.service").read_text()
+    grace = int(unit.split("--grace ")[1].split()[0])
+    assert int(unit.split("TimeoutStopSec=")[1].split()[0]) > grace
+    assert "User=tbss" in unit and "Restart=on-failure" in unit
+
+
+def test_sbatch_example_is_what_the_generator_prints() -> None:
+    job = PilotJob(nodes=4, time="12:00:00", cpus_per_node=16, partition="compute")
+    assert (WORKER / "slurm-pilot.sbatch").read_text() == job.render()
+
+
+def test_sbatch_script_starts_one_worker_per_node_with_the_right_drain_time(tmp_path: Path) -> None:
+    script = tmp_path / "pilot.sbatch"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tbss_queue",
+            "slurm-script",
+            "--nodes",
+            "2",
+            "--time",
+            "01:00:00",
+            "--cpus-per-node",
+            "4",
+            "--expected",
+            "5m",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    script.write_text(res.stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # stand-ins: srun runs its command once per node; tbss-queue records how it was called
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(
+        "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+        'for i in $(seq 1 $SLURM_NNODES); do "$@"; done\n'
+    )
+    (bindir / "tbss-queue").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/calls\n')
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_CPUS_PER_TASK": "4",
+        "SLURM_JOB_ID": "4242",
+        "TBSS_QUEUE_BROKER": "redis://:pw@head:6379/0",
+    }
+    assert subprocess.run(["bash", str(script)], env=env).returncode == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    # 1 h wall time - 5 min expected duration - 60 s start-up = 3240 s
+    assert calls == ["worker --concurrency 4 --name slurm4242 --stop-after 3240s --grace 120"] * 2
+    # and without a broker it refuses to start anything
+    env.pop("TBSS_QUEUE_BROKER")
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "TBSS_QUEUE_BROKER" in res.stderr
