@@ -26,7 +26,7 @@ from .errors import BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, TaskRecord
 from .paths import PathMap
 from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
-from .status import compute
+from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
 _OPTIONS = ("time_limit", "retries", "done_if_exists")
@@ -201,7 +201,10 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
     """Counts, throughput and ETA of a batch (default: the latest). Constant cost in batch size."""
     _, store = _store(settings)
     bid = store.resolve_id(batch_id)
-    return compute(bid, store.snapshot(bid))
+    current = compute(bid, store.snapshot(bid))
+    facts = store.node_facts([n.node for n in current.nodes])
+    warning = fsl_version_warning(facts)
+    return replace(current, warnings=(warning,)) if warning else current
 
 
 def list_batches(*, settings: Settings | None = None) -> list[BatchStatus]:

@@ -17,6 +17,7 @@ Keys (prefix tbssq:), for batch B:
   running             HASH  "B|task" -> JSON {node, token, started, pid} (global)
   hb:B|task           STRING runner token, expiring: the running command's heartbeat
   index               HASH  command key -> "B|task": latest task of a command (resume)
+  nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
   b:B:stage:*, b:B:staging   what a submit writes before its atomic commit
 """
@@ -39,6 +40,7 @@ BATCHES = PREFIX + "batches"
 RUNNING = PREFIX + "running"
 INDEX = PREFIX + "index"
 FILES = PREFIX + "files"
+NODES = PREFIX + "nodes"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "queued",
@@ -456,6 +458,16 @@ class BatchStore:
     def save_result(self, batch_id: str, task_id: str, record: dict[str, Any]) -> None:
         """Keep the record of an attempt that will be retried (its state stays queued)."""
         self.r.hset(batch_key(batch_id, "result"), task_id, json.dumps(record))
+
+    def announce(self, node: str, facts: dict[str, Any]) -> None:
+        """Record what a worker node runs with (FSL version, host, CPUs), for status."""
+        self.r.hset(NODES, node, json.dumps(facts))
+
+    def node_facts(self, nodes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not nodes:
+            return {}
+        raw = self.r.hmget(NODES, list(nodes))
+        return {n: json.loads(v) for n, v in zip(nodes, raw, strict=True) if v}
 
     def redis_uptime(self) -> float:
         """Seconds since redis-server started (a restart drops every expired heartbeat)."""

@@ -38,7 +38,7 @@ Examples:
   tbss-queue status --watch
 """
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -265,6 +265,8 @@ def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) ->
     if as_json:
         click.echo(json.dumps(current.to_dict()))
         return
+    for warning in current.warnings:
+        err.print(f"warning: {warning}", highlight=False)
     out.print(status_table(current))
     if current.failed:
         out.print(failures_table(api.failures(current.batch, settings=settings)))
@@ -619,6 +621,32 @@ def slurm_script(
         expected=int(parse_duration(expected, "--expected")),
     )
     click.echo(job.render(), nl=False)
+
+
+@cli.command()
+@click.option("--study", type=click.Path(), help="The study directory workers write to.")
+@json_option
+@broker_options
+def doctor(study: str | None, as_json: bool, settings: Settings) -> None:
+    """Check this machine: broker, clock, FSL, study directory, disk, CPUs and memory.
+
+    Exits 1 if any check fails; each failure says what to do.
+
+    Example: tbss-queue doctor --study /data/study/FA
+    """
+    from .doctor import diagnose
+
+    checks = diagnose(settings, study)
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in checks]))
+    else:
+        for c in checks:
+            mark = "[green]OK  [/green]" if c.ok else "[red]FAIL[/red]"
+            out.print(
+                f"{mark} {c.name:8} {c.detail}" + (f"\n       -> {c.fix}" if c.fix else ""),
+                highlight=False,
+            )
+    sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

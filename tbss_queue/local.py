@@ -114,6 +114,9 @@ def embedded(
                     "local",
                     "--concurrency",
                     str(concurrency or cpu_count()),
+                    # a stopped run hands its commands back at once; the next run resumes them
+                    "--grace",
+                    "0",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -65,6 +65,7 @@ class BatchStatus:
     first_started: float | None
     last_ended: float | None
     nodes: tuple[NodeStatus, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def finished(self) -> int:
@@ -81,6 +82,7 @@ class BatchStatus:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["nodes"] = [n.to_dict() for n in self.nodes]
+        d["warnings"] = list(self.warnings)
         d["done"] = self.done
         d["finished"] = self.finished
         return d

@@ -44,6 +44,20 @@ def compute(batch_id: str, snap: dict[str, Any]) -> BatchStatus:
     )
 
 
+def fsl_version_warning(facts: dict[str, dict[str, Any]]) -> str | None:
+    """A warning when the nodes of one batch ran different FSL versions (or some unknown)."""
+    by_version: dict[str, list[str]] = {}
+    for node, f in sorted(facts.items()):
+        by_version.setdefault(str(f.get("fsl_version") or "none"), []).append(node)
+    if len(by_version) < 2:
+        return None
+    listed = "; ".join(f"FSL {v} on {', '.join(n)}" for v, n in sorted(by_version.items()))
+    return (
+        f"workers of this batch run different FSL versions ({listed}): results are not "
+        "reproducible across them"
+    )
+
+
 def _nodes(raw: dict[str, str]) -> tuple[NodeStatus, ...]:
     by_node: dict[str, dict[str, str]] = {}
     for key, value in raw.items():

@@ -62,6 +62,22 @@ def _until_redis_answers(fn: Callable[[], T], patience: float) -> T:
             time.sleep(1.0)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_command() -> Iterator[None]:
+    """SIGTERM (cancel's revoke, a time-limit kill) raises SystemExit while a command runs, so
+    the runner's `finally` kills its process tree. billiard ignores SIGTERM in pool processes
+    when Celery's soft shutdown is on (REMAP_SIGTERM), hence our own handler."""
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def _sigterm_deferred() -> Iterator[None]:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -120,14 +136,15 @@ def execute(
             log.warning("heartbeat of task %s failed: broker unreachable", task_id)
 
     try:
-        result = runner.run_command(
-            argv,
-            cwd,
-            env=command_env(batch_id, task_id),
-            timeout=time_limit if time_limit else settings.time_limit,
-            on_tick=beat,
-            tick=settings.heartbeat,
-        )
+        with _sigterm_stops_command():
+            result = runner.run_command(
+                argv,
+                cwd,
+                env=command_env(batch_id, task_id),
+                timeout=time_limit if time_limit else settings.time_limit,
+                on_tick=beat,
+                tick=settings.heartbeat,
+            )
     except BaseException:
         # stopped from outside (shutdown, cancel, lost broker): the runner already killed the
         # command's tree. Hand the task back unless it was cancelled, and queue it again in

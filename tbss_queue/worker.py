@@ -13,13 +13,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
+from . import __version__
 from .app import make_app
 from .batches import BatchStore
 from .broker import connect
 from .config import Settings, cpu_count
+from .doctor import fsl_version
 from .errors import ConfigError
 from .paths import PathMap
 from .recovery import Reaper
@@ -84,6 +87,21 @@ def stop_after_seconds(stop_after: str | None, until: str | None) -> float | Non
     return seconds_until(until) if until else None
 
 
+def node_facts(options: WorkerOptions) -> dict[str, Any]:
+    """What this node runs with; `status` warns when one batch's nodes differ in FSL."""
+    fsldir = os.environ.get("FSLDIR")
+    return {
+        "host": socket.gethostname(),
+        "fsldir": fsldir,
+        "fsl_version": fsl_version(fsldir) if fsldir else None,
+        "cpus": cpu_count(),
+        "concurrency": options.concurrency or cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "tbss_queue": __version__,
+        "started": time.time(),
+    }
+
+
 def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """Run a worker node in this process until it is stopped.
 
@@ -101,6 +119,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         reaper.start()
+        reaper.store.announce(options.nodename, node_facts(options))
         if options.stop_after is not None:
             threading.Thread(
                 target=_drain,

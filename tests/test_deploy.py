@@ -198,6 +198,7 @@ def test_worker_dir_holds_deployment_files_only_and_they_explain_signals() -> No
     grace = int(unit.split("--grace ")[1].split()[0])
     assert int(unit.split("TimeoutStopSec=")[1].split()[0]) > grace
     assert "User=tbss" in unit and "Restart=on-failure" in unit
+    assert "KillMode=mixed" in unit  # SIGTERM to the worker only: commands get their grace
 
 
 def test_sbatch_example_is_what_the_generator_prints() -> None:

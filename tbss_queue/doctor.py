@@ -1,0 +1,163 @@
+"""`tbss-queue doctor`: is this machine ready to submit or work? Each check says what to do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .broker import connect
+from .config import Settings, cpu_count
+from .errors import TbssQueueError
+
+GB_PER_FNIRT = 2.0
+"""Memory to plan per registration. FNIRT on 1 mm FA is commonly quoted at 1-2 GB per process;
+we have not measured it (the demo's stand-in is not FSL): check one registration with
+`/usr/bin/time -v fsl_reg ...` on your data and adjust --concurrency."""
+
+MAX_SKEW = 5.0
+"""Seconds of clock difference to Redis that start to distort heartbeats, ETAs and timelines."""
+
+MIN_FREE_GB = 1.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fsl_version(fsldir: str) -> str | None:
+    """FSL's version from $FSLDIR/etc/fslversion, as FSL itself records it."""
+    try:
+        return (Path(fsldir) / "etc" / "fslversion").read_text().split(":")[0].strip() or None
+    except OSError:
+        return None
+
+
+def check_broker(settings: Settings) -> list[Check]:
+    try:
+        client = connect(settings)
+    except TbssQueueError as exc:
+        return [
+            Check(
+                "broker",
+                False,
+                str(exc),
+                "check --broker / TBSS_QUEUE_BROKER: host, port, password, firewall",
+            )
+        ]
+    info = client.info("server")
+    checks = [
+        Check(
+            "broker", True, f"{settings.display_broker} answers (redis {info.get('redis_version')})"
+        )
+    ]
+    seconds, micros = client.time()
+    skew = time.time() - (seconds + micros / 1e6)
+    checks.append(
+        Check(
+            "clock",
+            abs(skew) <= MAX_SKEW,
+            f"{skew:+.2f} s against the broker's clock",
+            "" if abs(skew) <= MAX_SKEW else "synchronise clocks (chrony/ntpd)",
+        )
+    )
+    return checks
+
+
+def check_fsl(env: dict[str, str]) -> list[Check]:
+    fsldir = env.get("FSLDIR")
+    if not fsldir:
+        return [
+            Check(
+                "FSL",
+                False,
+                "FSLDIR is not set",
+                "install FSL, then `export FSLDIR=...; . $FSLDIR/etc/fslconf/fsl.sh`",
+            )
+        ]
+    fsl_reg = Path(fsldir) / "bin" / "fsl_reg"
+    if not os.access(fsl_reg, os.X_OK):
+        return [
+            Check(
+                "FSL",
+                False,
+                f"{fsl_reg} not found or not executable",
+                "FSLDIR must point at an FSL installation with the TBSS scripts",
+            )
+        ]
+    version = fsl_version(fsldir) or "version unknown"
+    return [Check("FSL", True, f"{fsl_reg} ({version})")]
+
+
+def check_study(study: Path) -> list[Check]:
+    if not study.is_dir():
+        return [
+            Check(
+                "study",
+                False,
+                f"{study} is not a directory here",
+                "mount the study at the same path on every machine",
+            )
+        ]
+    try:
+        with tempfile.NamedTemporaryFile(dir=study, prefix=".tbss-queue-doctor-"):
+            pass
+    except OSError as exc:
+        return [
+            Check(
+                "study",
+                False,
+                f"{study} is not writable: {exc.strerror}",
+                "workers must write registration outputs there: fix owner/permissions",
+            )
+        ]
+    free = shutil.disk_usage(study).free / 1e9
+    return [
+        Check("study", True, f"{study} readable and writable"),
+        Check(
+            "disk",
+            free >= MIN_FREE_GB,
+            f"{free:.1f} GB free on {study}",
+            "" if free >= MIN_FREE_GB else "free space: every registration writes files",
+        ),
+    ]
+
+
+def check_machine() -> list[Check]:
+    cpus = cpu_count()
+    memory = psutil.virtual_memory().total / 1e9
+    suggested = max(1, min(cpus, int(memory // GB_PER_FNIRT)))
+    return [
+        Check(
+            "machine",
+            True,
+            f"{cpus} CPUs, {memory:.1f} GB memory: suggested --concurrency {suggested} "
+            f"(one per CPU, {GB_PER_FNIRT:g} GB each; a rule of thumb, not measured)",
+        )
+    ]
+
+
+def diagnose(
+    settings: Settings,
+    study: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> list[Check]:
+    """Every check, in the order a person fixes them."""
+    env = dict(os.environ) if env is None else env
+    checks = check_broker(settings) + check_fsl(env)
+    if study is not None:
+        checks += check_study(Path(study))
+    return checks + check_machine()

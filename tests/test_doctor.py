@@ -1,0 +1,84 @@
+"""doctor names each broken thing and what to do; mixed FSL versions are flagged in status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+
+
+def fake_fsl(root: Path, version: str) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "fslversion").write_text(f"{version}:abcdef\n")
+    tool = root / "bin" / "fsl_reg"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "readonly-study"
+    path.mkdir()
+    if os.geteuid() == 0:  # root ignores permissions; the immutable flag stops root too
+        if subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.fail("cannot make a directory unwritable as root (chattr +i failed)")
+    else:
+        path.chmod(0o500)
+    try:
+        yield path
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)])
+        path.chmod(0o700)
+
+
+def _doctor(*args: str, env: dict[str, str]) -> tuple[int, dict[str, dict]]:
+    res = tbss_queue("doctor", "--json", *args, env=env)
+    return res.returncode, {c["name"]: c for c in json.loads(res.stdout)}
+
+
+def test_doctor_all_good(tmp_path: Path, settings: Settings, run_tag: str) -> None:
+    env = {**settings_env(settings, run_tag), "FSLDIR": str(fake_fsl(tmp_path / "fsl", "6.0.7"))}
+    code, checks = _doctor("--study", str(tmp_path), env=env)
+    assert code == 0, checks
+    assert "6.0.7" in checks["FSL"]["detail"]
+    assert "suggested --concurrency" in checks["machine"]["detail"]
+
+
+def test_doctor_reports_each_failure_with_a_fix(tmp_path: Path, unwritable: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FSLDIR"}
+    env["TBSS_QUEUE_BROKER"] = "redis://:secretpw@127.0.0.1:1/0"
+    code, checks = _doctor("--study", str(unwritable), env=env)
+    assert code == 1
+    assert not checks["broker"]["ok"] and "cannot reach broker" in checks["broker"]["detail"]
+    assert "secretpw" not in json.dumps(checks)
+    assert not checks["FSL"]["ok"] and checks["FSL"]["detail"] == "FSLDIR is not set"
+    assert not checks["study"]["ok"] and "not writable" in checks["study"]["detail"]
+    assert all(c["fix"] for c in checks.values() if not c["ok"])
+
+
+def test_status_warns_when_workers_of_a_batch_run_different_fsl_versions(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    workers("w1", 1, env={"FSLDIR": str(fake_fsl(tmp_path / "fsl-a", "6.0.7"))})
+    workers("w2", 1, env={"FSLDIR": str(fake_fsl(tmp_path / "fsl-b", "6.0.5"))})
+    lines = [f"{sys.executable} -c 'import time; time.sleep(0.5)' {i}" for i in range(8)]
+    batch = api.submit(write_commands(tmp_path / "c", lines), settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert len([n for n in final.nodes if n.succeeded]) == 2
+    [warning] = final.warnings
+    assert "FSL 6.0.5 on w2@" in warning and "FSL 6.0.7 on w1@" in warning
+    res = tbss_queue("status", env=settings_env(settings, run_tag))
+    assert "different FSL versions" in res.stderr
