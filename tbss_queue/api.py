@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_fo
 from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
-_OPTIONS = ("time_limit", "retries", "done_if_exists")
+_OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name")
 
 
 def _store(settings: Settings | None) -> tuple[Settings, BatchStore]:
@@ -45,13 +45,17 @@ def submit(
     retries: int = 0,
     done_if_exists: str | None = None,
     path_map: PathMap | None = None,
+    after: Sequence[str] = (),
+    log_dir: str | None = None,
+    job_name: str | None = None,
     settings: Settings | None = None,
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
 
     Submitting the same file again (same path and working directory) resumes its batch: only
     commands that are new, failed or cancelled are queued; queued, running and succeeded ones
-    are left alone, whatever their order in the file. Commands whose outputs exist (fsl_reg's
+    are left alone, whatever their order in the file. With `after` (batch ids), nothing runs
+    until those batches have ended (fsl_sub's -j hold). Commands whose outputs exist (fsl_reg's
     .msf and warp, or `done_if_exists`), or that are queued, running or succeeded in another
     batch, are skipped. Raises CommandsFileError for a bad file before Redis is touched.
     """
@@ -93,11 +97,14 @@ def submit(
         "time_limit": time_limit,
         "retries": retries,
         "done_if_exists": done_if_exists,
+        "log_dir": log_dir,
+        "job_name": job_name,
         "last_submitted": now,
     }
     if not mine:
         meta["submitted"] = now
-    queued = _enqueue(store, settings, batch_id, meta, changes, file_key)
+    after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
+    queued = _enqueue(store, settings, batch_id, meta, changes, file_key, after)
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -132,6 +139,7 @@ def _enqueue(
     meta: dict[str, Any],
     changes: list[TaskSpec],
     file_key: str,
+    after: Sequence[str] = (),
 ) -> int:
     """Stage `changes` and their messages, then commit them in one step; returns how many
     commands were queued. On any error nothing is visible and the staging is removed."""
@@ -146,7 +154,10 @@ def _enqueue(
     )
     try:
         queue = store.stage(batch_id, meta, changes, messages)
-        store.commit(batch_id, queue, len(messages), file_key)
+        if after:
+            store.hold(batch_id, queue, len(messages), file_key, after)
+        else:
+            store.commit(batch_id, queue, len(messages), file_key)
     except BaseException:
         store.discard(batch_id)
         raise

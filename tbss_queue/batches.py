@@ -18,6 +18,7 @@ Keys (prefix tbssq:), for batch B:
   hb:B|task           STRING runner token, expiring: the running command's heartbeat
   index               HASH  command key -> "B|task": latest task of a command (resume)
   nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
+  held                HASH  B -> JSON {after, queue, n, file_key}: staged, waiting for batches
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
   b:B:stage:*, b:B:staging   what a submit writes before its atomic commit
 """
@@ -41,6 +42,7 @@ RUNNING = PREFIX + "running"
 INDEX = PREFIX + "index"
 FILES = PREFIX + "files"
 NODES = PREFIX + "nodes"
+HELD = PREFIX + "held"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "queued",
@@ -131,8 +133,10 @@ return 'ok'
 # Makes a submission visible and its messages consumable, all at once: staged task states are
 # merged into the batch (new tasks, or failed ones queued again), counters follow, messages move
 # to the queue. KEYS: meta cmd state counts staging queue batches index s_meta s_cmd s_state
-# s_keys files; ARGV: batch_id now n_messages file_key
+# s_keys files held; ARGV: batch_id now n_messages file_key releasing_a_hold
 _COMMIT = """
+-- a held submission (ARGV[5] == '1') is committed once, by whoever removes it from `held`
+if ARGV[5] == '1' and redis.call('HDEL', KEYS[14], ARGV[1]) == 0 then return -1 end
 local function merge(src, dst)
   local kv = redis.call('HGETALL', src)
   for i = 1, #kv, 2 do redis.call('HSET', dst, kv[i], kv[i + 1]) end
@@ -295,7 +299,14 @@ class BatchStore:
             raise ValueError("all messages of a batch must go to one queue")
         return queue
 
-    def commit(self, batch_id: str, queue: str | None, n_messages: int, file_key: str) -> None:
+    def commit(
+        self,
+        batch_id: str,
+        queue: str | None,
+        n_messages: int,
+        file_key: str,
+        releasing: bool = False,
+    ) -> bool:
         """Publish the staged messages and merge the staged records, atomically."""
         keys = [
             batch_key(batch_id),
@@ -308,8 +319,30 @@ class BatchStore:
             INDEX,
             *[batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")],
             FILES,
+            HELD,
         ]
-        self._commit(keys=keys, args=[batch_id, time.time(), n_messages, file_key])
+        args: list[Any] = [batch_id, time.time(), n_messages, file_key, int(releasing)]
+        return int(self._commit(keys=keys, args=args)) >= 0
+
+    def hold(
+        self, batch_id: str, queue: str | None, n_messages: int, file_key: str, after: Sequence[str]
+    ) -> None:
+        """Keep a staged submission (no expiry) until every batch in `after` is done."""
+        staged = [batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")]
+        pipe: Any = self.r.pipeline(transaction=True)
+        for key in (*staged, batch_key(batch_id, "staging")):
+            pipe.persist(key)
+        pipe.hset(
+            HELD,
+            batch_id,
+            json.dumps(
+                {"after": list(after), "queue": queue, "n": n_messages, "file_key": file_key}
+            ),
+        )
+        pipe.execute()
+
+    def held(self) -> dict[str, dict[str, Any]]:
+        return {b: json.loads(v) for b, v in self.r.hgetall(HELD).items()}
 
     def discard(self, batch_id: str) -> None:
         """Remove whatever a failed submit staged (the batch itself is untouched)."""
@@ -500,6 +533,10 @@ class BatchStore:
         if len(matches) == 1:
             return matches[0]
         if not matches:
+            waiting = self.r.hget(HELD, batch_id)
+            if waiting:
+                after = ", ".join(json.loads(waiting)["after"])
+                raise BatchNotFound(f"batch {batch_id} is held until batch(es) {after} end")
             raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
         raise BatchNotFound(f"batch prefix {batch_id!r} is ambiguous: {', '.join(matches)}")
 

@@ -32,8 +32,13 @@ HARD_LIMIT_MARGIN = 60
 
 def task_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
     """The per-batch options every task message of a batch carries (only those that are set)."""
-    keys = ("time_limit", "retries", "done_if_exists")
+    keys = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name")
     return {k: meta[k] for k in keys if meta.get(k)}
+
+
+def with_line(kwargs: dict[str, Any], line: int) -> dict[str, Any]:
+    """Per-task kwargs: the line number, where logs are named after it (fsl_sub's -l)."""
+    return {**kwargs, "line": line} if kwargs.get("log_dir") else kwargs
 
 
 def send_options(settings_time_limit: float, meta: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +71,7 @@ def build_messages(
                 app.send_task(
                     TASK_NAME,
                     args=(batch_id, list(t.argv), cwd),
-                    kwargs=kwargs,
+                    kwargs=with_line(kwargs, t.line),
                     task_id=t.task_id,
                     producer=producer,
                     # Flower shows this as the task's args: the command itself

@@ -23,7 +23,7 @@ from celery import Celery
 from .app import TASK_NAME
 from .batches import QUEUED, RUNNING, RUNNING_STATE, BatchStore
 from .config import Settings
-from .publish import send_options, task_kwargs
+from .publish import send_options, task_kwargs, with_line
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def republish(
     """Send a task's message again, with the same id, as submit built it."""
     spec = store.task_specs(batch_id, [task_id])[task_id]
     meta = store.meta(batch_id)
-    kwargs = task_kwargs(meta)
+    kwargs = with_line(task_kwargs(meta), spec["line"])
     app.send_task(
         TASK_NAME,
         args=(batch_id, spec["argv"], meta["cwd"]),
@@ -185,6 +185,22 @@ def _task_id(raw: Any) -> str | None:
         return None
 
 
+def release_held(store: BatchStore) -> list[str]:
+    """Commit held submissions whose `after` batches have all ended (nothing queued/running)."""
+    released = []
+    for batch_id, hold in store.held().items():
+        pending = 0
+        for other in hold["after"]:
+            counts = store.r.hgetall(f"tbssq:b:{other}:counts")
+            pending += int(counts.get(QUEUED, 0)) + int(counts.get("running", 0))
+        if pending == 0 and store.commit(
+            batch_id, hold["queue"], hold["n"], hold["file_key"], releasing=True
+        ):
+            log.warning("released batch %s: batches %s have ended", batch_id, hold["after"])
+            released.append(batch_id)
+    return released
+
+
 class Reaper(threading.Thread):
     """Runs `requeue_lost` every few seconds in a worker's main process."""
 
@@ -199,6 +215,7 @@ class Reaper(threading.Thread):
             try:
                 requeue_lost(self.app, self.store, self.settings)
                 restore_stalled(self.app, self.store, self.settings)
+                release_held(self.store)
                 # a message in flight shows as missing for a moment: act on the second sighting
                 missing = missing_messages(self.store, self.settings) > 0
                 if missing and suspicious:

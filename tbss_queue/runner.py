@@ -67,15 +67,19 @@ def run_command(
     on_tick: Callable[[int], None] | None = None,
     tick: float = 5.0,
     tail_bytes: int = TAIL_BYTES,
+    log_files: tuple[str, str] | None = None,
 ) -> RunResult:
     """Run argv in cwd; never raises for the command's own failures (they are in the result).
+
+    Output goes to `log_files` (stdout, stderr) when given (fsl_sub's -l), else to temporary
+    files; either way only the last `tail_bytes` are returned.
 
     on_tick(pid) is called about every `tick` seconds while the command runs (heartbeats).
     """
     started = time.time()
     if not os.path.isdir(cwd):
         return _failed(started, CAUSE_NO_CWD, f"working directory does not exist: {cwd}")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with _output(log_files, 0) as out, _output(log_files, 1) as err:
         try:
             proc = subprocess.Popen(
                 list(argv),
@@ -193,6 +197,13 @@ def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _output(log_files: tuple[str, str] | None, which: int) -> IO[bytes]:
+    if log_files is None:
+        return tempfile.TemporaryFile()
+    os.makedirs(os.path.dirname(log_files[which]) or ".", exist_ok=True)
+    return open(log_files[which], "w+b")  # noqa: SIM115 - closed by the caller's `with`
 
 
 def _failed(started: float, cause: str, message: str) -> RunResult:

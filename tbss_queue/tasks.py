@@ -62,6 +62,17 @@ def _until_redis_answers(fn: Callable[[], T], patience: float) -> T:
             time.sleep(1.0)
 
 
+def _log_files(
+    cwd: str, log_dir: str | None, name: str, batch_id: str, line: int | None
+) -> tuple[str, str] | None:
+    """fsl_sub's log names: <logdir>/<name>.o<job id>.<task> and .e<job id>.<task>."""
+    if not log_dir:
+        return None
+    base = os.path.join(cwd, log_dir, name)
+    suffix = f"{batch_id}.{line}" if line is not None else batch_id
+    return f"{base}.o{suffix}", f"{base}.e{suffix}"
+
+
 def _stop(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -97,6 +108,9 @@ def execute(
     retries: int = 0,
     done_if_exists: str | None = None,
     path_map: PathMap | None = None,
+    log_dir: str | None = None,
+    job_name: str | None = None,
+    line: int | None = None,
 ) -> dict[str, Any]:
     """Run one command of a batch exactly once, as far as the bookkeeping can tell."""
     if path_map:
@@ -144,6 +158,7 @@ def execute(
                 timeout=time_limit if time_limit else settings.time_limit,
                 on_tick=beat,
                 tick=settings.heartbeat,
+                log_files=_log_files(cwd, log_dir, job_name or "tbss-queue", batch_id, line),
             )
     except BaseException:
         # stopped from outside (shutdown, cancel, lost broker): the runner already killed the
@@ -212,7 +227,21 @@ def register(app: Celery, settings: Settings, path_map: PathMap | None = None) -
         time_limit: float | None = None,
         retries: int = 0,
         done_if_exists: str | None = None,
+        log_dir: str | None = None,
+        job_name: str | None = None,
+        line: int | None = None,
     ) -> dict[str, Any]:
         return execute(
-            self, settings, batch_id, argv, cwd, time_limit, retries, done_if_exists, path_map
+            self,
+            settings,
+            batch_id,
+            argv,
+            cwd,
+            time_limit,
+            retries,
+            done_if_exists,
+            path_map,
+            log_dir,
+            job_name,
+            line,
         )
