@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
 from .local import Interrupted
 from .paths import PathMap
+from .policy import Policy
 from .progress import (
     LiveProgress,
     failures_table,
@@ -379,6 +380,28 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
     help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
 )
 @click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="NAME_OR_PATH",
+    help="Also run this executable (default: FSL's registration tools). Repeatable.",
+)
+@click.option(
+    "--allow-file",
+    type=click.Path(dir_okay=False),
+    help="A file of further --allow entries, one per line.",
+)
+@click.option(
+    "--allow-any",
+    is_flag=True,
+    help="Run any command that reaches the queue (no executable check).",
+)
+@click.option(
+    "--root",
+    multiple=True,
+    metavar="DIR",
+    help="Only run commands whose directory lies under DIR. Repeatable; recommended.",
+)
 @broker_options
 def worker(
     concurrency: int | None,
@@ -388,6 +411,10 @@ def worker(
     grace: float,
     stop_after: str | None,
     until: str | None,
+    allow: tuple[str, ...],
+    allow_file: str | None,
+    allow_any: bool,
+    root: tuple[str, ...],
     settings: Settings,
 ) -> None:
     """Run commands from the queue on this machine until stopped.
@@ -406,6 +433,7 @@ def worker(
         path_map=PathMap.parse(path_map),
         grace=grace,
         stop_after=stop_after_seconds(stop_after, until),
+        policy=Policy.build(allow, allow_file, allow_any, root),
     )
     run_worker(settings, options)
 

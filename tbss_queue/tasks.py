@@ -24,12 +24,14 @@ from .broker import connect
 from .config import Settings
 from .done import done_marker, remove_stale
 from .paths import PathMap, fsl_env, local_fsl_tool
+from .policy import Policy
 from .recovery import republish
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CAUSE_MISSING_OUTPUT = "missing output"
+CAUSE_REFUSED = "refused"
 RETRY_DELAY = 5.0
 """Seconds before a failed command is tried again (`--retries`)."""
 
@@ -108,6 +110,7 @@ def execute(
     retries: int = 0,
     done_if_exists: str | None = None,
     path_map: PathMap | None = None,
+    policy: Policy | None = None,
     log_dir: str | None = None,
     job_name: str | None = None,
     line: int | None = None,
@@ -133,6 +136,26 @@ def execute(
             lambda: store.finish(batch_id, task_id, node, token, state, record), patience
         )
 
+    env = command_env(batch_id, task_id)
+    refused = policy.check(argv, cwd, env) if policy is not None else None
+    if refused is not None:
+        now = time.time()
+        record_end(
+            FAILED,
+            {
+                "cause": CAUSE_REFUSED,
+                "message": f"refused: {refused}",
+                "exit_code": None,
+                "node": node,
+                "started": now,
+                "ended": now,
+                "duration": 0.0,
+                "stdout_tail": "",
+                "stderr_tail": refused,
+                "argv": argv,
+            },
+        )
+        raise CommandFailed(f"refused: {refused}")
     marker = done_marker(argv, cwd, done_if_exists)
     if marker is not None and marker.done():
         record_end(
@@ -154,7 +177,7 @@ def execute(
             result = runner.run_command(
                 argv,
                 cwd,
-                env=command_env(batch_id, task_id),
+                env=env,
                 timeout=time_limit if time_limit else settings.time_limit,
                 on_tick=beat,
                 tick=settings.heartbeat,
@@ -215,7 +238,9 @@ def execute(
     raise CommandFailed(result.message)
 
 
-def register(app: Celery, settings: Settings, path_map: PathMap | None = None) -> None:
+def register(
+    app: Celery, settings: Settings, path_map: PathMap | None = None, policy: Policy | None = None
+) -> None:
     """Attach the task to `app`, closing over the settings the worker was started with."""
 
     @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
@@ -241,6 +266,7 @@ def register(app: Celery, settings: Settings, path_map: PathMap | None = None) -
             retries,
             done_if_exists,
             path_map,
+            policy,
             log_dir,
             job_name,
             line,

@@ -25,6 +25,7 @@ from .config import Settings, cpu_count
 from .doctor import fsl_version
 from .errors import ConfigError
 from .paths import PathMap
+from .policy import Policy
 from .recovery import Reaper
 from .tasks import register
 
@@ -45,6 +46,7 @@ class WorkerOptions:
     path_map: PathMap = field(default_factory=PathMap)
     grace: float = DEFAULT_GRACE
     stop_after: float | None = None  # seconds from start; then take no new command
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def nodename(self) -> str:
@@ -111,7 +113,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
-    register(app, settings, options.path_map)
+    register(app, settings, options.path_map, options.policy)
+    if options.policy.allow_any:
+        log.warning("--allow-any: this worker runs ANY command that reaches the queue")
     # Celery's soft shutdown: on SIGTERM (remapped to its cold shutdown), wait up to `grace` s
     os.environ["REMAP_SIGTERM"] = "SIGQUIT"
     app.conf.worker_soft_shutdown_timeout = options.grace

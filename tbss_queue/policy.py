@@ -1,0 +1,175 @@
+"""What a worker agrees to run. The worker is the trust boundary: whoever can write to Redis
+can put any command in the queue, so each command is checked here before anything runs.
+
+- Only allowed executables run, judged by the RESOLVED path (`../../bin/sh` or a symlink named
+  fsl_reg pointing at bash do not slip through). By default: FSL's registration tools, and
+  under $FSLDIR when the worker has one.
+- Interpreters (sh, bash, python, perl, env...) are refused unless explicitly allowed: with
+  them any code could come in as an argument.
+- With --root, the working directory must lie under one of the roots.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+FSL_TOOLS = (
+    "fsl_reg",
+    "flirt",
+    "fnirt",
+    "applywarp",
+    "invwarp",
+    "convertwarp",
+    "fslmaths",
+    "fnirtfileutils",
+    "tbss_*",
+)
+"""Executables TBSS's registration step runs (fsl_reg calls the others)."""
+
+INTERPRETERS = (
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "ksh",
+    "mksh",
+    "csh",
+    "tcsh",
+    "fish",
+    "busybox",
+    "python",
+    "python[0-9]*",
+    "pypy*",
+    "perl*",
+    "ruby*",
+    "node",
+    "nodejs",
+    "php*",
+    "lua*",
+    "tclsh*",
+    "wish*",
+    "Rscript",
+    "R",
+    "julia",
+    "env",
+    "xargs",
+    "nohup",
+    "nice",
+    "timeout",
+    "setsid",
+    "sudo",
+    "su",
+    "doas",
+    "ssh",
+    "awk",
+    "gawk",
+    "mawk",
+    "sed",
+    "find",
+    "make",
+)
+"""Programs that run code or other programs given as arguments: refused unless allowed by
+name or path explicitly (a pattern such as `*` does not count)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow: tuple[str, ...] = ()
+    allow_any: bool = False
+    roots: tuple[str, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        allow: Sequence[str] = (),
+        allow_file: str | None = None,
+        allow_any: bool = False,
+        roots: Sequence[str] = (),
+    ) -> Policy:
+        extra = list(allow)
+        if allow_file:
+            try:
+                lines = Path(allow_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"--allow-file {allow_file}: {exc.strerror}") from None
+            extra += [ln.split("#", 1)[0].strip() for ln in lines]
+        for root in roots:
+            if not os.path.isdir(root):
+                raise ConfigError(f"--root {root}: not a directory")
+        return cls(
+            tuple(e for e in extra if e), allow_any, tuple(os.path.realpath(r) for r in roots)
+        )
+
+    def check(self, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str | None:
+        """None if the command may run here, else why not (one line)."""
+        if self.roots:
+            real_cwd = os.path.realpath(cwd)
+            if not any(_under(real_cwd, root) for root in self.roots):
+                return (
+                    f"working directory {cwd} is outside this worker's --root "
+                    f"({', '.join(self.roots)})"
+                )
+        if self.allow_any:
+            return None
+        resolved = resolve(argv[0], cwd, env)
+        if resolved is None:
+            return None  # not found: the runner reports it as such
+        name = os.path.basename(resolved)
+        if self._explicit(resolved, env):
+            return None
+        if any(fnmatch.fnmatchcase(name, p) for p in INTERPRETERS):
+            return (
+                f"{argv[0]} resolves to the interpreter {resolved}: refused unless allowed "
+                f"explicitly (worker --allow {name})"
+            )
+        if any(fnmatch.fnmatchcase(name, p) for p in self.allow if "/" not in p):
+            return None
+        fsldir = env.get("FSLDIR")
+        if any(fnmatch.fnmatchcase(name, p) for p in FSL_TOOLS):
+            if not fsldir or _under(resolved, os.path.realpath(fsldir)):
+                return None
+            return f"{resolved} is not under this worker's FSLDIR ({fsldir})"
+        return (
+            f"{argv[0]} ({resolved}) is not an allowed executable here "
+            "(worker --allow NAME_OR_PATH, or --allow-any)"
+        )
+
+    def _explicit(self, resolved: str, env: Mapping[str, str]) -> bool:
+        """Allowed by path, or by a plain name that resolves here to this very file."""
+        for entry in self.allow:
+            if _has_glob(entry):
+                continue
+            if "/" in entry and os.path.realpath(entry) == resolved:
+                return True
+            if "/" not in entry and resolve(entry, "/", env) == resolved:
+                return True
+        return False
+
+
+def resolve(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
+    """The real file a command would execute: relative to cwd, or found on PATH; symlinks
+    followed."""
+    if "/" in program:
+        path = os.path.join(cwd, program)
+    else:
+        found = shutil.which(program, path=env.get("PATH"))
+        if found is None:
+            return None
+        path = found
+    real = os.path.realpath(path)
+    return real if os.path.isfile(real) else None
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
