@@ -29,6 +29,9 @@ from .progress import (
     status_table,
     summary_line,
 )
+from .progress import (
+    watch as watch_status,
+)
 
 EPILOG = """\b
 Examples:
@@ -260,12 +263,14 @@ def run(
 def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) -> None:
     """Counts, throughput, ETA and workers of BATCH (default: the latest).
 
-    Example: tbss-queue status --json
+    Example: tbss-queue status --watch
     """
     current = api.status(batch, settings=settings)
     if as_json:
         click.echo(json.dumps(current.to_dict()))
         return
+    if watch:
+        watch_status(lambda: api.status(current.batch, settings=settings), out)
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
     out.print(status_table(current))

@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from .models import BatchStatus, TaskRecord
@@ -64,6 +66,17 @@ def status_table(s: BatchStatus) -> Group:
             n.node, str(n.running), str(n.succeeded), str(n.failed), f"{n.per_hour:.0f}", seen
         )
     return Group(counts, speed, nodes)
+
+
+def watch(fetch: Callable[[], BatchStatus], console: Console, interval: float = 3.0) -> None:
+    """A live dashboard of a batch, redrawn every `interval` seconds until Ctrl-C."""
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while True:
+            current = fetch()
+            bar = ProgressBar(total=max(current.total, 1), completed=current.finished, width=60)
+            done = f"{current.finished}/{current.total} finished"
+            live.update(Group(bar, done, status_table(current)), refresh=True)
+            time.sleep(interval)
 
 
 def failures_table(records: list[TaskRecord]) -> Table:
