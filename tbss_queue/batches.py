@@ -392,11 +392,7 @@ class BatchStore:
     ) -> str:
         """Mark a task running for this runner. Returns 'ok', 'busy', a final state or 'unknown'."""
         keys = [
-            batch_key(batch_id, "state"),
-            batch_key(batch_id, "counts"),
-            batch_key(batch_id, "nodes"),
-            RUNNING,
-            heartbeat_key(batch_id, task_id),
+            *_task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
             batch_key(batch_id),
         ]
@@ -420,11 +416,7 @@ class BatchStore:
     ) -> str:
         """Record the outcome of one attempt; returns 'ok' or why it changed nothing."""
         keys = [
-            batch_key(batch_id, "state"),
-            batch_key(batch_id, "counts"),
-            batch_key(batch_id, "nodes"),
-            RUNNING,
-            heartbeat_key(batch_id, task_id),
+            *_task_keys(batch_id, task_id),
             batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
             batch_key(batch_id),
@@ -454,11 +446,7 @@ class BatchStore:
     ) -> str:
         """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'."""
         keys = [
-            batch_key(batch_id, "state"),
-            batch_key(batch_id, "counts"),
-            batch_key(batch_id, "nodes"),
-            RUNNING,
-            heartbeat_key(batch_id, task_id),
+            *_task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
             batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
@@ -595,6 +583,17 @@ class BatchStore:
             if batch_id is None or m.startswith(batch_id + "|"):
                 out[m] = json.loads(v)
         return out
+
+
+def _task_keys(batch_id: str, task_id: str) -> list[str]:
+    """KEYS[1..5] of the per-task scripts: state counts nodes running heartbeat."""
+    return [
+        batch_key(batch_id, "state"),
+        batch_key(batch_id, "counts"),
+        batch_key(batch_id, "nodes"),
+        RUNNING,
+        heartbeat_key(batch_id, task_id),
+    ]
 
 
 def _expire(pipe: Any, keys: Iterable[str]) -> None:

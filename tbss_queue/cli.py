@@ -69,6 +69,22 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+cwd_option = click.option(
+    "--cwd",
+    type=click.Path(file_okay=False),
+    help="Directory the commands run in [default: the file's directory, FA/].",
+)
+time_limit_option = click.option(
+    "--time-limit",
+    type=float,
+    metavar="SECONDS",
+    help="Kill a command (and its children) after this long [default 6 h].",
+)
+wait_option = click.option(
+    "--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure."
+)
+
+
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
@@ -91,17 +107,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option(
-    "--cwd",
-    type=click.Path(file_okay=False),
-    help="Directory the commands run in [default: the file's directory, FA/].",
-)
-@click.option(
-    "--time-limit",
-    type=float,
-    metavar="SECONDS",
-    help="Kill a command (and its children) after this long [default 6 h].",
-)
+@cwd_option
+@time_limit_option
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
@@ -123,7 +130,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Rewrite path prefix FROM to TO in the commands and their directory (the workers "
     "mount the study elsewhere). Repeatable.",
 )
-@click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
+@wait_option
 @json_option
 @broker_options
 def submit(
@@ -186,23 +193,14 @@ def _print_final(final: Any, settings: Settings) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option(
-    "--cwd",
-    type=click.Path(file_okay=False),
-    help="Directory the commands run in [default: the file's directory, FA/].",
-)
+@cwd_option
 @click.option(
     "-c",
     "--concurrency",
     type=click.IntRange(min=1),
     help="Commands run at once [default: CPU count].",
 )
-@click.option(
-    "--time-limit",
-    type=float,
-    metavar="SECONDS",
-    help="Kill a command (and its children) after this long [default 6 h].",
-)
+@time_limit_option
 @json_option
 @broker_options
 def run(
@@ -323,7 +321,7 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
 
 @cli.command()
 @click.argument("batch", required=False)
-@click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure.")
+@wait_option
 @broker_options
 def retry(batch: str | None, wait: bool, settings: Settings) -> None:
     """Queue the failed (and cancelled) commands of BATCH again, exactly those.

@@ -122,38 +122,18 @@ def run_command(
         ended = time.time()
         stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
     code = proc.returncode
+
+    def outcome(cause: str | None = None, message: str = "") -> RunResult:
+        return RunResult(code, started, ended, stdout, stderr, cause, message)
+
     if timed_out:
-        return RunResult(
-            code,
-            started,
-            ended,
-            stdout,
-            stderr,
-            CAUSE_TIMEOUT,
-            f"time limit of {timeout:g} s reached; process group killed",
-        )
+        return outcome(CAUSE_TIMEOUT, f"time limit of {timeout:g} s reached; process group killed")
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return RunResult(
-            code,
-            started,
-            ended,
-            stdout,
-            stderr,
-            CAUSE_SIGNAL,
-            f"killed by signal {name}" + last_line(stderr),
-        )
+        return outcome(CAUSE_SIGNAL, f"killed by signal {name}" + last_line(stderr))
     if code != 0:
-        return RunResult(
-            code,
-            started,
-            ended,
-            stdout,
-            stderr,
-            CAUSE_EXIT,
-            f"exit code {code}" + last_line(stderr),
-        )
-    return RunResult(code, started, ended, stdout, stderr)
+        return outcome(CAUSE_EXIT, f"exit code {code}" + last_line(stderr))
+    return outcome()
 
 
 def _load_prctl() -> Any:

@@ -245,29 +245,9 @@ def register(
 
     @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
     def run_command(
-        self: Task,
-        batch_id: str,
-        argv: list[str],
-        cwd: str,
-        time_limit: float | None = None,
-        retries: int = 0,
-        done_if_exists: str | None = None,
-        log_dir: str | None = None,
-        job_name: str | None = None,
-        line: int | None = None,
+        self: Task, batch_id: str, argv: list[str], cwd: str, **options: Any
     ) -> dict[str, Any]:
+        # options: the per-batch ones publish.task_kwargs sends (time_limit, retries, ...)
         return execute(
-            self,
-            settings,
-            batch_id,
-            argv,
-            cwd,
-            time_limit,
-            retries,
-            done_if_exists,
-            path_map,
-            policy,
-            log_dir,
-            job_name,
-            line,
+            self, settings, batch_id, argv, cwd, path_map=path_map, policy=policy, **options
         )
