@@ -166,6 +166,17 @@ def execute(
     if marker is not None:
         remove_stale(argv, cwd)
 
+    def hand_back() -> str:
+        """Give our claim up: the task goes back to queued (unless cancelled meanwhile)."""
+        return store.requeue(
+            batch_id,
+            task_id,
+            token,
+            limit=settings.crash_limit,
+            count_loss=False,
+            ignore_heartbeat=True,
+        )
+
     def beat(_pid: int) -> None:
         try:
             store.heartbeat(batch_id, task_id, token, settings.lost_after)
@@ -188,17 +199,7 @@ def execute(
         # command's tree. Hand the task back unless it was cancelled, and queue it again in
         # case Celery acknowledges the message (a duplicate is dropped by the claim).
         with contextlib.suppress(Exception):
-            if (
-                store.requeue(
-                    batch_id,
-                    task_id,
-                    token,
-                    limit=settings.crash_limit,
-                    count_loss=False,
-                    ignore_heartbeat=True,
-                )
-                == "requeued"
-            ):
+            if hand_back() == "requeued":
                 republish(task.app, store, settings, batch_id, task_id)
         raise
     if result.ok and marker is not None and not marker.done():
@@ -222,14 +223,7 @@ def execute(
         record_end(SUCCEEDED, record)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
     if task.request.retries < retries and result.cause != runner.CAUSE_NO_CWD:
-        store.requeue(
-            batch_id,
-            task_id,
-            token,
-            limit=settings.crash_limit,
-            count_loss=False,
-            ignore_heartbeat=True,
-        )
+        hand_back()
         store.save_result(batch_id, task_id, record)
         raise task.retry(
             countdown=RETRY_DELAY, max_retries=retries, exc=CommandFailed(result.message)
