@@ -53,7 +53,6 @@ QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "cancelled",
 )
 STATES = (QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED)
-FINAL_STATES = (SUCCEEDED, FAILED, SKIPPED, CANCELLED)
 UNCOMMITTED_TTL = 24 * 3600
 """A batch whose submit died half-way disappears after this long; it is never visible."""
 
@@ -552,12 +551,7 @@ class BatchStore:
         self, batch_id: str, task_ids: Sequence[str] | None = None
     ) -> dict[str, dict[str, Any]]:
         """task id -> {line, argv, key, note}: every task of the batch, or the ones named."""
-        key = batch_key(batch_id, "cmd")
-        if task_ids is None:
-            raw = self.r.hgetall(key)
-        else:
-            raw = dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True))
-        return {t: json.loads(v) for t, v in raw.items() if v}
+        return self._json_fields(batch_key(batch_id, "cmd"), task_ids)
 
     def states(self, batch_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(batch_key(batch_id, "state")))
@@ -565,16 +559,18 @@ class BatchStore:
     def results(
         self, batch_id: str, task_ids: Sequence[str] | None = None
     ) -> dict[str, dict[str, Any]]:
-        key = batch_key(batch_id, "result")
-        if task_ids is None:
+        """task id -> record of its last attempt: every task that has one, or the ones named."""
+        return self._json_fields(batch_key(batch_id, "result"), task_ids)
+
+    def _json_fields(self, key: str, fields: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+        """The JSON values of a hash: all of them, or those of `fields` that exist."""
+        if fields is None:
             raw = self.r.hgetall(key)
+        elif not fields:
+            return {}
         else:
-            raw = (
-                dict(zip(task_ids, self.r.hmget(key, list(task_ids)), strict=True))
-                if task_ids
-                else {}
-            )
-        return {t: json.loads(v) for t, v in raw.items() if v}
+            raw = dict(zip(fields, self.r.hmget(key, list(fields)), strict=True))
+        return {f: json.loads(v) for f, v in raw.items() if v}
 
     def running(self, batch_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Running records ("batch|task" -> record), optionally of one batch."""

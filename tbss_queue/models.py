@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,8 +106,6 @@ class TaskRecord:
 
     @property
     def text(self) -> str:
-        import shlex
-
         return shlex.join(self.argv)
 
     def to_dict(self) -> dict[str, Any]:

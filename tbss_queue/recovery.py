@@ -21,11 +21,14 @@ from typing import Any
 from celery import Celery
 
 from .app import TASK_NAME
-from .batches import QUEUED, RUNNING, RUNNING_STATE, BatchStore
+from .batches import QUEUED, RUNNING_STATE, BatchStore, batch_key
 from .config import Settings
 from .publish import send_options, task_kwargs, with_line
 
 log = logging.getLogger(__name__)
+
+# kombu's Redis transport: delivered, unacknowledged messages (its default key names)
+KOMBU_UNACKED, KOMBU_UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def republish(
@@ -66,11 +69,10 @@ def requeue_lost(
     counts = {"requeued": 0, "lost": 0}
     if not everything and not heartbeats_judgeable(store, settings):
         return counts
-    for member, raw in store.r.hgetall(RUNNING).items():
+    for member, record in store.running().items():
         batch_id, task_id = member.split("|", 1)
         if not everything and store.heartbeat_alive(batch_id, task_id):
             continue
-        record = json.loads(raw)
         outcome = store.requeue(
             batch_id,
             task_id,
@@ -105,8 +107,8 @@ def restore_stalled(app: Celery, store: BatchStore, settings: Settings) -> int:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         cutoff = time.time() - settings.lost_after
-        for tag in store.r.zrangebyscore(channel.unacked_index_key, 0, cutoff):
-            raw = store.r.hget(channel.unacked_key, tag)
+        for tag in store.r.zrangebyscore(KOMBU_UNACKED_INDEX, 0, cutoff):
+            raw = store.r.hget(KOMBU_UNACKED, tag)
             ref = _batch_and_task(raw) if raw else None
             if ref is None:
                 continue
@@ -142,9 +144,9 @@ def missing_messages(store: BatchStore, settings: Settings) -> int:
     batch_ids = store.batch_ids()
     pipe = store.r.pipeline(transaction=False)
     for b in batch_ids:
-        pipe.hget(f"tbssq:b:{b}:counts", QUEUED)
+        pipe.hget(batch_key(b, "counts"), QUEUED)
     pipe.llen(settings.queue)
-    pipe.hlen("unacked")
+    pipe.hlen(KOMBU_UNACKED)
     *queued, in_queue, unacked = pipe.execute()
     return sum(int(q or 0) for q in queued) - int(in_queue) - int(unacked)
 
@@ -153,7 +155,7 @@ def republish_orphans(app: Celery, store: BatchStore, settings: Settings) -> int
     """Publish again every queued task that has no message in the queue or in kombu's unacked
     hash: its message was lost (a worker took it, then Redis died before kombu recorded it)."""
     present = {_task_id(raw) for raw in store.r.lrange(settings.queue, 0, -1)}
-    present |= {ref[1] for raw in store.r.hvals("unacked") if (ref := _batch_and_task(raw))}
+    present |= {ref[1] for raw in store.r.hvals(KOMBU_UNACKED) if (ref := _batch_and_task(raw))}
     republished = 0
     for batch_id in store.batch_ids():
         for task_id, state in store.states(batch_id).items():
@@ -172,7 +174,7 @@ def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, i
     dropped, and every queued task without a message is published again.
     """
     counts = requeue_lost(app, store, settings, everything=True)
-    store.r.delete("unacked", "unacked_index")
+    store.r.delete(KOMBU_UNACKED, KOMBU_UNACKED_INDEX)
     counts["republished"] = republish_orphans(app, store, settings)
     return counts
 
@@ -191,7 +193,7 @@ def release_held(store: BatchStore) -> list[str]:
     for batch_id, hold in store.held().items():
         pending = 0
         for other in hold["after"]:
-            counts = store.r.hgetall(f"tbssq:b:{other}:counts")
+            counts = store.r.hgetall(batch_key(other, "counts"))
             pending += int(counts.get(QUEUED, 0)) + int(counts.get("running", 0))
         if pending == 0 and store.commit(
             batch_id, hold["queue"], hold["n"], hold["file_key"], releasing=True
