@@ -28,6 +28,16 @@ def _env(tag: str, **extra: str) -> dict[str, str]:
     return {**env, TAG_VAR: tag, **extra}
 
 
+def start_run(commands: str, tag: str) -> subprocess.Popen[bytes]:
+    """`tbss-queue run` in the background, as a user at a terminal would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tbss_queue", "run", commands, "-c", "2"],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def _done(fa: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in fa.glob("*.msf") if read_msf(p)}
 
@@ -37,12 +47,7 @@ def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_pat
     study = make_demo(tmp_path / "study", subjects=4, seconds=1.0)
     fa = Path(study.fa_dir)
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
-        env=_env(tag),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_run(study.commands, tag)
     try:
         deadline = time.monotonic() + 120
         while len(_done(fa)) < 4 and time.monotonic() < deadline:
@@ -74,12 +79,7 @@ def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_pat
 def test_sigterm_stops_run_the_same_way(tmp_path: Path) -> None:
     study = make_demo(tmp_path / "study", subjects=2, seconds=30.0)
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
-        env=_env(tag),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_run(study.commands, tag)
     try:
         deadline = time.monotonic() + 60
         while not any("fsl_reg" in " ".join(p.cmdline()) for p in tagged(tag)):
