@@ -152,6 +152,9 @@ def _enqueue(
         task_kwargs(meta),
         send_options(settings.time_limit, meta),
     )
+    if settings.signing:
+        signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, messages, strict=True)}
+        changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
     try:
         queue = store.stage(batch_id, meta, changes, messages)
         if after:

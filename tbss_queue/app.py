@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import ImproperlyConfigured, SecurityError
 
 from .config import Settings
+from .errors import ConfigError
 
 TASK_NAME = "tbss_queue.run_command"
 # with the redis-py client, unix sockets are unix://; kombu and Celery's backend want redis+socket://
@@ -73,4 +75,30 @@ def make_app(settings: Settings) -> Celery:
         task_time_limit=None,
         enable_utc=True,
     )
+    ssl_options = settings.ssl_options()
+    if ssl_options:
+        # as options, not URL parameters, so Flower and every other client get them too
+        app.conf.update(broker_use_ssl=ssl_options, redis_backend_use_ssl=ssl_options)
+    if settings.signing:
+        _sign_messages(app, settings)
     return app
+
+
+def _sign_messages(app: Celery, settings: Settings) -> None:
+    """Celery's `auth` serializer: task, event and control messages are signed with our key
+    and only messages signed by a certificate in `sign_store` are accepted; results stay JSON
+    (they travel from worker to submitter, in our own Redis records)."""
+    app.conf.update(
+        security_key=settings.sign_key,
+        security_certificate=settings.sign_cert,
+        security_cert_store=settings.sign_store,
+        security_digest="sha256",
+        task_serializer="auth",
+        event_serializer="auth",
+        accept_content=["auth"],
+        result_accept_content=["json"],
+    )
+    try:
+        app.setup_security(allowed_serializers=["json"], serializer="json")
+    except (SecurityError, ImproperlyConfigured, ValueError) as exc:
+        raise ConfigError(f"--sign-key / --sign-cert / --sign-store: {exc}") from None

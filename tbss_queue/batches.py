@@ -238,11 +238,15 @@ class TaskSpec:
     key: str
     state: str = QUEUED
     note: str = ""
+    message: str = ""
+    """With message signing: the submitter's signed message, which recovery sends again
+    (a worker never signs a command it did not receive signed)."""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"line": self.line, "argv": list(self.argv), "key": self.key, "note": self.note}
-        )
+        record = {"line": self.line, "argv": list(self.argv), "key": self.key, "note": self.note}
+        if self.message:
+            record["message"] = self.message
+        return json.dumps(record)
 
 
 class BatchStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -19,7 +20,8 @@ def redis_url(url: str) -> str:
 
 def connect(settings: Settings, *, check: bool = True) -> redis.Redis:
     """A Redis client for the broker; BrokerUnavailable (one line, no password) if unreachable."""
-    client = _client(redis_url(settings.broker))
+    ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
+    client = _client(redis_url(settings.broker), ssl_options)
     if check:
         try:
             client.ping()
@@ -34,15 +36,22 @@ def connect(settings: Settings, *, check: bool = True) -> redis.Redis:
                 ) from None
             raise
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            hint = ""
+            if settings.uses_tls and not settings.tls_cert and "EOF" in str(exc):
+                hint = " (does Redis ask for a client certificate? give --tls-cert/--tls-key)"
             raise BrokerUnavailable(
-                f"cannot reach broker {settings.display_broker}: {exc}"
+                f"cannot reach broker {settings.display_broker}: {exc}{hint}"
             ) from None
     return client
 
 
 @lru_cache(maxsize=8)
-def _client(url: str) -> redis.Redis:
+def _client(url: str, ssl_options: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
     # one pool per URL and process; the pool is created lazily, so a fork is harmless
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=5, health_check_interval=25
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        health_check_interval=25,
+        **dict(ssl_options),
     )

@@ -46,6 +46,19 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+CONNECTION_OPTIONS = (
+    "broker",
+    "result_backend",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_insecure",
+    "sign_key",
+    "sign_cert",
+    "sign_store",
+)
+
+
 def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--broker / --result-backend, declared once, resolved into Settings for the command."""
 
@@ -61,9 +74,53 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
         metavar="URL",
         help="Celery result backend [default: the broker].",
     )
+    @click.option(
+        "--tls-ca",
+        type=click.Path(dir_okay=False),
+        help="CA certificate(s) that signed Redis's certificate, for rediss:// "
+        "[env TBSS_QUEUE_TLS_CA; default: the system's CAs].",
+    )
+    @click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False),
+        help="Client certificate, when Redis asks for one [env TBSS_QUEUE_TLS_CERT].",
+    )
+    @click.option(
+        "--tls-key",
+        type=click.Path(dir_okay=False),
+        help="Private key of --tls-cert [env TBSS_QUEUE_TLS_KEY].",
+    )
+    @click.option(
+        "--tls-insecure",
+        is_flag=True,
+        default=None,
+        help="Do not verify Redis's certificate (testing only) [env TBSS_QUEUE_TLS_INSECURE].",
+    )
+    @click.option(
+        "--sign-key",
+        type=click.Path(dir_okay=False),
+        help="Sign messages with this private key (Celery's auth serializer) "
+        "[env TBSS_QUEUE_SIGN_KEY].",
+    )
+    @click.option(
+        "--sign-cert",
+        type=click.Path(dir_okay=False),
+        help="Certificate of --sign-key [env TBSS_QUEUE_SIGN_CERT].",
+    )
+    @click.option(
+        "--sign-store",
+        type=click.Path(file_okay=False),
+        help="Directory of trusted signers' certificates; unsigned or foreign messages are "
+        "refused [env TBSS_QUEUE_SIGN_STORE].",
+    )
     @functools.wraps(f)
-    def wrapper(*args: Any, broker: str | None, result_backend: str | None, **kwargs: Any) -> Any:
-        settings = Settings.resolve(broker=broker, result_backend=result_backend)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in CONNECTION_OPTIONS}
+        settings = Settings.resolve(**given)
+        if settings.tls_insecure:
+            err.print(
+                "warning: --tls-insecure: Redis's certificate is not verified", highlight=False
+            )
         return f(*args, settings=settings, **kwargs)
 
     return wrapper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -48,6 +49,15 @@ class Settings:
     heartbeat: float = DEFAULT_HEARTBEAT
     lost_after: float = DEFAULT_LOST_AFTER
     crash_limit: int = DEFAULT_CRASH_LIMIT
+    # TLS to Redis (rediss://): certificates are verified unless tls_insecure is set
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    # message signing with Celery's `auth` serializer: only holders of a trusted key can queue
+    sign_key: str | None = None
+    sign_cert: str | None = None
+    sign_store: str | None = None
     broker_explicit: bool = field(default=False, compare=False)
 
     @classmethod
@@ -93,6 +103,40 @@ class Settings:
             )
         if self.crash_limit < 1:
             raise ConfigError(f"{ENV_PREFIX}CRASH_LIMIT must be at least 1")
+        self._validate_tls()
+        self._validate_signing()
+
+    def _validate_tls(self) -> None:
+        tls_given = self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure
+        if tls_given and not self.uses_tls:
+            raise ConfigError(
+                f"--tls-* / {ENV_PREFIX}TLS_*: given, but the broker {mask_url(self.broker)!r} "
+                "is not a rediss:// URL"
+            )
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError(f"--tls-key / {ENV_PREFIX}TLS_KEY needs --tls-cert as well")
+        for option, path in (
+            ("tls-ca", self.tls_ca),
+            ("tls-cert", self.tls_cert),
+            ("tls-key", self.tls_key),
+        ):
+            _readable_file(option, path)
+
+    def _validate_signing(self) -> None:
+        given = {
+            "sign-key": self.sign_key,
+            "sign-cert": self.sign_cert,
+            "sign-store": self.sign_store,
+        }
+        if any(given.values()) and not all(given.values()):
+            missing = ", ".join(f"--{k}" for k, v in given.items() if not v)
+            raise ConfigError(
+                f"message signing needs --sign-key, --sign-cert and --sign-store; missing {missing}"
+            )
+        _readable_file("sign-key", self.sign_key)
+        _readable_file("sign-cert", self.sign_cert)
+        if self.sign_store and not os.path.isdir(self.sign_store):
+            raise ConfigError(f"--sign-store {self.sign_store}: not a directory of certificates")
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed, validated again."""
@@ -106,13 +150,53 @@ class Settings:
         return self.result_backend or self.broker
 
     @property
+    def uses_tls(self) -> bool:
+        return any(u.startswith("rediss://") for u in (self.broker, self.backend_url))
+
+    @property
+    def signing(self) -> bool:
+        return self.sign_key is not None
+
+    def ssl_options(self) -> dict[str, Any] | None:
+        """redis-py's SSL arguments (also kombu's broker_use_ssl), or None without TLS.
+
+        kombu silently skips verification for a bare rediss:// URL; here an unset CA means the
+        system's CA bundle, and only tls_insecure turns verification off.
+        """
+        if not self.uses_tls:
+            return None
+        options: dict[str, Any] = {
+            "ssl_cert_reqs": ssl.CERT_NONE if self.tls_insecure else ssl.CERT_REQUIRED,
+            "ssl_check_hostname": not self.tls_insecure,
+        }
+        for key, value in (
+            ("ssl_ca_certs", self.tls_ca),
+            ("ssl_certfile", self.tls_cert),
+            ("ssl_keyfile", self.tls_key),
+        ):
+            if value:
+                options[key] = value
+        return options
+
+    @property
     def display_broker(self) -> str:
         """The broker URL as it may be printed: password masked."""
         return mask_url(self.broker)
 
 
+def _readable_file(option: str, path: str | None) -> None:
+    if path and not os.access(path, os.R_OK):
+        raise ConfigError(f"--{option} {path}: no such readable file")
+
+
 def _convert(var: str, raw: str, kind: Any) -> Any:
     kind = str(kind)
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{var}={raw!r} is not a yes/no value")
     try:
         if "int" in kind:
             return int(raw)

@@ -16,9 +16,11 @@ import logging
 import shlex
 import threading
 import time
+import uuid
 from typing import Any
 
 from celery import Celery
+from kombu import serialization
 
 from .app import TASK_NAME
 from .batches import QUEUED, RUNNING_STATE, BatchStore, batch_key
@@ -33,9 +35,15 @@ KOMBU_UNACKED, KOMBU_UNACKED_INDEX = "unacked", "unacked_index"
 
 def republish(
     app: Celery, store: BatchStore, settings: Settings, batch_id: str, task_id: str
-) -> None:
-    """Send a task's message again, with the same id, as submit built it."""
+) -> bool:
+    """Send a task's message again, with the same id, as submit built it.
+
+    With message signing the records in Redis are not trusted: only the submitter's own signed
+    message is sent again, after checking its signature; False if there is none to send.
+    """
     spec = store.task_specs(batch_id, [task_id])[task_id]
+    if settings.signing:
+        return _resend_signed(app, store, settings, spec.get("message"), batch_id, task_id)
     meta = store.meta(batch_id)
     kwargs = with_line(task_kwargs(meta), spec["line"])
     app.send_task(
@@ -47,6 +55,43 @@ def republish(
         kwargsrepr=repr(kwargs),
         **send_options(settings.time_limit, meta),
     )
+    return True
+
+
+_unsendable: set[str] = set()
+
+
+def _resend_signed(
+    app: Celery,
+    store: BatchStore,
+    settings: Settings,
+    raw: str | None,
+    batch_id: str,
+    task_id: str,
+) -> bool:
+    try:
+        if not raw:
+            raise ValueError("no signed message was stored")
+        message = json.loads(raw)
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        # raises unless signed by a certificate of the trusted store
+        serialization.loads(
+            body,
+            message["content-type"],
+            message["content-encoding"],
+            accept=app.conf.accept_content,
+        )
+    except Exception as exc:  # any doubt means: do not send
+        if task_id not in _unsendable:
+            _unsendable.add(task_id)
+            log.error("not publishing task %s of batch %s again: %s", task_id, batch_id, exc)
+        return False
+    # a fresh delivery tag, so kombu does not confuse it with the lost copy (not signed data)
+    message["properties"]["delivery_tag"] = str(uuid.uuid4())
+    store.r.lpush(settings.queue, json.dumps(message))
+    return True
 
 
 def heartbeats_judgeable(store: BatchStore, settings: Settings) -> bool:
@@ -160,8 +205,7 @@ def republish_orphans(app: Celery, store: BatchStore, settings: Settings) -> int
     for batch_id in store.batch_ids():
         for task_id, state in store.states(batch_id).items():
             if state == QUEUED and task_id not in present:
-                republish(app, store, settings, batch_id, task_id)
-                republished += 1
+                republished += republish(app, store, settings, batch_id, task_id)
     if republished:
         log.warning("published %d queued tasks again: their messages were lost", republished)
     return republished

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -42,6 +43,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS-only server; clients must present a certificate signed by `ca`."""
+
+    ca: str
+    cert: str
+    key: str
+
+
 class RedisServer:
     """A redis-server process we own: on a unix socket (owner-only) or a loopback port."""
 
@@ -53,12 +63,16 @@ class RedisServer:
         persistent: bool = True,
         password: str | None = None,
         extra_args: list[str] | None = None,
+        tls: TlsFiles | None = None,
+        executable: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.persistent = persistent
         self.password = password
         self.extra_args = extra_args or []
+        self.tls = tls
+        self.executable = executable
         self.proc: subprocess.Popen[bytes] | None = None
         self._socket_dir: str | None = None
         self.socket: str | None = None
@@ -67,7 +81,8 @@ class RedisServer:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         if self.port:
-            return f"redis://{auth}127.0.0.1:{self.port}/0"
+            scheme = "rediss" if self.tls else "redis"
+            return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
         query = f"?password={self.password}" if self.password else ""
         return f"redis+socket://{self.socket}{query}"
 
@@ -83,7 +98,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         args = [
-            find_redis_server(),
+            self.executable or find_redis_server(),
             "--dir",
             str(self.data_dir.resolve()),
             "--save",
@@ -95,7 +110,11 @@ class RedisServer:
             "--maxmemory-policy",
             "noeviction",
         ]
-        if self.port:
+        if self.port and self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1"]
+            args += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "yes"]
+            args += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key]
+        elif self.port:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
         else:
             self.socket = self._socket_path()
@@ -115,7 +134,9 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis.from_url(self.url.replace("redis+socket://", "unix://"))
+        client = redis.Redis.from_url(
+            self.url.replace("redis+socket://", "unix://"), **self.client_ssl_options()
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -133,6 +154,16 @@ class RedisServer:
             time.sleep(0.05)
         client.close()
         return self
+
+    def client_ssl_options(self) -> dict[str, str]:
+        """redis-py arguments of a TLS client (the server's own certificate serves as one)."""
+        if not self.tls:
+            return {}
+        return {
+            "ssl_ca_certs": self.tls.ca,
+            "ssl_certfile": self.tls.cert,
+            "ssl_keyfile": self.tls.key,
+        }
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (redis saves its AOF and exits), then SIGKILL if it hangs."""
