@@ -1,6 +1,6 @@
 """tbss-queue: run the registration commands of an FSL TBSS study on many machines."""
 
-from .api import cancel, failures, list_batches, retry, status, submit, tasks, wait
+from .api import cancel, failures, list_batches, report, retry, status, submit, tasks, wait
 from .config import Settings
 from .errors import TbssQueueError
 from .models import Batch, BatchStatus, NodeStatus, TaskRecord
@@ -18,6 +18,7 @@ __all__ = [
     "cancel",
     "failures",
     "list_batches",
+    "report",
     "retry",
     "status",
     "submit",

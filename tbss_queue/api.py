@@ -251,6 +251,10 @@ def tasks(
                 duration=res.get("duration"),
                 stderr_tail=res.get("stderr_tail", ""),
                 message=res.get("message") or spec.get("note", ""),
+                started=res.get("started"),
+                ended=res.get("ended"),
+                slot=res.get("slot"),
+                attempt=res.get("attempt"),
             )
         )
     return sorted(out, key=lambda r: r.line)
@@ -259,6 +263,23 @@ def tasks(
 def failures(batch_id: str | None = None, *, settings: Settings | None = None) -> list[TaskRecord]:
     """The failed commands of a batch, with cause, exit code, node and stderr tail."""
     return tasks(batch_id, state=FAILED, settings=settings)
+
+
+def report(
+    batch_id: str | None = None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """A batch's summary, timeline (node, slot, start, end of every command) and failures;
+    with `path`, also written there as a self-contained HTML report with plots."""
+    from .report import render_html, report_data  # matplotlib: loaded only for reports
+
+    current = status(batch_id, settings=settings)
+    records = tasks(current.batch, settings=settings)
+    if path is not None:
+        Path(path).write_text(render_html(current, records), encoding="utf-8")
+    return report_data(current, records)
 
 
 def write_commands(records: list[TaskRecord], path: str | os.PathLike[str]) -> None:

@@ -378,6 +378,30 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
 
 @cli.command()
 @click.argument("batch", required=False)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the HTML report here [default: report-BATCH.html].",
+)
+@json_option
+@broker_options
+def report(batch: str | None, output: str | None, as_json: bool, settings: Settings) -> None:
+    """Write one self-contained HTML report of BATCH: summary, throughput, a timeline of every
+    command per worker slot, durations and failures (with --json: the same data, no file).
+
+    Example: tbss-queue report 1a2b3c4d -o report.html
+    """
+    if as_json:
+        click.echo(json.dumps(api.report(batch, settings=settings)))
+        return
+    target = output or f"report-{api.status(batch, settings=settings).batch}.html"
+    data = api.report(batch, path=target, settings=settings)
+    err.print(f"wrote {target} ({data['summary']['total']} commands)", highlight=False)
+
+
+@cli.command()
+@click.argument("batch", required=False)
 @wait_option
 @broker_options
 def retry(batch: str | None, wait: bool, settings: Settings) -> None:

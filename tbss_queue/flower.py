@@ -18,6 +18,8 @@ from .errors import ConfigError
 
 RUNTIME_BUCKETS = "30,60,120,180,240,300,450,600,900,1800,3600"
 """Seconds: Flower's default histogram stops at 10 s, useless for 3-5 minute registrations."""
+TASK_COLUMNS = "args,state,worker,received,started,runtime,exception,uuid"
+"""The tasks page: the command itself (the task's args) first; Flower hides args by default."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ def flower_argv(options: FlowerOptions) -> list[str]:
         "--state_save_interval=60000",
         f"--max_tasks={options.max_tasks}",
         f"--task_runtime_metric_buckets={RUNTIME_BUCKETS}",
+        f"--tasks_columns={TASK_COLUMNS}",
         "--purge_offline_workers=86400",
     ]
     if options.basic_auth:

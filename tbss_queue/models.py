@@ -103,6 +103,10 @@ class TaskRecord:
     duration: float | None = None
     stderr_tail: str = ""
     message: str = ""
+    started: float | None = None
+    ended: float | None = None
+    slot: int | None = None  # the worker's pool process: one command at a time per slot
+    attempt: int | None = None
 
     @property
     def text(self) -> str:

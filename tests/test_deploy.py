@@ -73,10 +73,29 @@ def test_redis_is_published_on_loopback_only_by_default() -> None:
     cfg = compose_config(
         {"REDIS_PASSWORD": "pw", "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
     )
-    for service in ("redis", "flower"):
+    for service in ("redis", "flower", "prometheus", "grafana"):
         for port in cfg["services"][service]["ports"]:
             host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1"
+
+
+def test_compose_mounts_files_that_exist() -> None:
+    """Every file the compose services mount from this checkout is here (Grafana's dashboard,
+    Prometheus's config, Redis's config): a typo would only show on `docker compose up`."""
+    cfg = compose_config(
+        {"REDIS_PASSWORD": "pw", "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
+    )
+    mounted = []
+    for service in cfg["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if source.startswith(str(REPO)):
+                mounted.append(Path(source))
+    assert len(mounted) >= 4
+    assert [p for p in mounted if not p.exists()] == []
+    assert {"metrics"} == {
+        p for s in ("prometheus", "grafana") for p in cfg["services"][s]["profiles"]
+    }
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ def test_public_api_is_pinned() -> None:
             "cancel",
             "failures",
             "list_batches",
+            "report",
             "retry",
             "status",
             "submit",

@@ -16,6 +16,7 @@ from tbss_queue.redis_server import RedisServer, TlsFiles, find_redis_server, fr
 
 from .certs import Authority, Pair, self_signed
 from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .test_flower import flower, wait_for, workers_seen
 from .test_reliability import job, wait_until
 
 
@@ -126,6 +127,9 @@ def test_tls_broker_with_and_without_the_right_certificates(
     res = tbss_queue("status", env=insecure)
     assert res.returncode == 0, res.stderr
     assert "not verified" in res.stderr
+    # Flower gets the same options (as broker_use_ssl): it sees the worker through TLS
+    with flower(good, tmp_path) as base:
+        wait_for(lambda: workers_seen(base) == {"w1"}, "Flower to see w1 through TLS")
 
 
 def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
@@ -136,7 +140,7 @@ def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
     assert res.stderr.strip() == ("tbss-queue: error: --tls-ca /nonexistent: no such readable file")
 
 
-def test_flower_gets_the_tls_options(tmp_path: Path) -> None:
+def test_tls_reaches_celery_as_options_not_url_parameters(tmp_path: Path) -> None:
     ca = Authority(tmp_path)
     settings = Settings.resolve(env={}, broker="rediss://h:1/0", tls_ca=str(ca.pair.cert))
     from tbss_queue.app import make_app

@@ -1,0 +1,170 @@
+"""Flower for the configured broker, seen in headless Chromium: workers, commands, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tbss_queue.config import Settings
+from tbss_queue.redis_server import RedisServer, free_port
+
+from .browser import browser, screenshot  # noqa: F401 - the fixture
+from .conftest import REPO, Worker, settings_env, tbss_queue, write_commands
+
+
+@contextmanager
+def flower(env: dict[str, str], tmp_path: Path, *args: str) -> Iterator[str]:
+    """`tbss-queue flower` on a free loopback port; yields its base URL, always stopped."""
+    port = free_port()
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tbss_queue", "flower", "--port", str(port), *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fetch(base + "/healthcheck")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        yield base
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+def fetch(url: str) -> str:
+    """GET a page of the Flower this test started (http on loopback only)."""
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - checked just above
+        return str(r.read().decode())
+
+
+def workers_seen(base: str) -> set[str]:
+    """Node names Flower lists (the JSON its Workers page is drawn from)."""
+    rows = json.loads(fetch(base + "/workers?json=1"))["data"]
+    return {row["hostname"].split("@")[0] for row in rows}
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_flower_shows_workers_commands_and_metrics(
+    tmp_path: Path,
+    workers: Callable[..., Worker],
+    settings: Settings,
+    run_tag: str,
+    browser: webdriver.Chrome,  # noqa: F811
+) -> None:
+    # Given a password-protected Redis, two worker nodes and Flower
+    password = "pw-" + os.urandom(8).hex()
+    server = RedisServer(tmp_path / "redis", port=free_port(), persistent=False, password=password)
+    server.start()
+    try:
+        env = {**settings_env(settings, run_tag), "TBSS_QUEUE_BROKER": server.url}
+        for name in ("w1", "w2"):
+            workers(name, 2, env={"TBSS_QUEUE_BROKER": server.url})
+        with flower(env, tmp_path, "--db", str(tmp_path / "flower.db")) as base:
+            wait_for(lambda: workers_seen(base) == {"w1", "w2"}, "Flower to see both workers")
+            # When a 20-command batch runs
+            cmds = write_commands(tmp_path / "cmds", [f"touch out{i:02d}" for i in range(20)])
+            res = tbss_queue("submit", str(cmds), "--wait", env=env)
+            assert res.returncode == 0, res.stderr
+
+            # Then /metrics counts 20 succeeded tasks
+            def succeeded() -> float:
+                text = fetch(base + "/metrics")
+                found = re.findall(
+                    r'flower_events_total\{[^}]*type="task-succeeded"[^}]*\} (\S+)', text
+                )
+                return sum(float(x) for x in found)
+
+            wait_for(lambda: succeeded() == 20, "20 task-succeeded events in /metrics")
+            # and the Workers page lists both nodes
+            browser.get(base + "/workers")
+            WebDriverWait(browser, 30).until(
+                lambda d: (
+                    "w1@" in d.find_element(By.ID, "workers-table").text
+                    and "w2@" in d.find_element(By.ID, "workers-table").text
+                )
+            )
+            screenshot(browser, "flower-workers")
+            # and the Tasks page shows 20 succeeded tasks, each with its command
+            browser.get(base + "/tasks?state=SUCCESS")
+            WebDriverWait(browser, 30).until(
+                lambda d: "out19" in d.find_element(By.ID, "tasks-table").text
+            )
+            # (the table pages by 15: show 50 a page)
+            Select(browser.find_element(By.CSS_SELECTOR, "select[name$=_length]")).select_by_value(
+                "50"
+            )
+            rows_css = "#tasks-table tbody tr"
+            WebDriverWait(browser, 30).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, rows_css)) == 20
+            )
+            texts = [r.text for r in browser.find_elements(By.CSS_SELECTOR, rows_css)]
+            commands = {m for t in texts for m in re.findall(r"touch out\d\d", t)}
+            assert commands == {f"touch out{i:02d}" for i in range(20)}, texts
+            assert all("SUCCESS" in t for t in texts)
+            screenshot(browser, "flower-tasks")
+            # and no page shows the broker's password
+            pages = ["/workers", "/tasks", "/broker", "/metrics", "/workers?json=1"]
+            for page in pages:
+                browser.get(base + page)
+                assert password not in browser.page_source, page
+    finally:
+        server.stop()
+
+
+def test_the_grafana_dashboard_uses_metrics_flower_exports(
+    tmp_path: Path, settings: Settings, run_tag: str, workers: Callable[..., Worker]
+) -> None:
+    """The provisioned dashboard and Prometheus's scrape target match what Flower serves."""
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/tbss-queue.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b(flower_[a-z_]+)", e)}
+    assert used
+    prometheus = yaml.safe_load((REPO / "deploy/prometheus.yml").read_text())
+    [job] = prometheus["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["flower:5555"]
+    # a real Flower, after one command, serves every metric the dashboard queries
+    workers("w1", 1)
+    env = settings_env(settings, run_tag)
+    with flower(env, tmp_path) as base:
+        res = tbss_queue("submit", str(write_commands(tmp_path / "c", ["true"])), "--wait", env=env)
+        assert res.returncode == 0, res.stderr
+        wait_for(
+            lambda: "flower_task_runtime_seconds_bucket" in fetch(base + "/metrics"), "metrics"
+        )
+        served = set(re.findall(r"^(flower_[a-z_]+)", fetch(base + "/metrics"), re.M))
+        assert used <= served, used - served
+        # runtime buckets fit 3-5 minute registrations
+        assert 'le="300.0"' in fetch(base + "/metrics")

@@ -1,0 +1,72 @@
+"""`tbss-queue report`: one self-contained HTML file, checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+
+from .browser import browser, screenshot  # noqa: F401 - the fixture
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .test_reliability import job
+
+
+def test_report_of_a_batch_with_a_failure(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    run_tag: str,
+    browser: webdriver.Chrome,  # noqa: F811
+) -> None:
+    # Given a 12-command batch, one of which fails, run by two worker nodes
+    log = tmp_path / "log"
+    lines = [job(i, log, "--sleep", "0.5") for i in range(11)]
+    lines.insert(4, job("bad", log, "--exit", "7", "--stderr", "registration exploded"))
+    cmds = write_commands(tmp_path / "cmds", lines)
+    workers("w1", 2)
+    workers("w2", 2)
+    batch = api.submit(cmds, settings=settings)
+    assert api.wait(batch.id, settings=settings, timeout=90).failed == 1
+    env = settings_env(settings, run_tag)
+    # When the report is written
+    out = tmp_path / "report.html"
+    res = tbss_queue("report", batch.id, "-o", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    page = out.read_text()
+    # Then it needs nothing from the network: no scripts, no external images, fonts or styles
+    assert "<script" not in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "fetches something"
+    # and Chromium shows both workers' slots in the timeline and the failed command
+    browser.get(out.as_uri())
+    timeline = browser.find_element(By.ID, "timeline").text
+    assert re.search(r"w1@\S+ #\d", timeline) and re.search(r"w2@\S+ #\d", timeline), timeline
+    rows = browser.find_elements(By.CSS_SELECTOR, "#failures tr")
+    assert len(rows) == 2  # header + the one failure
+    assert "bad --log" in rows[1].text and "registration exploded" in rows[1].text
+    assert "7" in rows[1].text
+    summary = browser.find_element(By.ID, "summary").text
+    assert "succeeded\n11" in summary and "failed\n1" in summary
+    for plot in ("throughput", "timeline", "durations"):
+        size = browser.find_element(By.CSS_SELECTOR, f"#{plot} svg").size
+        assert size["width"] > 300 and size["height"] > 100, (plot, size)
+    screenshot(browser, "report")
+    # The same data for notebooks and scripts: the API and --json
+    data = api.report(batch.id, settings=settings)
+    assert {(r["node"].split("@")[0]) for r in data["timeline"]} == {"w1", "w2"}
+    assert len(data["timeline"]) == 12 and data["summary"]["failed"] == 1
+    res = tbss_queue("report", batch.id, "--json", env=env)
+    assert res.returncode == 0 and json.loads(res.stdout) == data
+
+
+def test_report_of_a_batch_that_has_not_started(tmp_path: Path, settings: Settings) -> None:
+    batch = api.submit(write_commands(tmp_path / "c", ["true"]), settings=settings)
+    out = tmp_path / "r.html"
+    api.report(batch.id, path=out, settings=settings)
+    assert "nothing to plot" in out.read_text()
