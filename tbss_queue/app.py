@@ -51,8 +51,10 @@ def make_app(settings: Settings) -> Celery:
         # every running registration on each Redis blip, and race with commands that just
         # finished (their outcome unrecorded, they would run again).
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # a redelivered task whose success is recorded is not run again
-        worker_deduplicate_successful_tasks=True,
+        # Outcomes live in tbss-queue's own records (batches.py), which also drop a redelivered
+        # copy of a finished task. Celery's result keys would only cost Redis memory (one per
+        # command for a week), and waiting on them costs submit a SUBSCRIBE per message.
+        task_ignore_result=True,
         task_track_started=True,
         # JSON only on the wire: pickle from whoever can write to Redis is refused
         task_serializer="json",
@@ -60,9 +62,11 @@ def make_app(settings: Settings) -> Celery:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # Flower and `tbss-queue` see every task without depending on Flower having enabled events
+        # Flower sees every task without depending on Flower having enabled events
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # but no `task-sent` event per queued command: 100,000 of them would cut submit to a
+        # fifth of its speed and flood Flower; `status` counts what is queued
+        task_send_sent_event=False,
         result_expires=7 * 24 * 3600,
         result_extended=True,
         broker_connection_retry_on_startup=True,

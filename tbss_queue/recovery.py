@@ -53,6 +53,7 @@ def republish(
         task_id=task_id,
         argsrepr=shlex.join(spec["argv"]),
         kwargsrepr=repr(kwargs),
+        ignore_result=True,
         **send_options(settings.time_limit, meta),
     )
     return True

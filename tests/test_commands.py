@@ -123,3 +123,24 @@ def test_parser_never_crashes_on_near_valid_lines(text: str) -> None:
         assert str(exc).startswith("fuzz")
     else:
         assert all(c.argv for c in parsed.commands)
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_fast_split_agrees_with_shlex(text: str) -> None:
+    """The shortcut for plain lines returns exactly what POSIX shlex would."""
+    import shlex
+
+    from tbss_queue.commands import split_line
+
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=False)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    try:
+        expected: tuple[str, ...] | None = tuple(lexer)
+    except ValueError:
+        expected = None
+    try:
+        got: tuple[str, ...] | None = split_line(text)
+    except ValueError:
+        return  # refused (a metacharacter, or a quote shlex also rejects)
+    assert got == expected

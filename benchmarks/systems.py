@@ -1,0 +1,234 @@
+"""Each system under test runs a list of command lines on `nodes` x `slots` and reports the
+wall time from handing the list over to the last command finished. Workers are started and
+warmed up before the clock starts, as a lab's long-lived workers would be."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.redis_server import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_line(line: str) -> int:
+    """What every Python-scheduled peer runs per command: the line, without a shell."""
+    return subprocess.run(shlex.split(line), check=False).returncode
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_log(log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (log.read_text(errors="replace") if log.exists() else ""):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log} never said {text!r}")
+        time.sleep(0.1)
+
+
+def tree_rss(pids: Sequence[int]) -> int:
+    """Resident memory of processes and all their children, in bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class System:
+    name = "?"
+    pids: list[int]
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.pids = []
+
+    def start(self, nodes: int, slots: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, lines: Sequence[str]) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for pid in self.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.pids = []
+
+
+class TbssQueue(System):
+    name = "tbss-queue"
+
+    def __init__(self, workdir: Path, server: RedisServer) -> None:
+        super().__init__(workdir)
+        self.server = server
+        self.settings = Settings.resolve(env={}, broker=server.url)
+        self.runs = 0
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TBSS_QUEUE_BROKER": self.server.url, "PYTHONPATH": str(REPO)}
+
+    def start(self, nodes: int, slots: int, first: int = 0) -> None:
+        for n in range(first, first + nodes):
+            log = self.workdir / f"tbssq-w{n}.log"
+            cmd = [sys.executable, "-m", "tbss_queue", "worker", "--name", f"w{n}", "-c"]
+            proc = _spawn([*cmd, str(slots), "--allow-any"], self.env(), log)
+            self.pids.append(proc.pid)
+        for n in range(first, first + nodes):
+            _wait_log(self.workdir / f"tbssq-w{n}.log", " ready.")
+
+    def run(self, lines: Sequence[str]) -> float:
+        self.runs += 1
+        path = self.workdir / f"tbssq-{self.runs}.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        start = time.perf_counter()
+        batch = api.submit(path, cwd=self.workdir, settings=self.settings)
+        while not api.status(batch.id, settings=self.settings).done:
+            time.sleep(0.02)
+        return time.perf_counter() - start
+
+
+class PlainCelery(System):
+    name = "plain Celery"
+
+    def __init__(self, workdir: Path, server: RedisServer) -> None:
+        super().__init__(workdir)
+        self.server = server
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PLAIN_CELERY_BROKER": self.server.url, "PYTHONPATH": str(REPO)}
+
+    def start(self, nodes: int, slots: int) -> None:
+        os.environ["PLAIN_CELERY_BROKER"] = self.server.url
+        for n in range(nodes):
+            log = self.workdir / f"celery-w{n}.log"
+            cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.plain_celery", "worker"]
+            args = [*cmd, "-c", str(slots), "-n", f"c{n}@%h", "-l", "info"]
+            proc = _spawn(args, self.env(), log)
+            self.pids.append(proc.pid)
+        for n in range(nodes):
+            _wait_log(self.workdir / f"celery-w{n}.log", " ready.")
+
+    def run(self, lines: Sequence[str]) -> float:
+        from benchmarks.plain_celery import make_app
+
+        task = make_app(self.server.url).tasks["plain.run"]
+        start = time.perf_counter()
+        results = [task.apply_async((line,)) for line in lines]
+        for r in results:
+            r.get(timeout=3600)
+        return time.perf_counter() - start
+
+
+class Xargs(System):
+    """GNU xargs -P on one machine: the floor for per-command overhead (no queue at all)."""
+
+    name = "xargs -P"
+
+    def start(self, nodes: int, slots: int) -> None:
+        self.parallel = nodes * slots
+
+    def run(self, lines: Sequence[str]) -> float:
+        path = self.workdir / "xargs.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        start = time.perf_counter()
+        with open(path) as fh:
+            # `env` runs each line's program itself (xargs alone would echo the lines)
+            subprocess.run(
+                ["xargs", "-P", str(self.parallel), "-L", "1", "env"], stdin=fh, check=True
+            )
+        return time.perf_counter() - start
+
+
+class Dask(System):
+    name = "dask.distributed"
+
+    def start(self, nodes: int, slots: int) -> None:
+        from dask.distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=nodes,
+            threads_per_worker=slots,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=40,
+        )
+        self.client = Client(self.cluster)
+
+    def run(self, lines: Sequence[str]) -> float:
+        start = time.perf_counter()
+        futures = self.client.map(run_line, list(lines), pure=False)
+        self.client.gather(futures)
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+class IPyParallel(System):
+    """The original recipe: an ipcluster and a load-balanced view's map_async."""
+
+    name = "ipyparallel"
+
+    def start(self, nodes: int, slots: int) -> None:
+        import ipyparallel as ipp
+
+        self.cluster = ipp.Cluster(n=nodes * slots, log_level=40)
+        self.rc = self.cluster.start_and_connect_sync()
+        self.rc.wait_for_engines(nodes * slots, timeout=120)
+
+    def run(self, lines: Sequence[str]) -> float:
+        view = self.rc.load_balanced_view()
+        start = time.perf_counter()
+        view.map_async(run_line, list(lines)).get()
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        self.cluster.stop_cluster_sync()
+
+
+def installed_peers() -> list[type[System]]:
+    peers: list[type[System]] = [Xargs]
+    for module, cls in (("ipyparallel", IPyParallel), ("distributed", Dask)):
+        try:
+            __import__(module)
+            peers.append(cls)
+        except ImportError:
+            print(f"(peer {cls.name} not installed: pip install -e '.[bench]')", file=sys.stderr)
+    return peers
+
+
+def fresh_redis(workdir: Path) -> RedisServer:
+    return RedisServer(
+        Path(tempfile.mkdtemp(dir=workdir, prefix="redis-")), port=free_port(), persistent=False
+    ).start()
+
+
+def redis_client(server: RedisServer) -> Any:
+    return redis.Redis.from_url(server.url)
