@@ -215,7 +215,8 @@ def execute(
     record = {
         **result.to_dict(),
         "node": node,
-        "slot": current_process().index,
+        # the pool process's number; 0 outside a prefork pool (solo, threads)
+        "slot": getattr(current_process(), "index", 0),
         "argv": argv,
         "attempt": task.request.retries + 1,
     }
