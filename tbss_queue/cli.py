@@ -46,17 +46,31 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+_CONNECTION_FILES = (
+    (
+        "tls-ca",
+        False,
+        "CA certificate(s) that signed Redis's certificate, for rediss:// "
+        "(default: the system's CAs)",
+    ),
+    ("tls-cert", False, "Client certificate, when Redis asks for one"),
+    ("tls-key", False, "Private key of --tls-cert"),
+    ("sign-key", False, "Sign messages with this private key (Celery's auth serializer)"),
+    ("sign-cert", False, "Certificate of --sign-key"),
+    (
+        "sign-store",
+        True,
+        "Directory of trusted signers' certificates; unsigned or foreign messages are refused",
+    ),
+)
+"""Connection options naming a file or directory: (flag, is a directory, help)."""
 CONNECTION_OPTIONS = (
     "broker",
     "result_backend",
-    "tls_ca",
-    "tls_cert",
-    "tls_key",
     "tls_insecure",
-    "sign_key",
-    "sign_cert",
-    "sign_store",
+    *(flag.replace("-", "_") for flag, _, _ in _CONNECTION_FILES),
 )
+"""The parameters of broker_options, handed to Settings.resolve."""
 
 
 def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,43 +89,10 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Celery result backend [default: the broker].",
     )
     @click.option(
-        "--tls-ca",
-        type=click.Path(dir_okay=False),
-        help="CA certificate(s) that signed Redis's certificate, for rediss:// "
-        "[env TBSS_QUEUE_TLS_CA; default: the system's CAs].",
-    )
-    @click.option(
-        "--tls-cert",
-        type=click.Path(dir_okay=False),
-        help="Client certificate, when Redis asks for one [env TBSS_QUEUE_TLS_CERT].",
-    )
-    @click.option(
-        "--tls-key",
-        type=click.Path(dir_okay=False),
-        help="Private key of --tls-cert [env TBSS_QUEUE_TLS_KEY].",
-    )
-    @click.option(
         "--tls-insecure",
         is_flag=True,
         default=None,
         help="Do not verify Redis's certificate (testing only) [env TBSS_QUEUE_TLS_INSECURE].",
-    )
-    @click.option(
-        "--sign-key",
-        type=click.Path(dir_okay=False),
-        help="Sign messages with this private key (Celery's auth serializer) "
-        "[env TBSS_QUEUE_SIGN_KEY].",
-    )
-    @click.option(
-        "--sign-cert",
-        type=click.Path(dir_okay=False),
-        help="Certificate of --sign-key [env TBSS_QUEUE_SIGN_CERT].",
-    )
-    @click.option(
-        "--sign-store",
-        type=click.Path(file_okay=False),
-        help="Directory of trusted signers' certificates; unsigned or foreign messages are "
-        "refused [env TBSS_QUEUE_SIGN_STORE].",
     )
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -123,6 +104,13 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
             )
         return f(*args, settings=settings, **kwargs)
 
+    for flag, is_dir, text in reversed(_CONNECTION_FILES):
+        env = "TBSS_QUEUE_" + flag.upper().replace("-", "_")
+        wrapper = click.option(
+            f"--{flag}",
+            type=click.Path(file_okay=not is_dir, dir_okay=is_dir),
+            help=f"{text} [env {env}].",
+        )(wrapper)
     return wrapper
 
 

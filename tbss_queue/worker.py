@@ -35,6 +35,11 @@ DEFAULT_GRACE = 600.0
 """Seconds a SIGTERM-ed worker lets running commands finish before handing them back: longer
 than a typical registration (3-5 min). Service managers must wait longer than this."""
 
+SHUTDOWN_SLACK = 15.0
+"""Seconds a worker may take to stop once its grace period is over, before it exits anyway.
+Celery retries its heartbeat event forever when Redis is gone, so a node told to stop would
+hang until SIGKILL; whatever it did not hand back is recovered from Redis by the other nodes."""
+
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -133,7 +138,20 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
             ).start()
 
     worker_ready.connect(on_ready, weak=False)
-    worker_shutting_down.connect(lambda **_: reaper.stopped.set(), weak=False)
+
+    def on_shutting_down(how: str = "", **_: Any) -> None:
+        reaper.stopped.set()
+        if how != "Cold":  # a first Ctrl+C waits for running commands, however long
+            return
+        # (Celery sends this signal after the soft-shutdown wait of `grace` seconds)
+        threading.Thread(
+            target=_exit_if_stuck,
+            args=(SHUTDOWN_SLACK,),
+            name="tbss-queue-shutdown-watchdog",
+            daemon=True,
+        ).start()
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     argv = [
         "worker",
         f"--hostname={options.nodename}",
@@ -145,6 +163,15 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         "--without-gossip",
     ]
     app.worker_main(argv=argv)
+
+
+def _exit_if_stuck(limit: float) -> None:
+    """Exit with status 1 if shutting down takes longer than `limit` seconds. Pool processes and
+    the commands they run die with this process (both have a parent-death signal)."""
+    time.sleep(limit)
+    log.error("shutdown still not finished after %.0f s (is Redis reachable?): exiting now", limit)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _drain(consumer: Any, queue: str, after: float) -> None:

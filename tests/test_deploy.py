@@ -162,13 +162,14 @@ def compose_services(tmp_path: Path) -> Iterator[dict]:
         broker = local("worker")["TBSS_QUEUE_BROKER"]
         yield {"study": study, "broker": broker, "flower_port": flower_port, "tmp": tmp_path}
     finally:
+        # in compose's order: the worker, then Flower, then the Redis they depend on
         for p in reversed(procs):
             p.terminate()
-        for p in procs:
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         kill_tagged(tag)
         for fh in locals().get("logs", {}).values():
             fh.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -13,10 +14,11 @@ import pytest
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import ConfigError
-from tbss_queue.worker import parse_duration, seconds_until
+from tbss_queue.redis_server import RedisServer, free_port
+from tbss_queue.worker import SHUTDOWN_SLACK, parse_duration, seconds_until
 
 from .conftest import Worker, write_commands
-from .test_reliability import job, ran, wait_until
+from .test_reliability import gone, job, ran, wait_until
 
 
 def test_durations_and_times() -> None:
@@ -68,3 +70,32 @@ def test_sigterm_hands_a_running_command_back_after_the_grace_period(
     assert (final.succeeded, final.failed) == (1, 0)
     assert ran(log) == Counter(["long"])
     assert [n.node.split("@")[0] for n in final.nodes if n.succeeded] == ["w2"]
+
+
+@pytest.mark.slow
+def test_a_worker_told_to_stop_exits_even_when_redis_is_gone(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a node on its own Redis, running a long command
+    server = RedisServer(tmp_path / "redis", port=free_port(), persistent=False).start()
+    try:
+        w1 = workers("w1", 1, "--grace", "1", env={"TBSS_QUEUE_BROKER": server.url})
+        pidfile = tmp_path / "pids"
+        cmd = job("long", tmp_path / "log", "--sleep", "600", "--pidfile", str(pidfile))
+        batch = api.submit(
+            write_commands(tmp_path / "c", [cmd]), settings=settings.with_(broker=server.url)
+        )
+        wait_until(pidfile.exists, what="the command to start")
+        # When Redis goes away and then the node is told to stop
+        server.kill()
+        w1.proc.send_signal(signal.SIGTERM)
+        # Then it exits within its grace period plus the shutdown slack (Celery alone would
+        # retry its heartbeat event forever), and the command is gone with it
+        started = time.monotonic()
+        assert w1.proc.wait(SHUTDOWN_SLACK + 20) == 1
+        assert time.monotonic() - started >= SHUTDOWN_SLACK - 1  # the watchdog, not luck
+        assert gone([int(p) for p in pidfile.read_text().split()])
+        assert "shutdown still not finished" in w1.log.read_text()
+        assert batch.id
+    finally:
+        server.stop()
