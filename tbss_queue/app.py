@@ -62,8 +62,10 @@ def make_app(settings: Settings) -> Celery:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # Flower sees every task without depending on Flower having enabled events
-        worker_send_task_events=True,
+        # Task events only while Flower watches: Flower switches them on in every worker at
+        # start and every 5 s after. Always on, their three publishes per command cost a
+        # worker's main process a fifth of its throughput for nobody (benchmarks/).
+        worker_send_task_events=False,
         # but no `task-sent` event per queued command: 100,000 of them would cut submit to a
         # fifth of its speed and flood Flower; `status` counts what is queued
         task_send_sent_event=False,

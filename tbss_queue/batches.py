@@ -243,7 +243,9 @@ class TaskSpec:
     (a worker never signs a command it did not receive signed)."""
 
     def to_json(self) -> str:
-        record = {"line": self.line, "argv": list(self.argv), "key": self.key, "note": self.note}
+        record: dict[str, Any] = {"line": self.line, "argv": list(self.argv), "key": self.key}
+        if self.note:
+            record["note"] = self.note
         if self.message:
             record["message"] = self.message
         return json.dumps(record)

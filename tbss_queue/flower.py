@@ -58,6 +58,8 @@ def flower_argv(options: FlowerOptions) -> list[str]:
         f"--port={options.port}",
         "--read_only=True",
         "--persistent=True",
+        # workers send task events only when asked (app.py): Flower asks every 5 s
+        "--enable_events=True",
         f"--db={options.db}",
         "--state_save_interval=60000",
         f"--max_tasks={options.max_tasks}",

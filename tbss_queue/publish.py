@@ -68,6 +68,7 @@ def celery_messages(
             # Celery copies these into the properties too; the headers' copies are the ones read
             for duplicate in ("argsrepr", "kwargsrepr"):
                 message["properties"].pop(duplicate, None)
+            _drop_defaults(message)
             pri = channel._get_message_priority(message, reverse=False)
             captured.append((channel._q_for_pri(queue, pri), dumps(message)))
 
@@ -142,6 +143,29 @@ def build_messages(
         }
         messages.append((queue, dumps(message)))
     return messages
+
+
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "shadow": None,
+    "eta": None,
+    "expires": None,
+    "group_index": None,
+    "retries": 0,
+    "stamped_headers": None,
+    "stamps": {},
+    "replaced_task_nesting": 0,
+}
+"""Headers that protocol 2 marks optional (or that only canvas and stamping use), at the values
+a worker assumes when they are absent. Leaving them out saves 200 bytes of Redis per command."""
+
+
+def _drop_defaults(message: dict[str, Any]) -> None:
+    headers = message["headers"]
+    for name, default in _OPTIONAL_DEFAULTS.items():
+        if name in headers and headers[name] == default:
+            del headers[name]
+    # where a result would be sent; results are ignored (the batch records hold outcomes)
+    message["properties"].pop("reply_to", None)
 
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

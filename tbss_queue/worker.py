@@ -158,7 +158,6 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         f"--concurrency={options.concurrency or cpu_count()}",
         f"--queues={settings.queue}",
         f"--loglevel={options.loglevel}",
-        "--task-events",
         "--without-mingle",
         "--without-gossip",
     ]

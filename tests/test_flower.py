@@ -77,6 +77,14 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def wait_for_task_events(*nodes: Worker) -> None:
+    """Workers send task events once Flower has asked them to (within 5 s of its start)."""
+    wait_for(
+        lambda: all("Events of group {task} enabled by remote" in w.log.read_text() for w in nodes),
+        "Flower to switch task events on",
+    )
+
+
 def test_flower_shows_workers_commands_and_metrics(
     tmp_path: Path,
     workers: Callable[..., Worker],
@@ -90,10 +98,10 @@ def test_flower_shows_workers_commands_and_metrics(
     server.start()
     try:
         env = {**settings_env(settings, run_tag), "TBSS_QUEUE_BROKER": server.url}
-        for name in ("w1", "w2"):
-            workers(name, 2, env={"TBSS_QUEUE_BROKER": server.url})
+        nodes = [workers(name, 2, env={"TBSS_QUEUE_BROKER": server.url}) for name in ("w1", "w2")]
         with flower(env, tmp_path, "--db", str(tmp_path / "flower.db")) as base:
             wait_for(lambda: workers_seen(base) == {"w1", "w2"}, "Flower to see both workers")
+            wait_for_task_events(*nodes)
             # When a 20-command batch runs
             cmds = write_commands(tmp_path / "cmds", [f"touch out{i:02d}" for i in range(20)])
             res = tbss_queue("submit", str(cmds), "--wait", env=env)
@@ -156,9 +164,10 @@ def test_the_grafana_dashboard_uses_metrics_flower_exports(
     [job] = prometheus["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["flower:5555"]
     # a real Flower, after one command, serves every metric the dashboard queries
-    workers("w1", 1)
+    w1 = workers("w1", 1)
     env = settings_env(settings, run_tag)
     with flower(env, tmp_path) as base:
+        wait_for_task_events(w1)
         res = tbss_queue("submit", str(write_commands(tmp_path / "c", ["true"])), "--wait", env=env)
         assert res.returncode == 0, res.stderr
 

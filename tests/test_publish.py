@@ -33,4 +33,9 @@ def test_fast_messages_equal_celerys_own(settings: Settings) -> None:
         ]
         # every message has its own delivery tag (kombu keys unacked messages by it)
         assert len({json.loads(m)["properties"]["delivery_tag"] for _, m in fast}) == len(tasks)
+    # optional headers at their defaults are left out (Redis memory), the required ones kept
+    message = json.loads(fast[0][1])
+    assert not {"shadow", "eta", "expires", "retries", "stamps"} & message["headers"].keys()
+    assert "reply_to" not in message["properties"]
+    assert {"lang", "task", "id", "root_id", "parent_id", "group"} <= message["headers"].keys()
     assert build_messages(app, "b1", "/", [], {}, {}) == []
