@@ -290,6 +290,10 @@ def scale(workdir: Path, n: int, nodes: int, seconds: float) -> list[Row]:
         states = client.hvals(f"tbssq:b:{st.batch}:state")
         exact = sum(1 for s in states if s == b"succeeded") == st.succeeded
         values["counters exact"] = "yes" if exact and st.total == n else "NO"
+        # the HTML report reads every command of the batch: the one reader that grows with it
+        t = time.perf_counter()
+        api.report(st.batch, path=workdir / "scale-report.html", settings=system.settings)
+        values["report s"] = f"{time.perf_counter() - t:.1f}"
     finally:
         system.stop()
         server.stop()
@@ -344,27 +348,31 @@ def main() -> None:
     warnings.simplefilter("ignore")  # plain Celery apps made per run re-register their task
     quick = args.quick
     started = time.strftime("%Y-%m-%d %H:%M")
+    workloads: list[tuple[str, str, Callable[[Path], list[Row]]]] = [
+        ("overhead", "overhead", lambda w: [overhead(w, 200 if quick else 2000)]),
+        ("balance", "balance", lambda w: [balance(w, 60 if quick else 300)]),
+        (
+            "submit",
+            "submit, memory, status",
+            lambda w: submit_and_memory(w, [2000] if quick else [10_000, 100_000]),
+        ),
+        ("rss", "worker memory", lambda w: [worker_rss(w)]),
+    ]
+    if not args.skip_recovery:
+        workloads.append(("recovery", "recovery (about 70 s)", lambda w: [recovery(w)]))
+    if args.scale:
+        workloads.append(("scale", "scale", lambda w: scale(w, 1_000_000, 16, 60)))
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="tbssq-bench-") as tmp:
-        work = Path(tmp)
-        rows: list[Row] = []
-        if wanted("overhead"):
-            print("overhead", file=sys.stderr)
-            rows.append(overhead(work, 200 if quick else 2000))
-        if wanted("balance"):
-            print("balance", file=sys.stderr)
-            rows.append(balance(work, 60 if quick else 300))
-        if wanted("submit"):
-            print("submit, memory, status", file=sys.stderr)
-            rows += submit_and_memory(work, [2000] if quick else [10_000, 100_000])
-        if wanted("rss"):
-            print("worker memory", file=sys.stderr)
-            rows.append(worker_rss(work))
-        if wanted("recovery") and not args.skip_recovery:
-            print("recovery (about 70 s)", file=sys.stderr)
-            rows.append(recovery(work))
-        if args.scale:
-            print("scale", file=sys.stderr)
-            rows += scale(work, 1_000_000, 16, 60)
+        for name, title, run in workloads:
+            if not wanted(name):
+                continue
+            print(title, file=sys.stderr, flush=True)
+            try:
+                rows += run(Path(tmp))
+            except Exception as exc:  # keep the other workloads' numbers
+                rows.append((f"{name}: FAILED", {"tbss-queue": f"{type(exc).__name__}: {exc}"}, ""))
+            print(table(rows[-1:]), file=sys.stderr, flush=True)
     print(f"Run {started} on {machine()}.\n")
     print(table(rows))
 

@@ -7,6 +7,7 @@ status(batch.id).to_dict()
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -162,7 +163,9 @@ def _enqueue(
         else:
             store.commit(batch_id, queue, len(messages), file_key)
     except BaseException:
-        store.discard(batch_id)
+        # staged keys expire on their own if Redis can't be told now; the first error counts
+        with contextlib.suppress(redis.RedisError):
+            store.discard(batch_id)
         raise
     return len(to_queue)
 

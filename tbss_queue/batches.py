@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,14 @@ def member(batch_id: str, task_id: str) -> str:
 
 def heartbeat_key(batch_id: str, task_id: str) -> str:
     return f"{PREFIX}hb:{member(batch_id, task_id)}"
+
+
+STAGED_PARTS = ("meta", "cmd", "state", "counts")
+"""What a submit stages per batch (besides its messages), committed by _COMMIT."""
+
+
+def staged_keys(batch_id: str) -> list[str]:
+    return [batch_key(batch_id, f"stage:{p}") for p in STAGED_PARTS]
 
 
 def new_batch_id() -> str:
@@ -129,35 +138,45 @@ redis.call('HSET', KEYS[8], 'last_ended', ARGV[4])
 return 'ok'
 """
 
-# Makes a submission visible and its messages consumable, all at once: staged task states are
-# merged into the batch (new tasks, or failed ones queued again), counters follow, messages move
-# to the queue. KEYS: meta cmd state counts staging queue batches index s_meta s_cmd s_state
-# s_keys files held; ARGV: batch_id now n_messages file_key releasing_a_hold
+# Makes a submission visible and its messages consumable, all at once. A new batch's staged
+# records become its records by RENAME (constant time: a 1,000,000-command commit would block
+# Redis for 16 s merging them entry by entry); a resubmission's staged task states (new tasks, or
+# failed ones queued again) are merged in, counters following. Messages move to the queue.
+# KEYS: meta cmd state counts staging queue batches s_meta s_cmd s_state s_counts files held;
+# ARGV: batch_id now n_messages file_key releasing_a_hold
 _COMMIT = """
 -- a held submission (ARGV[5] == '1') is committed once, by whoever removes it from `held`
-if ARGV[5] == '1' and redis.call('HDEL', KEYS[14], ARGV[1]) == 0 then return -1 end
+if ARGV[5] == '1' and redis.call('HDEL', KEYS[13], ARGV[1]) == 0 then return -1 end
 local function merge(src, dst)
   local kv = redis.call('HGETALL', src)
   for i = 1, #kv, 2 do redis.call('HSET', dst, kv[i], kv[i + 1]) end
 end
-merge(KEYS[9], KEYS[1])
-merge(KEYS[10], KEYS[2])
-local st = redis.call('HGETALL', KEYS[11])
-for i = 1, #st, 2 do
-  local old = redis.call('HGET', KEYS[3], st[i])
-  if old then redis.call('HINCRBY', KEYS[4], old, -1) end
-  redis.call('HSET', KEYS[3], st[i], st[i + 1])
-  redis.call('HINCRBY', KEYS[4], st[i + 1], 1)
+local function adopt(src, dst)
+  if redis.call('EXISTS', src) == 1 then
+    redis.call('RENAME', src, dst)
+    redis.call('PERSIST', dst)
+  end
 end
-local keys = redis.call('HGETALL', KEYS[12])
-for i = 1, #keys, 2 do
-  redis.call('HSET', KEYS[8], keys[i], ARGV[1] .. '|' .. keys[i + 1])
+merge(KEYS[8], KEYS[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  adopt(KEYS[9], KEYS[2])
+  adopt(KEYS[10], KEYS[3])
+  adopt(KEYS[11], KEYS[4])
+else
+  merge(KEYS[9], KEYS[2])
+  local st = redis.call('HGETALL', KEYS[10])
+  for i = 1, #st, 2 do
+    local old = redis.call('HGET', KEYS[3], st[i])
+    if old then redis.call('HINCRBY', KEYS[4], old, -1) end
+    redis.call('HSET', KEYS[3], st[i], st[i + 1])
+    redis.call('HINCRBY', KEYS[4], st[i + 1], 1)
+  end
 end
 local n = tonumber(ARGV[3])
 for i = 1, n do redis.call('LMOVE', KEYS[5], KEYS[6], 'RIGHT', 'LEFT') end
-redis.call('DEL', KEYS[5], KEYS[9], KEYS[10], KEYS[11], KEYS[12])
+redis.call('DEL', KEYS[5], KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[3]), 'committed', ARGV[2])
-redis.call('HSET', KEYS[13], ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[12], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[7], 'NX', ARGV[2], ARGV[1])
 return n
 """
@@ -279,16 +298,21 @@ class BatchStore:
         list the messages are meant for (None if there are none).
         """
         pipe: Any = self.r.pipeline(transaction=False)
-        staged = [batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")]
+        staged = staged_keys(batch_id)
         staging = batch_key(batch_id, "staging")
         pipe.hset(staged[0], mapping={k: _enc(v) for k, v in meta.items()})
+        # the counters of a new batch, which the commit adopts as they are
+        counts = Counter(t.state for t in tasks)
+        pipe.hset(staged[3], mapping={state: counts.get(state, 0) for state in STATES})
         for start in range(0, len(tasks), chunk):
             part = tasks[start : start + chunk]
             pipe.hset(staged[1], mapping={t.task_id: t.to_json() for t in part})
             pipe.hset(staged[2], mapping={t.task_id: t.state for t in part})
-            live = {t.key: t.task_id for t in part if t.state == QUEUED}
+            # written before the commit: an entry whose task has no state yet (not committed,
+            # or never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
+            live = {t.key: member(batch_id, t.task_id) for t in part if t.state == QUEUED}
             if live:
-                pipe.hset(staged[3], mapping=live)
+                pipe.hset(INDEX, mapping=live)
             _expire(pipe, (*staged, staging))
             pipe.execute()
         queue = None
@@ -321,8 +345,7 @@ class BatchStore:
             batch_key(batch_id, "staging"),
             queue or batch_key(batch_id, "noqueue"),
             BATCHES,
-            INDEX,
-            *[batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")],
+            *staged_keys(batch_id),
             FILES,
             HELD,
         ]
@@ -333,9 +356,8 @@ class BatchStore:
         self, batch_id: str, queue: str | None, n_messages: int, file_key: str, after: Sequence[str]
     ) -> None:
         """Keep a staged submission (no expiry) until every batch in `after` is done."""
-        staged = [batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")]
         pipe: Any = self.r.pipeline(transaction=True)
-        for key in (*staged, batch_key(batch_id, "staging")):
+        for key in (*staged_keys(batch_id), batch_key(batch_id, "staging")):
             pipe.persist(key)
         pipe.hset(
             HELD,
@@ -351,10 +373,7 @@ class BatchStore:
 
     def discard(self, batch_id: str) -> None:
         """Remove whatever a failed submit staged (the batch itself is untouched)."""
-        self.r.delete(
-            batch_key(batch_id, "staging"),
-            *[batch_key(batch_id, f"stage:{p}") for p in ("meta", "cmd", "state", "keys")],
-        )
+        self.r.delete(batch_key(batch_id, "staging"), *staged_keys(batch_id))
 
     def batch_for_file(self, file_key: str) -> str | None:
         """The batch an earlier submission of this file (same path, same cwd) created."""

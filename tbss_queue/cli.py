@@ -13,12 +13,20 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import redis
 from rich.console import Console
 from rich.table import Table
 
 from . import api
 from .config import Settings
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
+from .errors import (
+    EXIT_BROKER,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    TbssQueueError,
+)
 from .local import Interrupted
 from .paths import PathMap
 from .policy import Policy
@@ -764,6 +772,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"tbss-queue: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except redis.RedisError as exc:  # the broker failed mid-command (it answered at first)
+        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+            raise
+        click.echo(f"tbss-queue: error: broker: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_BROKER)
     except SystemExit:
         raise
     sys.exit(EXIT_OK)

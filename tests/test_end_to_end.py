@@ -129,3 +129,27 @@ def test_status_cost_does_not_grow_with_the_batch(tmp_path: Path, settings: Sett
     # Then it issues the same, small number of Redis commands for both
     assert (small_queued, big_queued) == (10, 10_000)
     assert big_cost == small_cost <= 10
+
+
+def test_a_batch_is_committed_whole_and_kept_and_a_resubmission_merges(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Given a new batch of three commands, one of them already done
+    (tmp_path / "a.done").write_text("output\n")
+    cmds = write_commands(tmp_path / "c", ["touch a.done", "touch b.done", "touch c.done"])
+    batch = api.submit(cmds, cwd=tmp_path, done_if_exists="{out}", settings=settings)
+    # Then its records are committed as they were staged, with no expiry left on them
+    client = redis.Redis.from_url(settings.broker)
+    for part in ("", "cmd", "state", "counts"):
+        assert client.ttl(f"tbssq:b:{batch.id}" + (f":{part}" if part else "")) == -1, part
+    assert not client.keys("*:stage*") and not client.keys("*:staging")
+    st = api.status(batch.id, settings=settings)
+    assert (st.total, st.queued, st.skipped) == (3, 2, 1)
+    assert client.llen("tbss-queue") == 2
+    # When the file gains a line and is submitted again, only that line is added
+    write_commands(cmds, ["touch a.done", "touch b.done", "touch c.done", "touch d.done"])
+    again = api.submit(cmds, cwd=tmp_path, done_if_exists="{out}", settings=settings)
+    st = api.status(again.id, settings=settings)
+    assert again.id == batch.id and again.queued == 1
+    assert (st.total, st.queued, st.skipped) == (4, 3, 1)
+    assert client.llen("tbss-queue") == 3
