@@ -81,9 +81,9 @@ def _stop(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def _sigterm_stops_command() -> Iterator[None]:
-    """SIGTERM (cancel's revoke, a time-limit kill) raises SystemExit while a command runs, so
-    the runner's `finally` kills its process tree. billiard ignores SIGTERM in pool processes
-    when Celery's soft shutdown is on (REMAP_SIGTERM), hence our own handler."""
+    """SIGTERM (cancel's revoke, a time-limit kill, the cold shutdown after a worker's grace
+    period) raises SystemExit while a command runs, so the runner's `finally` kills its process
+    tree and the task is handed back."""
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         yield

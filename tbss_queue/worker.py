@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ DEFAULT_GRACE = 600.0
 than a typical registration (3-5 min). Service managers must wait longer than this."""
 
 SHUTDOWN_SLACK = 15.0
-"""Seconds a worker may take to stop once its grace period is over, before it exits anyway.
+"""Seconds a worker may take to stop once its commands are cancelled, before it exits anyway.
 Celery retries its heartbeat event forever when Redis is gone, so a node told to stop would
 hang until SIGKILL; whatever it did not hand back is recovered from Redis by the other nodes."""
 
@@ -112,18 +113,16 @@ def node_facts(options: WorkerOptions) -> dict[str, Any]:
 def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """Run a worker node in this process until it is stopped.
 
-    SIGTERM: take no new command, let running ones finish for up to `grace` seconds, then kill
-    them and hand their tasks back to the queue (not failed). With `stop_after`, the node stops
-    taking commands after that long and exits 0 once the running ones are done.
+    SIGTERM (or a first Ctrl+C): take no new command, exit as soon as running ones finish, or
+    after `grace` seconds kill them and hand their tasks back to the queue (not failed). With
+    `stop_after`, the node stops taking commands after that long and exits 0 once the running
+    ones are done.
     """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
     register(app, settings, options.path_map, options.policy)
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
-    # Celery's soft shutdown: on SIGTERM (remapped to its cold shutdown), wait up to `grace` s
-    os.environ["REMAP_SIGTERM"] = "SIGQUIT"
-    app.conf.worker_soft_shutdown_timeout = options.grace
     reaper = Reaper(app, settings, BatchStore(connect(settings, check=False)))
 
     def on_ready(sender: Any = None, **_: Any) -> None:
@@ -140,15 +139,14 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     worker_ready.connect(on_ready, weak=False)
 
     def on_shutting_down(how: str = "", **_: Any) -> None:
+        # Celery's warm shutdown (SIGTERM) waits for running commands however long they take;
+        # its soft shutdown would sleep the whole grace period even when they end sooner. So:
+        # warm shutdown, and after `grace` our own SIGQUIT, Celery's cold shutdown, which
+        # cancels the commands (tasks.py hands them back).
         reaper.stopped.set()
-        if how != "Cold":  # a first Ctrl+C waits for running commands, however long
-            return
-        # (Celery sends this signal after the soft-shutdown wait of `grace` seconds)
+        after, then = (options.grace, _hand_back) if how == "Warm" else (SHUTDOWN_SLACK, _exit)
         threading.Thread(
-            target=_exit_if_stuck,
-            args=(SHUTDOWN_SLACK,),
-            name="tbss-queue-shutdown-watchdog",
-            daemon=True,
+            target=_later, args=(after, then), name="tbss-queue-shutdown", daemon=True
         ).start()
 
     worker_shutting_down.connect(on_shutting_down, weak=False)
@@ -164,11 +162,21 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     app.worker_main(argv=argv)
 
 
-def _exit_if_stuck(limit: float) -> None:
-    """Exit with status 1 if shutting down takes longer than `limit` seconds. Pool processes and
-    the commands they run die with this process (both have a parent-death signal)."""
-    time.sleep(limit)
-    log.error("shutdown still not finished after %.0f s (is Redis reachable?): exiting now", limit)
+def _later(seconds: float, then: Callable[[float], None]) -> None:
+    time.sleep(seconds)
+    then(seconds)
+
+
+def _hand_back(grace: float) -> None:
+    """The grace period is over: Celery's cold shutdown cancels what still runs."""
+    log.warning("grace period of %.0f s over: handing running commands back to the queue", grace)
+    os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _exit(waited: float) -> None:
+    """Still shutting down `waited` s after the commands were cancelled: exit with status 1.
+    Pool processes and the commands they run die with this process (parent-death signals)."""
+    log.error("shutdown still not finished after %.0f s (is Redis reachable?): exiting now", waited)
     logging.shutdown()
     os._exit(1)
 
