@@ -137,6 +137,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
             ).start()
 
     worker_ready.connect(on_ready, weak=False)
+    armed: set[str] = set()
 
     def on_shutting_down(how: str = "", **_: Any) -> None:
         # Celery's warm shutdown (SIGTERM) waits for running commands however long they take;
@@ -144,6 +145,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         # warm shutdown, and after `grace` our own SIGQUIT, Celery's cold shutdown, which
         # cancels the commands (tasks.py hands them back).
         reaper.stopped.set()
+        if how in armed:  # a second SIGTERM changes nothing
+            return
+        armed.add(how)
         after, then = (options.grace, _hand_back) if how == "Warm" else (SHUTDOWN_SLACK, _exit)
         threading.Thread(
             target=_later, args=(after, then), name="tbss-queue-shutdown", daemon=True
