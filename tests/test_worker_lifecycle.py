@@ -14,6 +14,7 @@ import pytest
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import ConfigError
+from tbss_queue.models import Batch
 from tbss_queue.redis_server import RedisServer, free_port
 from tbss_queue.worker import SHUTDOWN_SLACK, parse_duration, seconds_until
 
@@ -51,16 +52,20 @@ def test_stop_after_finishes_the_running_command_takes_no_new_one_and_exits_0(
     assert by_node == {"w1": 1, "w2": 2}
 
 
+def running(tmp_path: Path, settings: Settings, line: str) -> Batch:
+    """Submit one command and wait until a worker runs it."""
+    batch = api.submit(write_commands(tmp_path / "c", [line]), settings=settings)
+    wait_until(lambda: api.status(batch.id, settings=settings).running == 1, what="running")
+    return batch
+
+
 @pytest.mark.slow
 def test_sigterm_hands_a_running_command_back_after_the_grace_period(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
 ) -> None:
     log = tmp_path / "log"
     w1 = workers("w1", 1, "--grace", "2")
-    batch = api.submit(
-        write_commands(tmp_path / "c", [job("long", log, "--sleep", "10")]), settings=settings
-    )
-    wait_until(lambda: api.status(batch.id, settings=settings).running == 1, what="running")
+    batch = running(tmp_path, settings, job("long", log, "--sleep", "10"))
     w1.proc.send_signal(signal.SIGTERM)  # the main process only, as systemd or Slurm would
     assert w1.proc.wait(30) == 0
     st = api.status(batch.id, settings=settings)
@@ -79,10 +84,7 @@ def test_sigterm_returns_as_soon_as_the_running_command_ends(
     # Given a node with a 10-minute grace period, running a 3-second command
     log = tmp_path / "log"
     w1 = workers("w1", 1, "--grace", "600")
-    batch = api.submit(
-        write_commands(tmp_path / "c", [job("short", log, "--sleep", "3")]), settings=settings
-    )
-    wait_until(lambda: api.status(batch.id, settings=settings).running == 1, what="running")
+    batch = running(tmp_path, settings, job("short", log, "--sleep", "3"))
     # When it is told to stop
     w1.proc.send_signal(signal.SIGTERM)
     # Then it lets the command finish and exits then, not at the end of the grace period
