@@ -59,19 +59,24 @@ def balance_durations(n: int = 300, seed: int = 20261125) -> list[float]:
     return [round(min(3.0, max(0.05, rng.lognormvariate(-0.9, 0.9))), 3) for _ in range(n)]
 
 
-REPEATS = 3
+ROUNDS = 3
 """Rounds of every system in turn (the median is reported): this machine's speed drifts by
 10-20% over minutes, so one round each could rank systems by when they ran."""
 
 
 def each_system(
-    workdir: Path, nodes: int, slots: int, job: Callable[[System], float], digits: int
+    workdir: Path,
+    nodes: int,
+    slots: int,
+    job: Callable[[System], float],
+    digits: int,
+    rounds: int = ROUNDS,
 ) -> dict[str, str]:
-    """Run `job` on every system, started fresh with `nodes` x `slots`, REPEATS rounds taken
+    """Run `job` on every system, started fresh with `nodes` x `slots`, `rounds` rounds taken
     in turn; each value is 'median (min-max)'."""
     samples: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
-    for _ in range(REPEATS):
+    for _ in range(rounds):
         for make in [TbssQueue, PlainCelery, *installed_peers()]:
             server = fresh_redis(workdir) if make in (TbssQueue, PlainCelery) else None
             system = make(workdir, server) if server else make(workdir)  # type: ignore[call-arg]
@@ -112,13 +117,13 @@ def ratio(values: dict[str, str], lower_is_better: bool = True) -> str:
     return f"{ours / best:.2f}" if best else "n/a"
 
 
-def overhead(workdir: Path, n: int) -> Row:
+def overhead(workdir: Path, n: int, rounds: int = ROUNDS) -> Row:
     lines = [f"true {i}" for i in range(n)]  # distinct lines: tbss-queue queues duplicates once
 
     def job(s: System) -> float:
         return 1000 * s.run(lines) * 2 / n
 
-    values = each_system(workdir, 1, 2, job, 2)
+    values = each_system(workdir, 1, 2, job, 2, rounds)
     # the target: no worse than the best of ipyparallel and dask (xargs has no queue at all)
     versus = {
         k: values[k] for k in ("tbss-queue", "ipyparallel", "dask.distributed") if k in values
@@ -130,7 +135,7 @@ def overhead(workdir: Path, n: int) -> Row:
     )
 
 
-def balance(workdir: Path, n: int) -> Row:
+def balance(workdir: Path, n: int, rounds: int = ROUNDS) -> Row:
     durations = balance_durations(n)
     ideal = ideal_greedy(durations, 8)
     # distinct lines (sleep adds its arguments: the second adds at most 0.3 ms)
@@ -139,7 +144,7 @@ def balance(workdir: Path, n: int) -> Row:
     def job(s: System) -> float:
         return ideal / s.run(lines)
 
-    values = each_system(workdir, 4, 2, job, 3)
+    values = each_system(workdir, 4, 2, job, 3, rounds)
     # xargs has one machine's 8 slots, not 4 nodes: shown, but not a peer for this figure
     return (
         f"balance: ideal greedy makespan / makespan ({n} sleeps, 4 nodes x 2 slots; "
@@ -362,8 +367,6 @@ def main() -> None:
         "--only", help="comma-separated workloads: overhead,balance,submit,rss,recovery"
     )
     args = parser.parse_args()
-    global REPEATS
-    REPEATS = 1 if args.quick else REPEATS
     only = set(args.only.split(",")) if args.only else None
 
     def wanted(name: str) -> bool:
@@ -372,10 +375,11 @@ def main() -> None:
     os.environ["PYTHONPATH"] = str(REPO)  # the peers' worker processes import benchmarks/
     warnings.simplefilter("ignore")  # plain Celery apps made per run re-register their task
     quick = args.quick
+    rounds = 1 if quick else ROUNDS
     started = time.strftime("%Y-%m-%d %H:%M")
     workloads: list[tuple[str, str, Callable[[Path], list[Row]]]] = [
-        ("overhead", "overhead", lambda w: [overhead(w, 200 if quick else 2000)]),
-        ("balance", "balance", lambda w: [balance(w, 60 if quick else 300)]),
+        ("overhead", "overhead", lambda w: [overhead(w, 200 if quick else 2000, rounds)]),
+        ("balance", "balance", lambda w: [balance(w, 60 if quick else 300, rounds)]),
         (
             "submit",
             "submit, memory, status",

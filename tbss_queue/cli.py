@@ -759,6 +759,7 @@ def doctor(study: str | None, as_json: bool, settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every TbssQueueError to its one-line message and exit code."""
+    verbose = bool({"-v", "--verbose"} & set(argv or sys.argv))  # tracebacks only then
     try:
         cli.main(args=argv, prog_name="tbss-queue", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
@@ -768,12 +769,12 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except TbssQueueError as exc:
-        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+        if verbose:
             raise
         click.echo(f"tbss-queue: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except redis.RedisError as exc:  # the broker failed mid-command (it answered at first)
-        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+        if verbose:
             raise
         click.echo(f"tbss-queue: error: broker: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_BROKER)
