@@ -1,15 +1,28 @@
 """tbss-queue: run the registration commands of an FSL TBSS study on many machines."""
 
-from .api import cancel, failures, list_batches, report, retry, status, submit, tasks, wait
+from .api import (
+    cancel,
+    failures,
+    list_batches,
+    nodes,
+    report,
+    resume_node,
+    retry,
+    status,
+    submit,
+    tasks,
+    wait,
+)
 from .config import Settings
 from .errors import TbssQueueError
-from .models import Batch, BatchStatus, NodeStatus, TaskRecord
+from .models import Batch, BatchStatus, NodeInfo, NodeStatus, TaskRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
     "BatchStatus",
+    "NodeInfo",
     "NodeStatus",
     "Settings",
     "TaskRecord",
@@ -18,7 +31,9 @@ __all__ = [
     "cancel",
     "failures",
     "list_batches",
+    "nodes",
     "report",
+    "resume_node",
     "retry",
     "status",
     "submit",

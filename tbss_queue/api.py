@@ -18,13 +18,24 @@ from typing import Any
 import redis
 
 from .app import make_app
-from .batches import CANCELLED, FAILED, QUEUED, SKIPPED, BatchStore, TaskSpec, new_batch_id
+from .batches import (
+    ALIVE,
+    CANCELLED,
+    FAILED,
+    NODES,
+    QUEUED,
+    SKIPPED,
+    BatchStore,
+    TaskSpec,
+    new_batch_id,
+    new_submission_id,
+)
 from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings
 from .done import done_marker
 from .errors import BrokerUnavailable, ConfigError
-from .models import Batch, BatchStatus, TaskRecord
+from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
 from .status import compute, fsl_version_warning
@@ -74,38 +85,50 @@ def submit(
     settings, store = _store(settings)
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
-    batch_id = store.batch_for_file(file_key) or new_batch_id()
     keys = [c.key(workdir) for c in parsed.commands]
-    ids = [task_id_for(batch_id, k) for k in keys]
-    mine = store.states_of(batch_id, ids)
-    elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
-    changes: list[TaskSpec] = []
-    for command, key, tid, marker in zip(parsed.commands, keys, ids, markers, strict=True):
-        if mine.get(tid) in _LIVE:
-            continue  # resubmission: already queued, running or done in this batch
-        state, note = QUEUED, ""
-        other = elsewhere.get(key)
-        if marker is not None and marker.done():
-            state, note = SKIPPED, f"already done: {marker.describe()}"
-        elif other and other[0] != batch_id and other[2] in _LIVE:
-            state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
-        changes.append(TaskSpec(tid, command.line, command.argv, key, state, note))
-    now = time.time()
-    meta: dict[str, Any] = {
-        "id": batch_id,
-        "path": resolved,
-        "cwd": workdir,
-        "time_limit": time_limit,
-        "retries": retries,
-        "done_if_exists": done_if_exists,
-        "log_dir": log_dir,
-        "job_name": job_name,
-        "last_submitted": now,
-    }
-    if not mine:
-        meta["submitted"] = now
+    limit = time_limit or settings.time_limit  # one limit per batch, carried in its messages
     after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
-    queued = _enqueue(store, settings, batch_id, meta, changes, file_key, after)
+    for _ in range(10):
+        # another submit of this file may commit first: then plan again against its batch
+        owner = store.batch_for_file(file_key)
+        batch_id = owner or new_batch_id()
+        ids = [task_id_for(batch_id, k) for k in keys]
+        mine = store.states_of(batch_id, ids)
+        elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
+        changes: list[TaskSpec] = []
+        for command, key, tid, marker in zip(parsed.commands, keys, ids, markers, strict=True):
+            if mine.get(tid) in _LIVE:
+                continue  # resubmission: already queued, running or done in this batch
+            state, note = QUEUED, ""
+            other = elsewhere.get(key)
+            if marker is not None and marker.done():
+                state, note = SKIPPED, f"already done: {marker.describe()}"
+            elif other and other[0] != batch_id and other[2] in _LIVE:
+                state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
+            changes.append(
+                TaskSpec(
+                    tid, command.line, command.argv, key, state, note, expect=mine.get(tid, "")
+                )
+            )
+        now = time.time()
+        meta: dict[str, Any] = {
+            "id": batch_id,
+            "path": resolved,
+            "cwd": workdir,
+            "time_limit": limit,
+            "retries": retries,
+            "done_if_exists": done_if_exists,
+            "log_dir": log_dir,
+            "job_name": job_name,
+            "last_submitted": now,
+        }
+        if not mine:
+            meta["submitted"] = now
+        queued = _enqueue(store, settings, batch_id, meta, changes, file_key, after, owner or "")
+        if queued >= 0:
+            break
+    else:
+        raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -141,9 +164,11 @@ def _enqueue(
     changes: list[TaskSpec],
     file_key: str,
     after: Sequence[str] = (),
+    file_owner: str = "*",
 ) -> int:
     """Stage `changes` and their messages, then commit them in one step; returns how many
-    commands were queued. On any error nothing is visible and the staging is removed."""
+    commands were queued, or -1 when another submit of the same file committed first (nothing
+    of this one is visible then). On any error nothing is visible and the staging is removed."""
     to_queue = [s for s in changes if s.state == QUEUED]
     messages = build_messages(
         make_app(settings),
@@ -156,16 +181,18 @@ def _enqueue(
     if settings.signing:
         signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, messages, strict=True)}
         changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
+    sid = new_submission_id()
     try:
-        queue = store.stage(batch_id, meta, changes, messages)
+        queue = store.stage(batch_id, sid, meta, changes, messages)
         if after:
-            store.hold(batch_id, queue, len(messages), file_key, after)
-        else:
-            store.commit(batch_id, queue, len(messages), file_key)
+            store.hold(batch_id, sid, queue, len(messages), file_key, after)
+        elif store.commit(batch_id, sid, queue, len(messages), file_key, file_owner=file_owner) < 0:
+            store.discard(batch_id, sid)
+            return -1
     except BaseException:
         # staged keys expire on their own if Redis can't be told now; the first error counts
         with contextlib.suppress(redis.RedisError):
-            store.discard(batch_id)
+            store.discard(batch_id, sid)
         raise
     return len(to_queue)
 
@@ -175,10 +202,12 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
     settings, store = _store(settings)
     bid = store.resolve_id(batch_id)
     meta = store.meta(bid)
-    again = [t for t, s in store.states(bid).items() if s in (FAILED, CANCELLED)]
+    states = store.states(bid)
+    again = [t for t, s in states.items() if s in (FAILED, CANCELLED)]
     specs = store.task_specs(bid, again)
     changes = [
-        TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), specs[t]["key"]) for t in again
+        TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), specs[t]["key"], expect=states[t])
+        for t in again
     ]
     queued = _enqueue(
         store,
@@ -194,15 +223,13 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
 def cancel(batch_id: str | None = None, *, settings: Settings | None = None) -> BatchStatus:
     """Drop a batch's queued commands and kill its running ones with their whole process tree.
 
-    Running commands are stopped through Celery's revoke (SIGTERM to the pool process, whose
-    `finally` kills the command's process group); queued messages are dropped when a worker
-    takes them (their state says cancelled).
+    Nothing is revoked: the records say `cancelled`; a running command's runner sees it at its
+    next lease renewal (within one heartbeat) and kills the command's tree; a queued message is
+    dropped by the claim. `retry` then queues every cancelled command again.
     """
     settings, store = _store(settings)
     bid = store.resolve_id(batch_id)
-    running = store.cancel(bid)
-    if running:
-        make_app(settings).control.revoke(running, terminate=True, signal="SIGTERM")
+    store.cancel(bid)
     return status(bid, settings=settings)
 
 
@@ -220,8 +247,42 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
     bid = store.resolve_id(batch_id)
     current = compute(bid, store.snapshot(bid))
     facts = store.node_facts([n.node for n in current.nodes])
+    quarantine = store.quarantined()
+    if quarantine:
+        current = replace(
+            current,
+            nodes=tuple(
+                replace(n, quarantined=quarantine[n.node]["message"]) if n.node in quarantine else n
+                for n in current.nodes
+            ),
+        )
     warning = fsl_version_warning(facts)
     return replace(current, warnings=(warning,)) if warning else current
+
+
+def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
+    """Every worker node that ever announced itself: online or not, quarantined or not."""
+    settings, store = _store(settings)
+    names = sorted(set(store.r.hkeys(NODES)) | set(store.r.zrange(ALIVE, 0, -1)))
+    seen = dict(store.r.zrange(ALIVE, 0, -1, withscores=True))
+    now, quarantine, facts = store.redis_time(), store.quarantined(), store.node_facts(names)
+    return [
+        NodeInfo(
+            node=n,
+            online=n in seen and now - float(seen[n]) < settings.lost_after,
+            last_seen=float(seen[n]) if n in seen else None,
+            quarantined=quarantine[n]["message"] if n in quarantine else None,
+            facts=facts.get(n, {}),
+        )
+        for n in names
+    ]
+
+
+def resume_node(node: str, *, settings: Settings | None = None) -> bool:
+    """Let a quarantined node take commands again (it does within one heartbeat); False if it
+    was not quarantined. Give the full name (name@host), as `nodes` lists it."""
+    _, store = _store(settings)
+    return store.release_node(node)
 
 
 def list_batches(*, settings: Settings | None = None) -> list[BatchStatus]:

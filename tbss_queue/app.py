@@ -32,6 +32,10 @@ def make_app(settings: Settings) -> Celery:
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
         "health_check_interval": 25,
+        # a connection that died without a FIN fails instead of blocking the worker for ever
+        "socket_timeout": 15,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
     }
     app.conf.update(
         broker_url=celery_url(settings.broker),

@@ -14,13 +14,19 @@ Keys (prefix tbssq:), for batch B:
   b:B:ended           ZSET  task id -> end time (throughput, ETA)
   b:B:nodes           HASH  "node|field" -> value (per-node counters)
   b:B:attempts        HASH  task id -> attempts started; "lost:"+id -> lost-worker requeues
-  running             HASH  "B|task" -> JSON {node, token, started, pid} (global)
-  hb:B|task           STRING runner token, expiring: the running command's heartbeat
+  b:B:refusals        HASH  task id -> JSON {node: {cause, message}}: nodes that could not start it
+  running             HASH  "B|task" -> JSON {node, token, started, pid, attempt} (global)
+  lease:B|task        STRING the owning runner's token, expiring: renewed only by that runner
+  alive               ZSET  node -> Redis time it last said it was up
+  quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
   index               HASH  command key -> "B|task": latest task of a command (resume)
   nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
   held                HASH  B -> JSON {after, queue, n, file_key}: staged, waiting for batches
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
-  b:B:stage:*, b:B:staging   what a submit writes before its atomic commit
+  b:B:stage:S:*       what submission S writes before its atomic commit (one set per submit)
+
+A task id here is the command's identity within its batch (stable across attempts); every
+Celery message carries a fresh id of its own (see publish.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -44,6 +51,8 @@ INDEX = PREFIX + "index"
 FILES = PREFIX + "files"
 NODES = PREFIX + "nodes"
 HELD = PREFIX + "held"
+ALIVE = PREFIX + "alive"
+QUARANTINE = PREFIX + "quarantine"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "queued",
@@ -66,16 +75,21 @@ def member(batch_id: str, task_id: str) -> str:
     return f"{batch_id}|{task_id}"
 
 
-def heartbeat_key(batch_id: str, task_id: str) -> str:
-    return f"{PREFIX}hb:{member(batch_id, task_id)}"
+def lease_key(batch_id: str, task_id: str) -> str:
+    return f"{PREFIX}lease:{member(batch_id, task_id)}"
 
 
-STAGED_PARTS = ("meta", "cmd", "state", "counts")
-"""What a submit stages per batch (besides its messages), committed by _COMMIT."""
+STAGED_PARTS = ("meta", "cmd", "state", "counts", "expect", "msgs")
+"""What one submission stages (its messages last), published by commit.lua."""
 
 
-def staged_keys(batch_id: str) -> list[str]:
-    return [batch_key(batch_id, f"stage:{p}") for p in STAGED_PARTS]
+def staged_keys(batch_id: str, sid: str) -> list[str]:
+    return [batch_key(batch_id, f"stage:{sid}:{p}") for p in STAGED_PARTS]
+
+
+def new_submission_id() -> str:
+    """Each submit stages under its own id: two submits of one file never share keys."""
+    return secrets.token_hex(6)
 
 
 def new_batch_id() -> str:
@@ -83,168 +97,10 @@ def new_batch_id() -> str:
     return secrets.token_hex(4)
 
 
-# Moves a queued task into `running` for one runner. A running task is never taken over here,
-# even with a lapsed heartbeat: only the reaper (recovery.py) decides that a runner is gone.
-# KEYS: state counts nodes running hb attempts meta; ARGV: tid member node now token
-# ttl pid
-_CLAIM = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return 'unknown' end
-if old == 'succeeded' or old == 'failed' or old == 'cancelled' or old == 'skipped' then
-  return old
-end
-if old == 'running' then return 'busy' end
-redis.call('HSET', KEYS[1], ARGV[1], 'running')
-redis.call('HINCRBY', KEYS[2], old, -1)
-redis.call('HINCRBY', KEYS[2], 'running', 1)
-redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', 1)
-redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', ARGV[4])
-redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({node=ARGV[3], token=ARGV[5],
-  started=tonumber(ARGV[4]), pid=tonumber(ARGV[7])}))
-redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
-redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
-redis.call('HSETNX', KEYS[7], 'first_started', ARGV[4])
-return 'ok'
-"""
-
-# Records the end of one attempt. The first final outcome wins, except that a success replaces a
-# failure (a rerun that worked). KEYS: state counts nodes running hb result ended meta;
-# ARGV: tid member node now token new_state record_json duration
-_FINISH = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return 'unknown' end
-local rec = redis.call('HGET', KEYS[4], ARGV[2])
-if rec and cjson.decode(rec)['token'] == ARGV[5] then
-  redis.call('HDEL', KEYS[4], ARGV[2])
-  redis.call('DEL', KEYS[5])
-  redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
-end
-redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', ARGV[4])
-if old == 'succeeded' or old == 'cancelled' or old == 'skipped' or old == ARGV[6] then
-  return old
-end
-if rec and old == 'running' and cjson.decode(rec)['token'] ~= ARGV[5] then
-  -- another runner owns it now; let that one report
-  return 'taken'
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[6])
-redis.call('HINCRBY', KEYS[2], old, -1)
-redis.call('HINCRBY', KEYS[2], ARGV[6], 1)
-redis.call('HSET', KEYS[6], ARGV[1], ARGV[7])
-redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[6], 1)
-redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3] .. '|busy', ARGV[8])
-redis.call('HSET', KEYS[8], 'last_ended', ARGV[4])
-return 'ok'
-"""
-
-# Makes a submission visible and its messages consumable, all at once. A new batch's staged
-# records become its records by RENAME (constant time: a 1,000,000-command commit would block
-# Redis for 16 s merging them entry by entry); a resubmission's staged task states (new tasks, or
-# failed ones queued again) are merged in, counters following. Messages move to the queue.
-# KEYS: meta cmd state counts staging queue batches s_meta s_cmd s_state s_counts files held;
-# ARGV: batch_id now n_messages file_key releasing_a_hold
-_COMMIT = """
--- a held submission (ARGV[5] == '1') is committed once, by whoever removes it from `held`
-if ARGV[5] == '1' and redis.call('HDEL', KEYS[13], ARGV[1]) == 0 then return -1 end
-local function merge(src, dst)
-  local kv = redis.call('HGETALL', src)
-  for i = 1, #kv, 2 do redis.call('HSET', dst, kv[i], kv[i + 1]) end
-end
-local function adopt(src, dst)
-  if redis.call('EXISTS', src) == 1 then
-    redis.call('RENAME', src, dst)
-    redis.call('PERSIST', dst)
-  end
-end
-merge(KEYS[8], KEYS[1])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  adopt(KEYS[9], KEYS[2])
-  adopt(KEYS[10], KEYS[3])
-  adopt(KEYS[11], KEYS[4])
-else
-  merge(KEYS[9], KEYS[2])
-  local st = redis.call('HGETALL', KEYS[10])
-  for i = 1, #st, 2 do
-    local old = redis.call('HGET', KEYS[3], st[i])
-    if old then redis.call('HINCRBY', KEYS[4], old, -1) end
-    redis.call('HSET', KEYS[3], st[i], st[i + 1])
-    redis.call('HINCRBY', KEYS[4], st[i + 1], 1)
-  end
-end
-local n = tonumber(ARGV[3])
-for i = 1, n do redis.call('LMOVE', KEYS[5], KEYS[6], 'RIGHT', 'LEFT') end
-redis.call('DEL', KEYS[5], KEYS[8], KEYS[9], KEYS[10], KEYS[11])
-redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[3]), 'committed', ARGV[2])
-redis.call('HSET', KEYS[12], ARGV[4], ARGV[1])
-redis.call('ZADD', KEYS[7], 'NX', ARGV[2], ARGV[1])
-return n
-"""
-
-
-# Takes a task away from a runner that is gone (no heartbeat) or stopped: back to queued, or
-# failed as `lost` once it has lost its worker `limit` times. Only the runner's own record (token)
-# is released, so two reapers can't both requeue. KEYS: state counts nodes running hb attempts
-# result ended; ARGV: tid member token now limit count_loss ignore_heartbeat
-_REQUEUE = """
-local rec = redis.call('HGET', KEYS[4], ARGV[2])
-if not rec then return 'gone' end
-local r = cjson.decode(rec)
-if r['token'] ~= ARGV[3] then return 'gone' end
-if ARGV[7] == '0' and redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
-redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('DEL', KEYS[5])
-redis.call('HINCRBY', KEYS[3], r['node'] .. '|running', -1)
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old ~= 'running' then return 'gone' end
-local lost = 0
-if ARGV[6] == '1' then lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1) end
-local new = 'queued'
-if lost >= tonumber(ARGV[5]) then new = 'failed' end
-redis.call('HSET', KEYS[1], ARGV[1], new)
-redis.call('HINCRBY', KEYS[2], 'running', -1)
-redis.call('HINCRBY', KEYS[2], new, 1)
-if new == 'failed' then
-  local msg = 'worker lost ' .. lost .. ' times while running it (last: ' .. r['node'] ..
-    '); crash limit reached'
-  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({cause='lost', message=msg,
-    node=r['node'], exit_code=cjson.null, started=r['started'], ended=tonumber(ARGV[4]),
-    duration=tonumber(ARGV[4]) - r['started'], stdout_tail='', stderr_tail=msg}))
-  redis.call('ZADD', KEYS[8], ARGV[4], ARGV[1])
-  redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
-  return 'lost'
-end
-return 'requeued'
-"""
-
-
-# Cancels every queued or running task of a batch; returns the ids that were running (their
-# processes are then killed through Celery's revoke). KEYS: state counts nodes running ended
-# meta; ARGV: batch_id now hb_prefix
-_CANCEL = """
-local st = redis.call('HGETALL', KEYS[1])
-local was_running = {}
-for i = 1, #st, 2 do
-  local tid, old = st[i], st[i + 1]
-  if old == 'queued' or old == 'running' then
-    redis.call('HSET', KEYS[1], tid, 'cancelled')
-    redis.call('HINCRBY', KEYS[2], old, -1)
-    redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
-    if old == 'running' then
-      table.insert(was_running, tid)
-      local m = ARGV[1] .. '|' .. tid
-      local rec = redis.call('HGET', KEYS[4], m)
-      if rec then
-        redis.call('HINCRBY', KEYS[3], cjson.decode(rec)['node'] .. '|running', -1)
-        redis.call('HDEL', KEYS[4], m)
-      end
-      redis.call('DEL', ARGV[3] .. m)
-    end
-  end
-end
-redis.call('HSET', KEYS[6], 'cancelled_at', ARGV[2])
-return was_running
-"""
+def _script(name: str) -> str:
+    """The text of one of the Lua scripts beside this module (tbss_queue/lua/NAME.lua): each
+    opens with its KEYS, ARGV and the invariant it keeps."""
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -260,6 +116,9 @@ class TaskSpec:
     message: str = ""
     """With message signing: the submitter's signed message, which recovery sends again
     (a worker never signs a command it did not receive signed)."""
+    expect: str = ""
+    """The state the submitter read ('' for a new command): the commit changes the command only
+    if it is still in that state."""
 
     def to_json(self) -> str:
         record: dict[str, Any] = {"line": self.line, "argv": list(self.argv), "key": self.key}
@@ -273,56 +132,61 @@ class TaskSpec:
 class BatchStore:
     """Reads and writes batch records on one Redis. Cheap to create; safe after fork."""
 
+    SCRIPTS = ("claim", "renew", "finish", "release", "cancel", "commit", "node_fault", "alive")
+
     def __init__(self, client: redis.Redis) -> None:
         # decode_responses=True: every reply is str; redis-py's stubs can't express that
         self.r: Any = client
-        self._claim = client.register_script(_CLAIM)
-        self._finish = client.register_script(_FINISH)
-        self._commit = client.register_script(_COMMIT)
-        self._requeue = client.register_script(_REQUEUE)
-        self._cancel = client.register_script(_CANCEL)
+        self._scripts = {name: client.register_script(_script(name)) for name in self.SCRIPTS}
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=list(keys), args=list(args))
 
     # -- submit -------------------------------------------------------------------------------
 
     def stage(
         self,
         batch_id: str,
+        sid: str,
         meta: dict[str, Any],
         tasks: Sequence[TaskSpec],
         messages: Sequence[tuple[str, str]],
         chunk: int = 5000,
     ) -> str | None:
-        """Write a submission's records and messages where no worker or reader sees them yet.
+        """Write submission `sid`'s records and messages where no worker or reader sees them yet.
 
         `tasks` are new tasks or existing ones whose state changes (requeued). Returns the Redis
         list the messages are meant for (None if there are none).
         """
         pipe: Any = self.r.pipeline(transaction=False)
-        staged = staged_keys(batch_id)
-        staging = batch_key(batch_id, "staging")
-        pipe.hset(staged[0], mapping={k: _enc(v) for k, v in meta.items()})
+        staged = staged_keys(batch_id, sid)
+        s_meta, s_cmd, s_state, s_counts, s_expect, s_msgs = staged
+        pipe.hset(s_meta, mapping={k: _enc(v) for k, v in meta.items()})
         # the counters of a new batch, which the commit adopts as they are
         counts = Counter(t.state for t in tasks)
-        pipe.hset(staged[3], mapping={state: counts.get(state, 0) for state in STATES})
+        pipe.hset(s_counts, mapping={state: counts.get(state, 0) for state in STATES})
         for start in range(0, len(tasks), chunk):
             part = tasks[start : start + chunk]
-            pipe.hset(staged[1], mapping={t.task_id: t.to_json() for t in part})
-            pipe.hset(staged[2], mapping={t.task_id: t.state for t in part})
+            pipe.hset(s_cmd, mapping={t.task_id: t.to_json() for t in part})
+            pipe.hset(s_state, mapping={t.task_id: t.state for t in part})
+            expected = {t.task_id: t.expect for t in part if t.expect}
+            if expected:
+                pipe.hset(s_expect, mapping=expected)
             # written before the commit: an entry whose task has no state yet (not committed,
             # or never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
             live = {t.key: member(batch_id, t.task_id) for t in part if t.state == QUEUED}
             if live:
                 pipe.hset(INDEX, mapping=live)
-            _expire(pipe, (*staged, staging))
+            _expire(pipe, staged)
             pipe.execute()
         queue = None
         for start in range(0, len(messages), chunk):
             batch_msgs = messages[start : start + chunk]
             queue = batch_msgs[0][0]
-            pipe.lpush(staging, *[m for _, m in batch_msgs])
-            _expire(pipe, (*staged, staging))
+            pipe.lpush(s_msgs, *[m for _, m in batch_msgs])
+            _expire(pipe, staged)
             pipe.execute()
-        _expire(pipe, (*staged, staging))
+        _expire(pipe, staged)
         pipe.execute()
         if messages and any(q != queue for q, _ in messages):
             raise ValueError("all messages of a batch must go to one queue")
@@ -331,49 +195,63 @@ class BatchStore:
     def commit(
         self,
         batch_id: str,
+        sid: str,
         queue: str | None,
         n_messages: int,
         file_key: str,
+        *,
+        file_owner: str = "*",
         releasing: bool = False,
-    ) -> bool:
-        """Publish the staged messages and merge the staged records, atomically."""
+    ) -> int:
+        """Publish the staged messages and merge the staged records, atomically.
+
+        `file_owner`: the batch the submitter found for this file ('' none, '*' don't check).
+        Returns the messages published; -1 (a hold someone else released) or -2 (another submit
+        of this file committed first: plan again).
+        """
+        s_meta, s_cmd, s_state, s_counts, s_expect, s_msgs = staged_keys(batch_id, sid)
         keys = [
             batch_key(batch_id),
             batch_key(batch_id, "cmd"),
             batch_key(batch_id, "state"),
             batch_key(batch_id, "counts"),
-            batch_key(batch_id, "staging"),
+            s_msgs,
             queue or batch_key(batch_id, "noqueue"),
             BATCHES,
-            *staged_keys(batch_id),
+            s_meta,
+            s_cmd,
+            s_state,
+            s_counts,
+            s_expect,
             FILES,
             HELD,
         ]
-        args: list[Any] = [batch_id, time.time(), n_messages, file_key, int(releasing)]
-        return int(self._commit(keys=keys, args=args)) >= 0
+        args: list[Any] = [batch_id, time.time(), n_messages, file_key, int(releasing), file_owner]
+        return int(self._run("commit", keys, args))
 
     def hold(
-        self, batch_id: str, queue: str | None, n_messages: int, file_key: str, after: Sequence[str]
+        self,
+        batch_id: str,
+        sid: str,
+        queue: str | None,
+        n_messages: int,
+        file_key: str,
+        after: Sequence[str],
     ) -> None:
         """Keep a staged submission (no expiry) until every batch in `after` is done."""
         pipe: Any = self.r.pipeline(transaction=True)
-        for key in (*staged_keys(batch_id), batch_key(batch_id, "staging")):
+        for key in staged_keys(batch_id, sid):
             pipe.persist(key)
-        pipe.hset(
-            HELD,
-            batch_id,
-            json.dumps(
-                {"after": list(after), "queue": queue, "n": n_messages, "file_key": file_key}
-            ),
-        )
+        hold = {"after": list(after), "queue": queue, "n": n_messages, "file_key": file_key}
+        pipe.hset(HELD, batch_id, json.dumps({**hold, "sid": sid}))
         pipe.execute()
 
     def held(self) -> dict[str, dict[str, Any]]:
         return {b: json.loads(v) for b, v in self.r.hgetall(HELD).items()}
 
-    def discard(self, batch_id: str) -> None:
+    def discard(self, batch_id: str, sid: str) -> None:
         """Remove whatever a failed submit staged (the batch itself is untouched)."""
-        self.r.delete(batch_key(batch_id, "staging"), *staged_keys(batch_id))
+        self.r.delete(*staged_keys(batch_id, sid))
 
     def batch_for_file(self, file_key: str) -> str | None:
         """The batch an earlier submission of this file (same path, same cwd) created."""
@@ -412,51 +290,55 @@ class BatchStore:
     # -- worker side ----------------------------------------------------------------------------
 
     def claim(
-        self, batch_id: str, task_id: str, node: str, token: str, ttl: float, pid: int
+        self,
+        batch_id: str,
+        task_id: str,
+        node: str,
+        token: str,
+        lease: float,
+        pid: int,
+        attempt: str = "",
     ) -> str:
-        """Mark a task running for this runner. Returns 'ok', 'busy', a final state or 'unknown'."""
+        """Take a queued command under a lease of `lease` seconds held by `token`.
+
+        Returns 'ok', 'busy' (running elsewhere), 'leased' (an earlier runner still holds it),
+        'quarantined' (this node), a final state or 'unknown'."""
         keys = [
             *_task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
             batch_key(batch_id),
+            QUARANTINE,
         ]
-        args: list[Any] = [
-            task_id,
-            member(batch_id, task_id),
-            node,
-            time.time(),
-            token,
-            max(1, int(ttl)),
-            pid,
-        ]
-        return str(self._claim(keys=keys, args=args))
+        args = [task_id, member(batch_id, task_id), node, token, _ms(lease), pid, attempt]
+        return str(self._run("claim", keys, args))
 
-    def heartbeat(self, batch_id: str, task_id: str, token: str, ttl: float) -> None:
-        """Keep a running command's heartbeat alive."""
-        self.r.set(heartbeat_key(batch_id, task_id), token, ex=max(1, int(ttl)))
+    def renew(self, batch_id: str, task_id: str, token: str, lease: float) -> str:
+        """Extend the lease if `token` still owns it: 'ok', 'cancelled' or 'lost'."""
+        keys = [batch_key(batch_id, "state"), RUNNING, lease_key(batch_id, task_id)]
+        args = [task_id, member(batch_id, task_id), token, _ms(lease)]
+        return str(self._run("renew", keys, args))
 
     def finish(
         self, batch_id: str, task_id: str, node: str, token: str, state: str, record: dict[str, Any]
     ) -> str:
-        """Record the outcome of one attempt; returns 'ok' or why it changed nothing."""
+        """Record the outcome of one attempt: 'ok', 'not-owner' (nothing recorded) or the state
+        the command had left `running` for (cancelled)."""
         keys = [
             *_task_keys(batch_id, task_id),
             batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
             batch_key(batch_id),
         ]
-        now = record.get("ended") or time.time()
         args = [
             task_id,
             member(batch_id, task_id),
             node,
-            now,
             token,
             state,
             json.dumps(record),
             record.get("duration", 0.0),
         ]
-        return str(self._finish(keys=keys, args=args))
+        return str(self._run("finish", keys, args))
 
     def requeue(
         self,
@@ -475,30 +357,68 @@ class BatchStore:
             batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
         ]
-        args: list[Any] = [
-            task_id,
-            member(batch_id, task_id),
-            token,
-            time.time(),
-            limit,
-            int(count_loss),
-            int(ignore_heartbeat),
-        ]
-        return str(self._requeue(keys=keys, args=args))
+        args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
+        return str(self._run("release", keys, [*args, int(ignore_heartbeat)]))
 
-    def cancel(self, batch_id: str) -> list[str]:
-        """Mark queued and running tasks cancelled; returns the ids that were running."""
+    def node_fault(
+        self,
+        batch_id: str,
+        task_id: str,
+        node: str,
+        token: str,
+        reason: dict[str, Any],
+        live_window: float,
+    ) -> str:
+        """Hand a command back for a reason of this node: 'requeued' (node quarantined),
+        'failed' (every node taking commands refused it) or 'not-owner'."""
         keys = [
-            batch_key(batch_id, "state"),
-            batch_key(batch_id, "counts"),
-            batch_key(batch_id, "nodes"),
-            RUNNING,
+            *_task_keys(batch_id, task_id),
+            batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
-            batch_key(batch_id),
+            batch_key(batch_id, "refusals"),
+            ALIVE,
+            QUARANTINE,
         ]
-        return [
-            str(t) for t in self._cancel(keys=keys, args=[batch_id, time.time(), PREFIX + "hb:"])
-        ]
+        args = [task_id, member(batch_id, task_id), node, token, json.dumps(reason), live_window]
+        return str(self._run("node_fault", keys, args))
+
+    def cancel(self, batch_id: str) -> int:
+        """Mark queued and running tasks cancelled; their runners stop at the next renewal."""
+        keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"), batch_key(batch_id)]
+        return int(self._run("cancel", keys, []))
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def alive(self, node: str) -> None:
+        """Say this node is up (Redis's clock: hosts' clocks may disagree)."""
+        self._run("alive", [ALIVE], [node])
+
+    def live_nodes(self, window: float) -> list[str]:
+        now = self.redis_time()
+        return [str(n) for n in self.r.zrangebyscore(ALIVE, now - window, "+inf")]
+
+    def quarantine(self, node: str, reason: dict[str, Any]) -> None:
+        self.r.hset(QUARANTINE, node, json.dumps(reason))
+
+    def quarantined(self, node: str | None = None) -> dict[str, dict[str, Any]]:
+        """node -> why it takes no commands: every quarantined node, or the one named."""
+        if node is not None:
+            raw = self.r.hget(QUARANTINE, node)
+            return {node: json.loads(raw)} if raw else {}
+        return {n: json.loads(v) for n, v in self.r.hgetall(QUARANTINE).items()}
+
+    def release_node(self, node: str) -> bool:
+        """Let a quarantined node take commands again; False if it was not quarantined."""
+        return bool(self.r.hdel(QUARANTINE, node))
+
+    def refusals(self, batch_id: str, task_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.r.hget(batch_key(batch_id, "refusals"), task_id)
+        return json.loads(raw) if raw else {}
+
+    def redis_time(self) -> float:
+        """Redis's clock, the one every host's comparisons use."""
+        seconds, micros = self.r.time()
+        return float(seconds) + float(micros) / 1e6
 
     def save_result(self, batch_id: str, task_id: str, record: dict[str, Any]) -> None:
         """Keep the record of an attempt that will be retried (its state stays queued)."""
@@ -518,8 +438,8 @@ class BatchStore:
         """Seconds since redis-server started (a restart drops every expired heartbeat)."""
         return float(self.r.info("server")["uptime_in_seconds"])
 
-    def heartbeat_alive(self, batch_id: str, task_id: str) -> bool:
-        return bool(self.r.exists(heartbeat_key(batch_id, task_id)))
+    def lease_alive(self, batch_id: str, task_id: str) -> bool:
+        return bool(self.r.exists(lease_key(batch_id, task_id)))
 
     def meta(self, batch_id: str) -> dict[str, Any]:
         return {k: _dec(v) for k, v in self.r.hgetall(batch_key(batch_id)).items()}
@@ -553,8 +473,9 @@ class BatchStore:
         raise BatchNotFound(f"batch prefix {batch_id!r} is ambiguous: {', '.join(matches)}")
 
     def snapshot(self, batch_id: str, window: float = 600.0) -> dict[str, Any]:
-        """Everything `status` needs, in one round trip of a fixed number of commands."""
-        now = time.time()
+        """Everything `status` needs, in two round trips of a fixed number of commands; times
+        are Redis's, like those the workers record."""
+        now = self.redis_time()
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(batch_key(batch_id))
         pipe.hgetall(batch_key(batch_id, "counts"))
@@ -607,19 +528,23 @@ class BatchStore:
 
 
 def _task_keys(batch_id: str, task_id: str) -> list[str]:
-    """KEYS[1..5] of the per-task scripts: state counts nodes running heartbeat."""
+    """KEYS[1..5] of the per-task scripts: state counts nodes running lease."""
     return [
         batch_key(batch_id, "state"),
         batch_key(batch_id, "counts"),
         batch_key(batch_id, "nodes"),
         RUNNING,
-        heartbeat_key(batch_id, task_id),
+        lease_key(batch_id, task_id),
     ]
 
 
 def _expire(pipe: Any, keys: Iterable[str]) -> None:
     for key in keys:
         pipe.expire(key, UNCOMMITTED_TTL)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def _enc(value: Any) -> str:

@@ -18,10 +18,40 @@ def redis_url(url: str) -> str:
     return url
 
 
-def connect(settings: Settings, *, check: bool = True) -> redis.Redis:
-    """A Redis client for the broker; BrokerUnavailable (one line, no password) if unreachable."""
+TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+)
+"""Redis errors that pass: a restart, a failover, a full disk or memory being freed."""
+
+
+def transient(exc: BaseException) -> bool:
+    """True for an error worth waiting out (BUSY: a script over Redis's time limit; MISCONF:
+    a failed save refuses writes until it works again)."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("BUSY", "MISCONF"))
+
+
+SOCKET_TIMEOUT = 15.0
+"""Seconds a bookkeeping call may wait for Redis (a long commit takes seconds at 1M commands);
+past that a half-open connection is dropped and the call fails instead of hanging."""
+
+
+def connect(
+    settings: Settings, *, check: bool = True, timeout: float = SOCKET_TIMEOUT
+) -> redis.Redis:
+    """A Redis client for the broker; BrokerUnavailable (one line, no password) if unreachable.
+
+    Every client has a socket timeout, TCP keepalive and a health check, so a connection that
+    died without a FIN (a cut cable, a paused peer) fails a call instead of blocking it."""
     ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
-    client = _client(redis_url(settings.broker), ssl_options)
+    client = _client(redis_url(settings.broker), ssl_options, timeout)
     if check:
         try:
             client.ping()
@@ -46,12 +76,16 @@ def connect(settings: Settings, *, check: bool = True) -> redis.Redis:
 
 
 @lru_cache(maxsize=8)
-def _client(url: str, ssl_options: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
-    # one pool per URL and process; the pool is created lazily, so a fork is harmless
+def _client(
+    url: str, ssl_options: tuple[tuple[str, Any], ...] = (), timeout: float = SOCKET_TIMEOUT
+) -> redis.Redis:
+    # one pool per URL, timeout and process; the pool is created lazily, so a fork is harmless
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        socket_connect_timeout=5,
-        health_check_interval=25,
+        socket_connect_timeout=min(5.0, timeout),
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        health_check_interval=10,
         **dict(ssl_options),
     )

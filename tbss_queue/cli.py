@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -482,6 +483,12 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
     metavar="DIR",
     help="Only run commands whose directory lies under DIR. Repeatable; recommended.",
 )
+@click.option(
+    "--max-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Cap every batch's own time limit on this node.",
+)
 @broker_options
 def worker(
     concurrency: int | None,
@@ -495,6 +502,7 @@ def worker(
     allow_file: str | None,
     allow_any: bool,
     root: tuple[str, ...],
+    max_time_limit: float | None,
     settings: Settings,
 ) -> None:
     """Run commands from the queue on this machine until stopped.
@@ -514,8 +522,49 @@ def worker(
         grace=grace,
         stop_after=stop_after_seconds(stop_after, until),
         policy=Policy.build(allow, allow_file, allow_any, root),
+        max_time_limit=max_time_limit,
     )
     run_worker(settings, options)
+
+
+@cli.group(invoke_without_command=True)
+@json_option
+@broker_options
+@click.pass_context
+def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
+    """List worker nodes: online or lost, quarantined (and why), FSL version.
+
+    Example: tbss-queue nodes
+    """
+    ctx.obj = settings
+    if ctx.invoked_subcommand is not None:
+        return
+    items = api.nodes(settings=settings)
+    if as_json:
+        click.echo(json.dumps([n.to_dict() for n in items]))
+        return
+    table = Table(box=None)
+    for col in ("node", "state", "last seen", "FSL", "why"):
+        table.add_column(col)
+    for n in items:
+        state = "quarantined" if n.quarantined else ("online" if n.online else "lost")
+        seen = f"{fmt_duration(max(0.0, time.time() - n.last_seen))} ago" if n.last_seen else "-"
+        fsl = str(n.facts.get("fsl_version") or "-")
+        table.add_row(n.node, state, seen, fsl, n.quarantined or "")
+    out.print(table)
+
+
+@nodes.command("resume")
+@click.argument("node")
+@click.pass_obj
+def nodes_resume(settings: Settings, node: str) -> None:
+    """Let quarantined NODE (name@host, as `nodes` lists it) take commands again.
+
+    Example: tbss-queue nodes resume w1@studyhost
+    """
+    if not api.resume_node(node, settings=settings):
+        raise click.UsageError(f"node {node!r} is not quarantined (see `tbss-queue nodes`)")
+    err.print(f"{node}: takes commands again within one heartbeat", highlight=False)
 
 
 @cli.command()

@@ -34,6 +34,7 @@ class NodeStatus:
     failed: int
     busy_seconds: float
     last_seen: float | None
+    quarantined: str | None = None  # why this node takes no commands, if it takes none
 
     @property
     def per_hour(self) -> float:
@@ -43,6 +44,20 @@ class NodeStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "per_hour": round(self.per_hour, 2)}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A worker node as the broker knows it: up or not, quarantined or not, what it runs."""
+
+    node: str
+    online: bool
+    last_seen: float | None  # Redis time of its last heartbeat
+    quarantined: str | None  # why it takes no commands (None: it takes them)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

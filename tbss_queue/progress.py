@@ -41,6 +41,9 @@ def summary_line(s: BatchStatus) -> str:
     )
 
 
+_NUMERIC = ("running", "succeeded", "failed", "cmds/hour", "last seen")
+
+
 def status_table(s: BatchStatus) -> Group:
     """The per-state counts and one row per worker node."""
     counts = Table(title=f"batch {s.batch}  ({s.path})", title_justify="left", box=None)
@@ -57,13 +60,20 @@ def status_table(s: BatchStatus) -> Group:
         f" | ETA {'done' if s.done else fmt_duration(s.eta_seconds)}"
     )
     nodes = Table(box=None, title="workers", title_justify="left")
-    for col in ("node", "running", "succeeded", "failed", "cmds/hour", "last seen"):
-        nodes.add_column(col, justify="left" if col == "node" else "right")
+    for col in ("node", "running", "succeeded", "failed", "cmds/hour", "last seen", "state"):
+        nodes.add_column(col, justify="right" if col in _NUMERIC else "left")
     now = time.time()
     for n in s.nodes:
         seen = f"{fmt_duration(now - n.last_seen)} ago" if n.last_seen else "-"
+        state = f"quarantined: {n.quarantined}" if n.quarantined else ""
         nodes.add_row(
-            n.node, str(n.running), str(n.succeeded), str(n.failed), f"{n.per_hour:.0f}", seen
+            n.node,
+            str(n.running),
+            str(n.succeeded),
+            str(n.failed),
+            f"{n.per_hour:.0f}",
+            seen,
+            state,
         )
     return Group(counts, speed, nodes)
 

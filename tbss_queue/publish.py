@@ -25,8 +25,22 @@ _NAMESPACE = uuid.UUID("6b7c1f1e-2f55-4d0c-9a43-3c1f3e0a7b42")
 
 
 def task_id_for(batch_id: str, command_key: str) -> str:
-    """Task ids derive from batch and command: the same command can't be queued twice in a batch."""
+    """A command's id derives from batch and command: it can't be queued twice in a batch.
+
+    It names the command in the batch records. Each Celery message carries a fresh id of its
+    own (one row per attempt in Flower, and no id a worker remembers as revoked is ever reused);
+    the command's id travels in the message's arguments and in its `tbssq` header."""
     return str(uuid.uuid5(_NAMESPACE, f"{batch_id}|{command_key}"))
+
+
+REF_HEADER = "tbssq"
+"""Message header holding "batch|command id": recovery finds a message's command without
+decoding (or verifying) its body."""
+
+
+def task_args(batch_id: str, t: TaskSpec, cwd: str) -> list[Any]:
+    """The task's positional arguments: batch, command id, argv, working directory."""
+    return [batch_id, t.task_id, list(t.argv), cwd]
 
 
 HARD_LIMIT_MARGIN = 60
@@ -79,9 +93,10 @@ def celery_messages(
                 task_kw = with_line(kwargs, t.line)
                 app.send_task(
                     TASK_NAME,
-                    args=(batch_id, list(t.argv), cwd),
+                    args=task_args(batch_id, t, cwd),
                     kwargs=task_kw,
-                    task_id=t.task_id,
+                    task_id=str(uuid.uuid4()),
+                    headers={REF_HEADER: f"{batch_id}|{t.task_id}"},
                     producer=producer,
                     # Flower shows this as the task's args: the command itself
                     argsrepr=shlex.join(t.argv),
@@ -106,10 +121,11 @@ def build_messages(
 ) -> list[tuple[str, str]]:
     """The same messages as `celery_messages`, at a tenth of the cost for large batches.
 
-    Celery makes the first message; the others differ from it only in the task id, the
-    command (body, argsrepr, kwargsrepr) and kombu's delivery tag, so they are that message
-    with those fields replaced. The body is serialized (and signed, with the auth serializer)
-    by kombu's own serializer registry. tests/test_publish.py checks both paths agree.
+    Celery makes the first message; the others differ from it only in the message id, the
+    command (body, argsrepr, kwargsrepr, tbssq header) and kombu's delivery tag, so they are
+    that message with those fields replaced. The body is serialized (and signed, with the
+    auth serializer) by kombu's own serializer registry. tests/test_publish.py checks both
+    paths agree.
     """
     if not tasks:
         return []
@@ -122,7 +138,8 @@ def build_messages(
     messages = [(queue, first)]
     for t in tasks[1:]:
         task_kw = with_line(kwargs, t.line)
-        body = ([batch_id, list(t.argv), cwd], task_kw, _EMBED)
+        body = (task_args(batch_id, t, cwd), task_kw, _EMBED)
+        attempt = str(uuid.uuid4())
         _, _, data = serialization.dumps(body, serializer=serializer)
         raw = data if isinstance(data, bytes) else data.encode("utf-8")
         message = {
@@ -130,14 +147,15 @@ def build_messages(
             "body": base64.b64encode(raw).decode("ascii"),
             "headers": {
                 **headers,
-                "id": t.task_id,
-                "root_id": t.task_id,
+                "id": attempt,
+                "root_id": attempt,
+                REF_HEADER: f"{batch_id}|{t.task_id}",
                 "argsrepr": shlex.join(t.argv),
                 "kwargsrepr": repr(task_kw),
             },
             "properties": {
                 **properties,
-                "correlation_id": t.task_id,
+                "correlation_id": attempt,
                 "delivery_tag": str(uuid.uuid4()),
             },
         }

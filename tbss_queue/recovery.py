@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import shlex
 import threading
 import time
 import uuid
@@ -22,10 +21,9 @@ from typing import Any
 from celery import Celery
 from kombu import serialization
 
-from .app import TASK_NAME
-from .batches import QUEUED, RUNNING_STATE, BatchStore, batch_key
+from .batches import QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
 from .config import Settings
-from .publish import send_options, task_kwargs, with_line
+from .publish import REF_HEADER, build_messages, send_options, task_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +34,38 @@ KOMBU_UNACKED, KOMBU_UNACKED_INDEX = "unacked", "unacked_index"
 def republish(
     app: Celery, store: BatchStore, settings: Settings, batch_id: str, task_id: str
 ) -> bool:
-    """Send a task's message again, with the same id, as submit built it.
+    """Send a command's message again, to the FRONT of the queue (it was lost or handed back:
+    it has waited its turn already), with a fresh message id.
 
     With message signing the records in Redis are not trusted: only the submitter's own signed
     message is sent again, after checking its signature; False if there is none to send.
     """
     spec = store.task_specs(batch_id, [task_id])[task_id]
     if settings.signing:
-        return _resend_signed(app, store, settings, spec.get("message"), batch_id, task_id)
-    meta = store.meta(batch_id)
-    kwargs = with_line(task_kwargs(meta), spec["line"])
-    app.send_task(
-        TASK_NAME,
-        args=(batch_id, spec["argv"], meta["cwd"]),
-        kwargs=kwargs,
-        task_id=task_id,
-        argsrepr=shlex.join(spec["argv"]),
-        kwargsrepr=repr(kwargs),
-        ignore_result=True,
-        **send_options(settings.time_limit, meta),
-    )
+        raw = _signed(app, spec.get("message"), batch_id, task_id)
+        if raw is None:
+            return False
+    else:
+        meta = store.meta(batch_id)
+        again = TaskSpec(task_id, spec["line"], tuple(spec["argv"]), spec["key"])
+        [(_, raw)] = build_messages(
+            app,
+            batch_id,
+            meta["cwd"],
+            [again],
+            task_kwargs(meta),
+            send_options(settings.time_limit, meta),
+        )
+    # kombu's consumers pop from the right end (BRPOP): RPUSH is the front
+    store.r.rpush(settings.queue, raw)
     return True
 
 
 _unsendable: set[str] = set()
 
 
-def _resend_signed(
-    app: Celery,
-    store: BatchStore,
-    settings: Settings,
-    raw: str | None,
-    batch_id: str,
-    task_id: str,
-) -> bool:
+def _signed(app: Celery, raw: str | None, batch_id: str, task_id: str) -> str | None:
+    """The submitter's signed message, if its signature holds, with a fresh delivery tag."""
     try:
         if not raw:
             raise ValueError("no signed message was stored")
@@ -88,11 +84,10 @@ def _resend_signed(
         if task_id not in _unsendable:
             _unsendable.add(task_id)
             log.error("not publishing task %s of batch %s again: %s", task_id, batch_id, exc)
-        return False
+        return None
     # a fresh delivery tag, so kombu does not confuse it with the lost copy (not signed data)
     message["properties"]["delivery_tag"] = str(uuid.uuid4())
-    store.r.lpush(settings.queue, json.dumps(message))
-    return True
+    return json.dumps(message)
 
 
 def heartbeats_judgeable(store: BatchStore, settings: Settings) -> bool:
@@ -117,7 +112,7 @@ def requeue_lost(
         return counts
     for member, record in store.running().items():
         batch_id, task_id = member.split("|", 1)
-        if not everything and store.heartbeat_alive(batch_id, task_id):
+        if not everything and store.lease_alive(batch_id, task_id):
             continue
         outcome = store.requeue(
             batch_id,
@@ -140,44 +135,63 @@ def requeue_lost(
     return counts
 
 
-def restore_stalled(app: Celery, store: BatchStore, settings: Settings) -> int:
-    """Return to the queue messages a worker took but never started (it died or was cut off).
+class Stalled:
+    """Messages a worker took but never started (it died, or was cut off before it claimed).
 
     They sit in kombu's `unacked` hash, which kombu itself restores only after the visibility
-    timeout (hours). A message unacknowledged for longer than `lost_after` whose task is not
-    running is stalled: kombu's own restore_by_tag puts it back (atomically: one reaper wins).
+    timeout (hours). One that this reaper has seen there for `lost_after` whose command is not
+    running is stalled: kombu's own restore_by_tag puts it back at the front (atomically: one
+    reaper wins). Ages are this reaper's own observations, never another host's clock.
     """
-    restored = 0
-    if not heartbeats_judgeable(store, settings):
+
+    def __init__(self) -> None:
+        self.first_seen: dict[str, float] = {}
+
+    def restore(self, app: Celery, store: BatchStore, settings: Settings) -> int:
+        restored = 0
+        if not heartbeats_judgeable(store, settings):
+            return restored
+        now = time.monotonic()
+        tags = set(store.r.hkeys(KOMBU_UNACKED))
+        self.first_seen = {t: self.first_seen.get(t, now) for t in tags}
+        old = [t for t, seen in self.first_seen.items() if now - seen >= settings.lost_after]
+        if not old:
+            return restored
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            for tag in old:
+                raw = store.r.hget(KOMBU_UNACKED, tag)
+                ref = _batch_and_task(raw) if raw else None
+                if ref is None:
+                    continue
+                batch_id, task_id = ref
+                if store.states_of(batch_id, [task_id]).get(task_id) == RUNNING_STATE:
+                    continue  # a live command (or one the lease check requeues)
+                channel.qos.restore_by_tag(tag, leftmost=False)
+                self.first_seen.pop(tag, None)
+                restored += 1
+                log.warning(
+                    "restored task %s of batch %s: taken by a worker that never ran it",
+                    task_id,
+                    batch_id,
+                )
         return restored
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
-        cutoff = time.time() - settings.lost_after
-        for tag in store.r.zrangebyscore(KOMBU_UNACKED_INDEX, 0, cutoff):
-            raw = store.r.hget(KOMBU_UNACKED, tag)
-            ref = _batch_and_task(raw) if raw else None
-            if ref is None:
-                continue
-            batch_id, task_id = ref
-            if store.states_of(batch_id, [task_id]).get(task_id) == RUNNING_STATE:
-                continue  # a live command (or one the heartbeat check requeues)
-            channel.qos.restore_by_tag(tag, leftmost=True)
-            restored += 1
-            log.warning(
-                "restored task %s of batch %s: taken by a worker that never ran it",
-                task_id,
-                batch_id,
-            )
-    return restored
+
+
+def _ref(message: dict[str, Any]) -> tuple[str, str] | None:
+    """(batch id, command id) of a task message, from its tbssq header."""
+    ref = message.get("headers", {}).get(REF_HEADER)
+    if not isinstance(ref, str) or "|" not in ref:
+        return None
+    batch_id, task_id = ref.split("|", 1)
+    return batch_id, task_id
 
 
 def _batch_and_task(raw: str) -> tuple[str, str] | None:
-    """(batch id, task id) of a kombu unacked entry: [message, exchange, routing key]."""
+    """(batch id, command id) of a kombu unacked entry: [message, exchange, routing key]."""
     try:
-        message = json.loads(raw)[0]
-        body = json.loads(base64.b64decode(message["body"]))
-        return str(body[0][0]), str(message["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
+        return _ref(json.loads(raw)[0])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
 
@@ -202,6 +216,7 @@ def republish_orphans(app: Celery, store: BatchStore, settings: Settings) -> int
     hash: its message was lost (a worker took it, then Redis died before kombu recorded it)."""
     present = {_task_id(raw) for raw in store.r.lrange(settings.queue, 0, -1)}
     present |= {ref[1] for raw in store.r.hvals(KOMBU_UNACKED) if (ref := _batch_and_task(raw))}
+    present.discard(None)
     republished = 0
     for batch_id in store.batch_ids():
         for task_id, state in store.states(batch_id).items():
@@ -225,11 +240,12 @@ def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, i
 
 
 def _task_id(raw: Any) -> str | None:
+    """The command id of a queued message."""
     try:
-        message = json.loads(raw) if isinstance(raw, str) else raw
-        return str(message["headers"]["id"])
-    except (ValueError, KeyError, TypeError):
+        ref = _ref(json.loads(raw) if isinstance(raw, str) else raw)
+    except (ValueError, TypeError, AttributeError):
         return None
+    return ref[1] if ref else None
 
 
 def release_held(store: BatchStore) -> list[str]:
@@ -240,8 +256,12 @@ def release_held(store: BatchStore) -> list[str]:
         for other in hold["after"]:
             counts = store.r.hgetall(batch_key(other, "counts"))
             pending += int(counts.get(QUEUED, 0)) + int(counts.get("running", 0))
-        if pending == 0 and store.commit(
-            batch_id, hold["queue"], hold["n"], hold["file_key"], releasing=True
+        if (
+            pending == 0
+            and store.commit(
+                batch_id, hold["sid"], hold["queue"], hold["n"], hold["file_key"], releasing=True
+            )
+            >= 0
         ):
             log.warning("released batch %s: batches %s have ended", batch_id, hold["after"])
             released.append(batch_id)
@@ -255,13 +275,14 @@ class Reaper(threading.Thread):
         super().__init__(name="tbss-queue-reaper", daemon=True)
         self.app, self.settings, self.store = app, settings, store
         self.stopped = threading.Event()
+        self.stalled = Stalled()
 
     def run(self) -> None:
         suspicious = False
         while not self.stopped.wait(self.settings.heartbeat):
             try:
                 requeue_lost(self.app, self.store, self.settings)
-                restore_stalled(self.app, self.store, self.settings)
+                self.stalled.restore(self.app, self.store, self.settings)
                 release_held(self.store)
                 # a message in flight shows as missing for a moment: act on the second sighting
                 missing = missing_messages(self.store, self.settings) > 0

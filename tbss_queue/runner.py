@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import shutil
@@ -22,6 +23,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+from . import guard as guard_mod
+from .guard import TAG_VAR
+
 TAIL_BYTES = 64 * 1024
 """How much of the end of stdout and of stderr is kept."""
 
@@ -33,7 +37,18 @@ CAUSE_EXIT = "exit"
 CAUSE_SIGNAL = "signal"
 CAUSE_TIMEOUT = "timeout"
 CAUSE_NOT_FOUND = "not-found"
+CAUSE_TOO_LONG = "too-long"  # E2BIG: the command line exceeds the system's argument limit
 CAUSE_NO_CWD = "no-cwd"
+CAUSE_STOPPED = "stopped"  # stopped from outside (lease lost, cancelled, worker stopping)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a running command must stop now; `hard`: SIGKILL at once, no grace (its lease is
+    gone, so another copy may already run)."""
+
+    reason: str
+    hard: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,22 +81,30 @@ def run_command(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
-    on_tick: Callable[[int], None] | None = None,
+    on_tick: Callable[[int], Stop | None] | None = None,
     tick: float = 5.0,
+    stop: Callable[[], Stop | None] | None = None,
+    wake_fd: int | None = None,
+    tag: str | None = None,
     tail_bytes: int = TAIL_BYTES,
-    log_files: tuple[str, str] | None = None,
+    outputs: tuple[IO[bytes], IO[bytes]] | None = None,
 ) -> RunResult:
     """Run argv in cwd; never raises for the command's own failures (they are in the result).
 
-    Output goes to `log_files` (stdout, stderr) when given (fsl_sub's -l), else to temporary
+    Output goes to `outputs` (stdout, stderr; fsl_sub's -l logs) when given, else to temporary
     files; either way only the last `tail_bytes` are returned.
 
-    on_tick(pid) is called about every `tick` seconds while the command runs (heartbeats).
+    on_tick(pid) is called about every `tick` seconds while the command runs (lease renewal);
+    it and `stop()` (checked whenever `wake_fd` becomes readable) may ask the command to stop:
+    its whole tree is killed and the result's cause is `stopped`. `tag` goes into the command's
+    environment (guard.TAG_VAR), so descendants that leave its process group are found too.
     """
     started = time.time()
     if not os.path.isdir(cwd):
         return _failed(started, CAUSE_NO_CWD, f"working directory does not exist: {cwd}")
-    with _output(log_files, 0) as out, _output(log_files, 1) as err:
+    if tag is not None:
+        env = {**(env if env is not None else os.environ), TAG_VAR: tag}
+    with _output(outputs, 0) as out, _output(outputs, 1) as err:
         try:
             proc = _spawn(argv, cwd, env, out, err)
         except FileNotFoundError:
@@ -91,26 +114,33 @@ def run_command(
                 started, CAUSE_NOT_FOUND, f"executable not runnable (permission denied): {argv[0]}"
             )
         except OSError as exc:
-            return _failed(
-                started, CAUSE_NOT_FOUND, f"cannot start {argv[0]}: {exc.strerror or exc}"
-            )
-        timed_out = False
+            cause = CAUSE_TOO_LONG if exc.errno == errno.E2BIG else CAUSE_NOT_FOUND
+            return _failed(started, cause, f"cannot start {argv[0]}: {exc.strerror or exc}")
+        guard = _guard()
+        guard.started(proc.pid, tag)
+        timed_out, stopped, by_itself = False, None, False
         try:
             deadline = None if timeout is None else started + timeout
-            with _exit_watch(proc) as exited:
+            with _exit_watch(proc, wake_fd) as exited:
                 while True:
                     wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
                     if exited(wait):
+                        by_itself = True
                         break
-                    if deadline is not None and time.time() >= deadline:
+                    stopped = stop() if stop is not None else None
+                    if stopped is None and deadline is not None and time.time() >= deadline:
                         timed_out = True
                         break
-                    if on_tick is not None:
-                        on_tick(proc.pid)
+                    if stopped is None and on_tick is not None:
+                        stopped = on_tick(proc.pid)
+                    if stopped is not None:
+                        break
         finally:
-            kill_process_group(proc.pid)
+            hard = stopped is not None and stopped.hard
+            kill_tree(proc.pid, None if by_itself else tag, grace=0.0 if hard else KILL_GRACE)
             with contextlib.suppress(Exception):
                 proc.wait(timeout=KILL_GRACE)
+            guard.ended(proc.pid)
         ended = time.time()
         stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
     code = proc.returncode
@@ -118,6 +148,8 @@ def run_command(
     def outcome(cause: str | None = None, message: str = "") -> RunResult:
         return RunResult(code, started, ended, stdout, stderr, cause, message)
 
+    if stopped is not None:
+        return outcome(CAUSE_STOPPED, f"stopped: {stopped.reason}; process tree killed")
     if timed_out:
         return outcome(CAUSE_TIMEOUT, f"time limit of {timeout:g} s reached; process group killed")
     if code is not None and code < 0:
@@ -173,9 +205,13 @@ def _check_executable(name: str, cwd: str, env: Mapping[str, str] | None) -> Non
 
 
 @contextlib.contextmanager
-def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
+def _exit_watch(
+    proc: subprocess.Popen[bytes], wake_fd: int | None = None
+) -> Iterator[Callable[[float], bool]]:
     """exited(timeout): wait up to timeout seconds for the command to end, waking the moment
-    it does (a pidfd on Linux; Popen.wait polls with growing sleeps otherwise)."""
+    it does (a pidfd on Linux; Popen.wait polls with growing sleeps otherwise) or the moment
+    `wake_fd` becomes readable (a stop request: its bytes are drained)."""
+    watch = [wake_fd] if wake_fd is not None else []
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
@@ -183,7 +219,10 @@ def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], boo
 
     def exited(timeout: float) -> bool:
         if fd is not None:
-            select.select([fd], [], [], timeout)
+            ready, _, _ = select.select([fd, *watch], [], [], timeout)
+            if wake_fd is not None and wake_fd in ready:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(wake_fd, 512)
             return proc.poll() is not None
         try:
             proc.wait(timeout=timeout)
@@ -223,9 +262,9 @@ def _die_with_parent() -> None:
 
 
 def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
-    """SIGTERM the group, give it `grace` seconds, then SIGKILL what is left."""
+    """SIGTERM the group, give it `grace` seconds, then SIGKILL what is left (at once if 0)."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + grace
@@ -242,11 +281,63 @@ def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _output(log_files: tuple[str, str] | None, which: int) -> IO[bytes]:
-    if log_files is None:
-        return tempfile.TemporaryFile()
-    os.makedirs(os.path.dirname(log_files[which]) or ".", exist_ok=True)
-    return open(log_files[which], "w+b")  # noqa: SIM115 - closed by the caller's `with`
+def kill_tree(pgid: int, tag: str | None = None, grace: float = KILL_GRACE) -> None:
+    """Kill a command's process group (SIGTERM, then SIGKILL after `grace`) and, with `tag`,
+    every process that carries it in its environment (descendants that left the group)."""
+    kill_process_group(pgid, grace)
+    if tag is not None:
+        for pid in guard_mod.tagged({tag}):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class _Guard:
+    """This process's guard (guard.py): told of every command started and ended here."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.proc: subprocess.Popen[bytes] | None = None
+        with contextlib.suppress(OSError):
+            self.proc = subprocess.Popen(
+                [sys.executable, "-S", "-I", guard_mod.__file__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # not in the worker's process group: a signal to that group must not reach it
+                start_new_session=True,
+            )
+
+    def _say(self, line: str) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.write(line.encode())
+                self.proc.stdin.flush()
+
+    def started(self, pgid: int, tag: str | None) -> None:
+        self._say(f"+ {pgid} {tag or '-'}\n")
+
+    def ended(self, pgid: int) -> None:
+        self._say(f"- {pgid}\n")
+
+
+_GUARD: _Guard | None = None
+
+
+def _guard() -> _Guard:
+    """The guard of this process, started on first use (and again after a fork)."""
+    global _GUARD
+    if _GUARD is None or _GUARD.pid != os.getpid():
+        _GUARD = _Guard()
+    return _GUARD
+
+
+@contextlib.contextmanager
+def _output(outputs: tuple[IO[bytes], IO[bytes]] | None, which: int) -> Iterator[IO[bytes]]:
+    if outputs is not None:
+        yield outputs[which]
+        return
+    with tempfile.TemporaryFile() as f:
+        yield f
 
 
 def _failed(started: float, cause: str, message: str) -> RunResult:

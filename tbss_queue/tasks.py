@@ -1,4 +1,13 @@
-"""The one Celery task: claim the command, run it, record the outcome. Thin by design."""
+"""The one Celery task: claim the command under a lease, run it, record the outcome.
+
+One owner per command. The claim gives a runner a lease (a token in Redis, expiring after
+LOST_AFTER) that only this runner renews, at every heartbeat; whatever the old owner of a command
+does after losing it (renew, record, hand back) is refused by the scripts, which compare tokens.
+A runner whose renewal answers "not yours" or "cancelled", or that could not renew for
+LOST_AFTER minus two heartbeats (a frozen machine, a cut network), kills its command's whole
+tree at once and records nothing: by the time the reaper can give the command to another node
+(LOST_AFTER after the last renewal), this copy is gone.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
@@ -20,24 +29,34 @@ from celery.exceptions import Ignore
 from . import runner
 from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
-from .broker import connect
+from .broker import connect, transient
 from .config import Settings
 from .done import done_marker, remove_stale
+from .fields import RefusedField, check_fields, log_paths, open_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy
+from .preflight import node_fault
 from .recovery import republish
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CAUSE_MISSING_OUTPUT = "missing output"
-CAUSE_REFUSED = "refused"
 RETRY_DELAY = 5.0
 """Seconds before a failed command is tried again (`--retries`)."""
 
 
 class CommandFailed(Exception):
     """Raised (into Celery, so Flower shows FAILURE) when a command did not succeed."""
+
+
+@dataclass(frozen=True)
+class NodeRules:
+    """What this worker node applies to every command: its path map, policy and time cap."""
+
+    path_map: PathMap | None = None
+    policy: Policy | None = None
+    max_time_limit: float | None = None
 
 
 def command_env(batch_id: str, task_id: str) -> dict[str, str]:
@@ -52,111 +71,158 @@ def command_env(batch_id: str, task_id: str) -> dict[str, str]:
     return env
 
 
-def _until_redis_answers(fn: Callable[[], T], patience: float) -> T:
-    """Call fn, retrying through a Redis restart for up to `patience` seconds."""
+def patiently(fn: Callable[[], T], patience: float) -> T:
+    """Call fn, waiting out a passing Redis fault (restart, BUSY, LOADING, OOM, MISCONF,
+    READONLY, TRYAGAIN) with exponential backoff for up to `patience` seconds."""
     deadline = time.monotonic() + patience
+    delay = 0.1
     while True:
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
+        except redis.RedisError as exc:
+            if not transient(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(1.0)
+            log.warning("broker trouble (%s); trying again in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
-def _log_files(
-    cwd: str, log_dir: str | None, name: str, batch_id: str, line: int | None
-) -> tuple[str, str] | None:
-    """fsl_sub's log names: <logdir>/<name>.o<job id>.<task> and .e<job id>.<task>."""
-    if not log_dir:
-        return None
-    base = os.path.join(cwd, log_dir, name)
-    suffix = f"{batch_id}.{line}" if line is not None else batch_id
-    return f"{base}.o{suffix}", f"{base}.e{suffix}"
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _sigterm_stops_command() -> Iterator[None]:
-    """SIGTERM (cancel's revoke, a time-limit kill, the cold shutdown after a worker's grace
-    period) raises SystemExit while a command runs, so the runner's `finally` kills its process
-    tree and the task is handed back."""
-    previous = signal.signal(signal.SIGTERM, _stop)
+def _uptime() -> float:
+    """A clock that keeps counting while the machine is suspended (the lid of a laptop)."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return time.monotonic()
 
 
-@contextlib.contextmanager
-def _sigterm_deferred() -> Iterator[None]:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+class Lease:
+    """This runner's hold on one command: renewed at every tick, fenced by its token."""
+
+    def __init__(
+        self, settings: Settings, store: BatchStore, batch_id: str, task_id: str, token: str
+    ) -> None:
+        self.settings, self.batch_id, self.task_id, self.token = settings, batch_id, task_id, token
+        # a short socket timeout: a renewal must never block the tick loop past the lease
+        self.store = BatchStore(connect(settings, check=False, timeout=settings.heartbeat / 2))
+        self.margin = settings.lost_after - 2 * settings.heartbeat
+        self.valid_until = _uptime() + self.margin
+        self.cancelled = False
+
+    def renew(self, _pid: int = 0) -> runner.Stop | None:
+        """None to go on, or why the command must stop now."""
+        if _uptime() >= self.valid_until:
+            return runner.Stop(
+                f"could not renew its lease for {self.margin:g} s (machine paused or broker "
+                "unreachable); another node may run it now",
+                hard=True,
+            )
+        sent = _uptime()
+        try:
+            verdict = self.store.renew(
+                self.batch_id, self.task_id, self.token, self.settings.lost_after
+            )
+        except redis.RedisError as exc:
+            log.warning("lease renewal of %s failed (%s); trying again", self.task_id, exc)
+            return None
+        if verdict == "ok":
+            self.valid_until = sent + self.margin
+            return None
+        if verdict == "cancelled":
+            self.cancelled = True
+            return runner.Stop("cancelled")
+        return runner.Stop("its lease was taken over: another node runs it now", hard=True)
+
+
+class Interrupts:
+    """SIGTERM while a command is handled here (the worker's cold shutdown, Celery's hard time
+    limit) is noted, not raised: a running command is stopped and handed back, a finished one's
+    record lands first; then the pool process exits as it was told to."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"!")
+
+    def stop(self) -> runner.Stop | None:
+        return runner.Stop("the worker is stopping") if self.signum is not None else None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        previous = signal.signal(signal.SIGTERM, self._note)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+            if self.signum is not None:
+                raise SystemExit(128 + self.signum)
 
 
 def execute(
     task: Task,
     settings: Settings,
+    rules: NodeRules,
     batch_id: str,
+    task_id: str,
     argv: list[str],
     cwd: str,
-    time_limit: float | None = None,
-    retries: int = 0,
-    done_if_exists: str | None = None,
-    path_map: PathMap | None = None,
-    policy: Policy | None = None,
-    log_dir: str | None = None,
-    job_name: str | None = None,
-    line: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Run one command of a batch exactly once, as far as the bookkeeping can tell."""
-    if path_map:
-        argv, cwd = path_map.argv(argv), path_map.apply(cwd)
-    argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
+    """Run one command of a batch, exactly once as far as the records can tell."""
+    with Interrupts().installed() as interrupts:
+        return _execute(task, settings, rules, interrupts, batch_id, task_id, argv, cwd, options)
+
+
+def _execute(
+    task: Task,
+    settings: Settings,
+    rules: NodeRules,
+    interrupts: Interrupts,
+    batch_id: str,
+    task_id: str,
+    argv: list[str],
+    cwd: str,
+    options: dict[str, Any],
+) -> dict[str, Any]:
     store = BatchStore(connect(settings, check=False))
-    task_id = task.request.id
     node = task.request.hostname or "unknown"
-    token = uuid.uuid4().hex
+    roots = rules.policy.roots if rules.policy is not None else ()
     patience = 10 * settings.lost_after
-    claim = _until_redis_answers(
-        lambda: store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid()),
-        patience,
-    )
+    try:
+        fields = check_fields(batch_id, task_id, argv, cwd, options, roots=roots)
+    except RefusedField as exc:
+        # a message submit never writes: forged, or from an incompatible version
+        log.error("refused a task message: %s", exc)
+        raise Ignore() from None
+    if rules.path_map:
+        argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
+    argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
+    token = uuid.uuid4().hex
+    claim = _claim(store, settings, batch_id, task_id, node, token, task.request.id, patience)
+    if claim == "quarantined":
+        # this node takes no command until its fault is fixed: back to the front, unclaimed
+        time.sleep(settings.heartbeat)
+        republish(task.app, store, settings, batch_id, task_id)
+        raise Ignore()
     if claim != "ok":
-        raise Ignore()  # finished, cancelled, or running elsewhere: a redelivery
+        raise Ignore()  # finished, cancelled, or running elsewhere: a duplicate message
+    lease = Lease(settings, store, batch_id, task_id, token)
 
     def record_end(state: str, record: dict[str, Any]) -> str:
-        return _until_redis_answers(
+        return patiently(
             lambda: store.finish(batch_id, task_id, node, token, state, record), patience
         )
 
     env = command_env(batch_id, task_id)
-    refused = policy.check(argv, cwd, env) if policy is not None else None
-    if refused is not None:
-        now = time.time()
-        record_end(
-            FAILED,
-            {
-                "cause": CAUSE_REFUSED,
-                "message": f"refused: {refused}",
-                "exit_code": None,
-                "node": node,
-                "started": now,
-                "ended": now,
-                "duration": 0.0,
-                "stdout_tail": "",
-                "stderr_tail": refused,
-                "argv": argv,
-            },
-        )
-        raise CommandFailed(f"refused: {refused}")
-    marker = done_marker(argv, cwd, done_if_exists)
+    fault = node_fault(argv, cwd, env, rules.policy)
+    if fault is not None:
+        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+    marker = done_marker(argv, cwd, fields.done_if_exists)
     if marker is not None and marker.done():
         record_end(
             SKIPPED,
@@ -165,43 +231,31 @@ def execute(
         raise Ignore()
     if marker is not None:
         remove_stale(argv, cwd)
-
-    def hand_back() -> str:
-        """Give our claim up: the task goes back to queued (unless cancelled meanwhile)."""
-        return store.requeue(
-            batch_id,
-            task_id,
-            token,
-            limit=settings.crash_limit,
-            count_loss=False,
-            ignore_heartbeat=True,
+    time_limit = fields.time_limit or settings.time_limit
+    if rules.max_time_limit:
+        time_limit = min(time_limit, rules.max_time_limit)
+    logs = log_paths(replace(fields, cwd=cwd))
+    with contextlib.ExitStack() as files:
+        outputs = None
+        if logs is not None:
+            outputs = files.enter_context(_opened(cwd, logs, roots))
+        result = runner.run_command(
+            argv,
+            cwd,
+            env=env,
+            timeout=time_limit,
+            on_tick=lease.renew,
+            tick=settings.heartbeat,
+            stop=interrupts.stop,
+            wake_fd=interrupts.read_fd,
+            tag=token,
+            outputs=outputs,
         )
-
-    def beat(_pid: int) -> None:
-        try:
-            store.heartbeat(batch_id, task_id, token, settings.lost_after)
-        except (redis.ConnectionError, redis.TimeoutError):
-            log.warning("heartbeat of task %s failed: broker unreachable", task_id)
-
-    try:
-        with _sigterm_stops_command():
-            result = runner.run_command(
-                argv,
-                cwd,
-                env=env,
-                timeout=time_limit if time_limit else settings.time_limit,
-                on_tick=beat,
-                tick=settings.heartbeat,
-                log_files=_log_files(cwd, log_dir, job_name or "tbss-queue", batch_id, line),
-            )
-    except BaseException:
-        # stopped from outside (shutdown, cancel, lost broker): the runner already killed the
-        # command's tree. Hand the task back unless it was cancelled, and queue it again in
-        # case Celery acknowledges the message (a duplicate is dropped by the claim).
-        with contextlib.suppress(Exception):
-            if hand_back() == "requeued":
-                republish(task.app, store, settings, batch_id, task_id)
-        raise
+    if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
+        fault = {"cause": result.cause, "message": result.message, "path": argv[0]}
+        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+    if result.cause == runner.CAUSE_STOPPED:
+        _stopped(task, store, settings, batch_id, task_id, token, lease, result)
     if result.ok and marker is not None and not marker.done():
         # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
         result = replace(
@@ -218,31 +272,136 @@ def execute(
         # the pool process's number; 0 outside a prefork pool (solo, threads)
         "slot": getattr(current_process(), "index", 0),
         "argv": argv,
+        "cwd": cwd,
         "attempt": task.request.retries + 1,
     }
     if result.ok:
-        record_end(SUCCEEDED, record)
+        outcome = record_end(SUCCEEDED, record)
+        _log_outcome(outcome, task_id, batch_id)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
-    if task.request.retries < retries and result.cause != runner.CAUSE_NO_CWD:
-        hand_back()
-        store.save_result(batch_id, task_id, record)
-        raise task.retry(
-            countdown=RETRY_DELAY, max_retries=retries, exc=CommandFailed(result.message)
-        )
-    record_end(FAILED, record)
+    if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
+        if (
+            store.requeue(
+                batch_id,
+                task_id,
+                token,
+                limit=settings.crash_limit,
+                count_loss=False,
+                ignore_heartbeat=True,
+            )
+            == "requeued"
+        ):
+            store.save_result(batch_id, task_id, record)
+            raise task.retry(
+                countdown=RETRY_DELAY, max_retries=fields.retries, exc=CommandFailed(result.message)
+            )
+        raise Ignore()
+    outcome = record_end(FAILED, record)
+    _log_outcome(outcome, task_id, batch_id)
     raise CommandFailed(result.message)
 
 
-def register(
-    app: Celery, settings: Settings, path_map: PathMap | None = None, policy: Policy | None = None
+def _claim(
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    task_id: str,
+    node: str,
+    token: str,
+    attempt: str,
+    patience: float,
+) -> str:
+    """Claim, waiting while the runner of an earlier attempt still holds the lease (a command
+    cancelled and queued again: that runner lets go at its next renewal, or its lease lapses)."""
+    deadline = time.monotonic() + settings.lost_after + 2 * settings.heartbeat
+    while True:
+        claim = patiently(
+            lambda: store.claim(
+                batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt
+            ),
+            patience,
+        )
+        if claim != "leased" or time.monotonic() > deadline:
+            return claim
+        time.sleep(min(1.0, settings.heartbeat))
+
+
+def _hand_back_fault(
+    task: Task,
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    task_id: str,
+    node: str,
+    token: str,
+    fault: dict[str, Any],
 ) -> None:
+    """The command can't start on this node: back to the queue, and this node quarantined (or
+    the command failed, if every node taking commands refused it). Always raises."""
+    outcome = patiently(
+        lambda: store.node_fault(batch_id, task_id, node, token, fault, settings.lost_after),
+        10 * settings.lost_after,
+    )
+    if outcome == "requeued":
+        log.error("node quarantined, taking no more commands: %s", fault["message"])
+        task.app.control.cancel_consumer(settings.queue, destination=[node], reply=False)
+        republish(task.app, store, settings, batch_id, task_id)
+        raise Ignore()
+    if outcome == "failed":
+        raise CommandFailed(fault["message"])
+    raise Ignore()
+
+
+def _stopped(
+    task: Task,
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    task_id: str,
+    token: str,
+    lease: Lease,
+    result: runner.RunResult,
+) -> None:
+    """The command was stopped from outside; its tree is dead. Record nothing. Always raises."""
+    log.warning("command %s of batch %s %s", task_id, batch_id, result.message)
+    with contextlib.suppress(redis.RedisError):
+        # cancelled: this releases the lease; the worker stopping: the command goes back to the
+        # front of the queue; lease lost: refused (not ours), as it must be
+        outcome = store.requeue(
+            batch_id,
+            task_id,
+            token,
+            limit=settings.crash_limit,
+            count_loss=False,
+            ignore_heartbeat=True,
+        )
+        if outcome == "requeued":
+            republish(task.app, store, settings, batch_id, task_id)
+    raise Ignore()
+
+
+@contextlib.contextmanager
+def _opened(cwd: str, logs: tuple[str, str], roots: tuple[str, ...]) -> Iterator[Any]:
+    log_dir = os.path.dirname(logs[0])
+    out, err = open_logs(
+        cwd, log_dir, (os.path.basename(logs[0]), os.path.basename(logs[1])), roots
+    )
+    with out, err:
+        yield out, err
+
+
+def _log_outcome(outcome: str, task_id: str, batch_id: str) -> None:
+    if outcome not in ("ok", "cancelled"):
+        log.warning("outcome of %s (batch %s) not recorded: %s", task_id, batch_id, outcome)
+
+
+def register(app: Celery, settings: Settings, rules: NodeRules | None = None) -> None:
     """Attach the task to `app`, closing over the settings the worker was started with."""
+    node_rules = rules or NodeRules()
 
     @app.task(name=TASK_NAME, bind=True, throws=(CommandFailed,))
     def run_command(
-        self: Task, batch_id: str, argv: list[str], cwd: str, **options: Any
+        self: Task, batch_id: str, task_id: str, argv: list[str], cwd: str, **options: Any
     ) -> dict[str, Any]:
         # options: the per-batch ones publish.task_kwargs sends (time_limit, retries, ...)
-        return execute(
-            self, settings, batch_id, argv, cwd, path_map=path_map, policy=policy, **options
-        )
+        return execute(self, settings, node_rules, batch_id, task_id, argv, cwd, **options)

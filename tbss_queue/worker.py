@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .paths import PathMap
 from .policy import Policy
 from .recovery import Reaper
-from .tasks import register
+from .tasks import NodeRules, register
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class WorkerOptions:
     grace: float = DEFAULT_GRACE
     stop_after: float | None = None  # seconds from start; then take no new command
     policy: Policy = field(default_factory=Policy)
+    max_time_limit: float | None = None  # caps each batch's own time limit on this node
 
     @property
     def nodename(self) -> str:
@@ -120,18 +121,27 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
-    register(app, settings, options.path_map, options.policy)
+    rules = NodeRules(options.path_map, options.policy, options.max_time_limit)
+    register(app, settings, rules)
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
-    reaper = Reaper(app, settings, BatchStore(connect(settings, check=False)))
+    store = BatchStore(connect(settings, check=False))
+    reaper = Reaper(app, settings, store)
+    health = Health(app, settings, store, options.nodename)
+    # a restarted node starts afresh: its configuration may be what was fixed
+    if store.release_node(options.nodename):
+        log.warning("left quarantine at start: taking commands again")
 
     def on_ready(sender: Any = None, **_: Any) -> None:
+        health.consumer = sender
+        health.beat()
+        health.start()
         reaper.start()
         reaper.store.announce(options.nodename, node_facts(options))
         if options.stop_after is not None:
             threading.Thread(
                 target=_drain,
-                args=(sender, settings.queue, options.stop_after),
+                args=(sender, settings.queue, options.stop_after, health),
                 name="tbss-queue-stop-after",
                 daemon=True,
             ).start()
@@ -145,6 +155,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         # warm shutdown, and after `grace` our own SIGQUIT, Celery's cold shutdown, which
         # cancels the commands (tasks.py hands them back).
         reaper.stopped.set()
+        health.stopped.set()
         if how in armed:  # a second SIGTERM changes nothing
             return
         armed.add(how)
@@ -185,9 +196,49 @@ def _exit(waited: float) -> None:
     os._exit(1)
 
 
-def _drain(consumer: Any, queue: str, after: float) -> None:
+class Health(threading.Thread):
+    """Says every heartbeat that this node is up, and keeps it out of the queue while it is
+    quarantined: a fault of the node (study not mounted, FSL missing, a policy that refuses the
+    study's commands) stops its consumer instead of failing command after command. It comes
+    back by `tbss-queue nodes resume NAME`, or by itself once the missing path exists."""
+
+    def __init__(self, app: Any, settings: Settings, store: BatchStore, node: str) -> None:
+        super().__init__(name="tbss-queue-health", daemon=True)
+        self.app, self.settings, self.store, self.node = app, settings, store, node
+        self.consumer: Any = None
+        self.stopped = threading.Event()
+        self.draining = False
+        self.paused = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.heartbeat):
+            try:
+                self.beat()
+            except Exception:  # a broker outage must not kill the worker; try again later
+                log.warning("node health check failed; retrying", exc_info=True)
+
+    def beat(self) -> None:
+        self.store.alive(self.node)
+        why = self.store.quarantined(self.node).get(self.node)
+        path = why.get("path") if why else None
+        if why and path and os.path.exists(path):
+            self.store.release_node(self.node)
+            log.warning("left quarantine: %s exists now", path)
+            why = None
+        if why and not self.paused:
+            log.error("quarantined, taking no commands: %s", why.get("message"))
+            self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
+            self.paused = True
+        elif not why and self.paused and not self.draining:
+            log.warning("out of quarantine: taking commands again")
+            self.app.control.add_consumer(self.settings.queue, destination=[self.node])
+            self.paused = False
+
+
+def _drain(consumer: Any, queue: str, after: float, health: Health) -> None:
     """After `after` seconds: stop consuming, wait for running commands, then shut down."""
     time.sleep(after)
+    health.draining = True
     log.warning("stop-after reached: taking no new commands; exiting when running ones end")
     consumer.cancel_task_queue(queue)
     while worker_state.active_requests or worker_state.reserved_requests:

@@ -11,8 +11,12 @@ from tbss_queue.publish import build_messages, celery_messages, send_options, ta
 
 
 def _without_delivery_tag(payload: str) -> dict:
+    """The message less what is fresh in every message: its delivery tag and its own id."""
     message = json.loads(payload)
     assert message["properties"].pop("delivery_tag")
+    ids = {message["headers"].pop(k) for k in ("id", "root_id")}
+    ids.add(message["properties"].pop("correlation_id"))
+    assert len(ids) == 1
     return message
 
 
@@ -31,8 +35,14 @@ def test_fast_messages_equal_celerys_own(settings: Settings) -> None:
         assert [_without_delivery_tag(m) for _, m in fast] == [
             _without_delivery_tag(m) for _, m in slow
         ]
-        # every message has its own delivery tag (kombu keys unacked messages by it)
+        # every message has its own delivery tag (kombu keys unacked messages by it) and its own
+        # id (an attempt's), never the command's; the command's id travels in args and header
         assert len({json.loads(m)["properties"]["delivery_tag"] for _, m in fast}) == len(tasks)
+        ids = {json.loads(m)["headers"]["id"] for _, m in fast + slow}
+        assert len(ids) == 2 * len(tasks) and not ids & {t.task_id for t in tasks}
+        assert [json.loads(m)["headers"]["tbssq"] for _, m in fast] == [
+            f"b1|{t.task_id}" for t in tasks
+        ]
     # optional headers at their defaults are left out (Redis memory), the required ones kept
     message = json.loads(fast[0][1])
     assert not {"shadow", "eta", "expires", "retries", "stamps"} & message["headers"].keys()

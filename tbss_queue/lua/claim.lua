@@ -1,0 +1,32 @@
+-- claim: a queued command becomes running under one runner's lease.
+-- KEYS: state counts nodes running lease attempts meta quarantine
+-- ARGV: cid member node token lease_ms pid attempt
+-- Returns 'ok'; 'busy' (running elsewhere: a duplicate message); a final state;
+-- 'leased' (queued again, but the runner of an earlier attempt has not let go yet: wait);
+-- 'quarantined' (this node takes no command: hand the message back unclaimed);
+-- 'unknown'. A running command is never taken over here: only the reaper decides a lease lapsed.
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 'unknown' end
+if old ~= 'queued' and old ~= 'running' then return old end
+if old == 'running' then return 'busy' end
+if redis.call('HEXISTS', KEYS[8], ARGV[3]) == 1 then return 'quarantined' end
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if rec then
+  if redis.call('EXISTS', KEYS[5]) == 1 then return 'leased' end
+  -- the lease of a runner that is gone (cancelled, then queued again): let it go
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], cjson.decode(rec)['node'] .. '|running', -1)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[1], ARGV[1], 'running')
+redis.call('HINCRBY', KEYS[2], 'queued', -1)
+redis.call('HINCRBY', KEYS[2], 'running', 1)
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', 1)
+redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', now)
+redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({node=ARGV[3], token=ARGV[4], started=now,
+  pid=tonumber(ARGV[6]), attempt=ARGV[7]}))
+redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+redis.call('HSETNX', KEYS[7], 'first_started', now)
+return 'ok'

@@ -1,0 +1,24 @@
+-- finish: record the outcome of an attempt, for the lease's owner only.
+-- KEYS: state counts nodes running lease result ended meta
+-- ARGV: cid member node token new_state record_json duration
+-- Returns 'ok'; 'not-owner' (the lease was lost: nothing is recorded); or the state the command
+-- was in when it was no longer running (cancelled meanwhile: it stays cancelled).
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if not rec or cjson.decode(rec)['token'] ~= ARGV[4] then return 'not-owner' end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', now)
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old ~= 'running' then return old or 'unknown' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[6])
+redis.call('ZADD', KEYS[7], now, ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[5], 1)
+redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3] .. '|busy', ARGV[7])
+redis.call('HSET', KEYS[8], 'last_ended', now)
+return 'ok'

@@ -1,0 +1,52 @@
+-- node_fault: the owner of a command could not start it for a reason of its node (working
+-- directory missing, executable not found, refused by its policy). The command goes back to the
+-- queue unfailed and the node is quarantined, unless every node that is taking commands has now
+-- refused it: then the fault is the command's, it fails with each node's reason, and those nodes
+-- are let out of quarantine.
+-- KEYS: state counts nodes running lease result ended refusals alive quarantine
+-- ARGV: cid member node token reason_json live_window_seconds
+-- Returns 'requeued', 'failed' or 'not-owner'.
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if not rec or cjson.decode(rec)['token'] ~= ARGV[4] then return 'not-owner' end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
+local reason = cjson.decode(ARGV[5])
+local raw = redis.call('HGET', KEYS[8], ARGV[1])
+local refused = {}
+if raw then refused = cjson.decode(raw) end
+refused[ARGV[3]] = reason
+redis.call('HSET', KEYS[8], ARGV[1], cjson.encode(refused))
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 'gone' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local every = true
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], now - tonumber(ARGV[6]), '+inf')) do
+  if node ~= ARGV[3] and not refused[node] and redis.call('HEXISTS', KEYS[10], node) == 0 then
+    every = false
+    break
+  end
+end
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+if not every then
+  redis.call('HSET', KEYS[1], ARGV[1], 'queued')
+  redis.call('HINCRBY', KEYS[2], 'queued', 1)
+  redis.call('HSET', KEYS[10], ARGV[3], ARGV[5])
+  return 'requeued'
+end
+local parts, names = {}, {}
+for node, r in pairs(refused) do table.insert(names, node) end
+table.sort(names)
+for _, node in ipairs(names) do
+  table.insert(parts, node .. ': ' .. refused[node]['message'])
+  redis.call('HDEL', KEYS[10], node)
+end
+local msg = 'refused by every node taking commands (' .. table.concat(parts, '; ') .. ')'
+redis.call('HSET', KEYS[1], ARGV[1], 'failed')
+redis.call('HINCRBY', KEYS[2], 'failed', 1)
+redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], message=msg,
+  node=ARGV[3], exit_code=cjson.null, started=now, ended=now, duration=0, stdout_tail='',
+  stderr_tail=msg, refusals=refused}))
+redis.call('ZADD', KEYS[7], now, ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|failed', 1)
+return 'failed'

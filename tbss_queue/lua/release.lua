@@ -1,0 +1,38 @@
+-- release: take a command from the runner holding lease `token` and queue it again; or fail it
+-- as `lost` once its runners were lost `limit` times. Used by an owner handing its command back
+-- (shutdown, node fault) and by the reaper for a lapsed lease. Only that runner's own lease is
+-- released, so two reapers can't both requeue.
+-- KEYS: state counts nodes running lease attempts result ended
+-- ARGV: cid member token limit count_loss ignore_lease
+-- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
+-- command was no longer running: cancelled, or already taken).
+local rec = redis.call('HGET', KEYS[4], ARGV[2])
+if not rec then return 'gone' end
+local r = cjson.decode(rec)
+if r['token'] ~= ARGV[3] then return 'gone' end
+if ARGV[6] == '0' and redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
+redis.call('HINCRBY', KEYS[3], r['node'] .. '|running', -1)
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old ~= 'running' then return 'gone' end
+local lost = 0
+if ARGV[5] == '1' then lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1) end
+local new = 'queued'
+if lost >= tonumber(ARGV[4]) then new = 'failed' end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+redis.call('HINCRBY', KEYS[2], new, 1)
+if new == 'failed' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local msg = 'worker lost ' .. lost .. ' times while running it (last: ' .. r['node'] ..
+    '); crash limit reached'
+  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({cause='lost', message=msg,
+    node=r['node'], exit_code=cjson.null, started=r['started'], ended=now,
+    duration=now - r['started'], stdout_tail='', stderr_tail=msg}))
+  redis.call('ZADD', KEYS[8], now, ARGV[1])
+  redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
+  return 'lost'
+end
+return 'requeued'

@@ -1,0 +1,43 @@
+"""Can this node start a command at all? Faults of the node, not of the command.
+
+A working directory that is not there (the study is not mounted, a wrong --path-map), an
+executable that is missing (no FSL here) or a command this node's policy refuses say nothing
+about the command: another node may run it. tasks.py hands such a command back and quarantines
+the node; the command fails only when every node taking commands refused it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .policy import Policy, resolve
+from .runner import CAUSE_NO_CWD, CAUSE_NOT_FOUND
+
+CAUSE_REFUSED = "refused"
+
+
+def node_fault(
+    argv: Sequence[str], cwd: str, env: Mapping[str, str], policy: Policy | None
+) -> dict[str, Any] | None:
+    """Why this node can't start the command ({cause, message, path}), or None.
+
+    `path` is what would have to appear for the fault to go away by itself (the worker checks
+    it at every heartbeat and leaves quarantine once it exists); None for a policy refusal.
+    """
+    if not os.path.isdir(cwd):
+        return _fault(CAUSE_NO_CWD, f"working directory {cwd} not found on this node", cwd)
+    if policy is not None:
+        refused = policy.check(argv, cwd, env)
+        if refused is not None:
+            return _fault(CAUSE_REFUSED, f"refused: {refused}", None)
+    if resolve(argv[0], cwd, env) is None:
+        where = os.path.join(cwd, argv[0]) if "/" in argv[0] else argv[0]
+        path = where if os.path.isabs(where) else None
+        return _fault(CAUSE_NOT_FOUND, f"executable {argv[0]} not found on this node", path)
+    return None
+
+
+def _fault(cause: str, message: str, path: str | None) -> dict[str, Any]:
+    return {"cause": cause, "message": message, "path": path}
