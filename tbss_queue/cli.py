@@ -35,6 +35,7 @@ from .progress import (
     LiveProgress,
     failures_table,
     fmt_duration,
+    node_notes,
     status_table,
     summary_line,
 )
@@ -326,6 +327,8 @@ def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) ->
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
     out.print(status_table(current))
+    for note in node_notes(current):
+        out.print(note, highlight=False)
     if current.failed:
         out.print(failures_table(api.failures(current.batch, settings=settings)))
 

@@ -44,6 +44,15 @@ def summary_line(s: BatchStatus) -> str:
 _NUMERIC = ("running", "succeeded", "failed", "cmds/hour", "last seen")
 
 
+def node_notes(s: BatchStatus) -> list[str]:
+    """One line per quarantined node: why, and how to let it back in (printed unwrapped)."""
+    return [
+        f"{n.node} quarantined: {n.quarantined} (fix it, then: tbss-queue nodes resume {n.node})"
+        for n in s.nodes
+        if n.quarantined
+    ]
+
+
 def status_table(s: BatchStatus) -> Group:
     """The per-state counts and one row per worker node."""
     counts = Table(title=f"batch {s.batch}  ({s.path})", title_justify="left", box=None)
@@ -65,7 +74,6 @@ def status_table(s: BatchStatus) -> Group:
     now = time.time()
     for n in s.nodes:
         seen = f"{fmt_duration(now - n.last_seen)} ago" if n.last_seen else "-"
-        state = f"quarantined: {n.quarantined}" if n.quarantined else ""
         nodes.add_row(
             n.node,
             str(n.running),
@@ -73,7 +81,7 @@ def status_table(s: BatchStatus) -> Group:
             str(n.failed),
             f"{n.per_hour:.0f}",
             seen,
-            state,
+            "quarantined" if n.quarantined else "",
         )
     return Group(counts, speed, nodes)
 

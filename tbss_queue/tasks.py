@@ -35,7 +35,7 @@ from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_paths, open_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy
-from .preflight import node_fault
+from .preflight import CAUSE_REFUSED, node_fault
 from .recovery import republish
 
 log = logging.getLogger(__name__)
@@ -194,10 +194,13 @@ def _execute(
     roots = rules.policy.roots if rules.policy is not None else ()
     patience = 10 * settings.lost_after
     try:
-        fields = check_fields(batch_id, task_id, argv, cwd, options, roots=roots)
+        # roots bound the working directory after this node's path map: policy.check
+        fields = check_fields(batch_id, task_id, argv, cwd, options)
     except RefusedField as exc:
         # a message submit never writes: forged, or from an incompatible version
         log.error("refused a task message: %s", exc)
+        if exc.field not in ("batch_id", "command_id"):
+            _refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc))
         raise Ignore() from None
     if rules.path_map:
         argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
@@ -238,7 +241,11 @@ def _execute(
     with contextlib.ExitStack() as files:
         outputs = None
         if logs is not None:
-            outputs = files.enter_context(_opened(cwd, logs, roots))
+            try:
+                outputs = files.enter_context(_opened(cwd, logs, roots))
+            except (RefusedField, OSError) as exc:
+                fault = {"cause": CAUSE_REFUSED, "message": f"log files: {exc}", "path": None}
+                _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
         result = runner.run_command(
             argv,
             cwd,
@@ -378,6 +385,37 @@ def _stopped(
         if outcome == "requeued":
             republish(task.app, store, settings, batch_id, task_id)
     raise Ignore()
+
+
+def _refuse(
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    task_id: str,
+    node: str,
+    attempt: str,
+    message: str,
+) -> None:
+    """Fail a command whose message did not pass the checks, naming the field."""
+    token = uuid.uuid4().hex
+    if (
+        store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt)
+        != "ok"
+    ):
+        return
+    now = time.time()
+    record = {
+        "cause": CAUSE_REFUSED,
+        "message": f"refused: {message}",
+        "exit_code": None,
+        "node": node,
+        "started": now,
+        "ended": now,
+        "duration": 0.0,
+        "stdout_tail": "",
+        "stderr_tail": message,
+    }
+    store.finish(batch_id, task_id, node, token, FAILED, record)
 
 
 @contextlib.contextmanager

@@ -208,7 +208,6 @@ class Health(threading.Thread):
         self.consumer: Any = None
         self.stopped = threading.Event()
         self.draining = False
-        self.paused = False
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.heartbeat):
@@ -225,14 +224,18 @@ class Health(threading.Thread):
             self.store.release_node(self.node)
             log.warning("left quarantine: %s exists now", path)
             why = None
-        if why and not self.paused:
+        consuming = self.consuming()
+        if why and consuming:
             log.error("quarantined, taking no commands: %s", why.get("message"))
             self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
-            self.paused = True
-        elif not why and self.paused and not self.draining:
+        elif not why and not consuming and not self.draining:
             log.warning("out of quarantine: taking commands again")
             self.app.control.add_consumer(self.settings.queue, destination=[self.node])
-            self.paused = False
+
+    def consuming(self) -> bool:
+        """Whether this node takes messages from the queue now (a task may have stopped it)."""
+        tasks = getattr(self.consumer, "task_consumer", None)
+        return tasks is None or bool(tasks.consuming_from(self.settings.queue))
 
 
 def _drain(consumer: Any, queue: str, after: float, health: Health) -> None:

@@ -112,9 +112,12 @@ def workers(settings: Settings, tmp_path: Path, run_tag: str) -> Iterator[Callab
         *extra: str,
         ready: bool = True,
         env: dict[str, str] | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> Worker:
+        """wrap: a command prefix (e.g. `ip netns exec NS`) that then execs the worker."""
         log = tmp_path / f"worker-{name}-{len(started)}.log"
         cmd = [
+            *wrap,
             sys.executable,
             "-m",
             "tbss_queue",

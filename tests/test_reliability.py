@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tbss_queue import api
@@ -20,38 +19,9 @@ from tbss_queue.config import Settings
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import JOB, gone, job, ran, wait_until
 
-JOB = str(Path(__file__).parent / "bin" / "job.py")
 pytestmark = pytest.mark.slow
-
-
-def job(i: object, log: Path, *extra: str) -> str:
-    return f"{sys.executable} {JOB} {i} --log {log} " + " ".join(extra)
-
-
-def ran(log: Path) -> Counter[str]:
-    return Counter(log.read_text().split()) if log.exists() else Counter()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def gone(pids: list[int], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [
-            p
-            for p in pids
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-        ]
-        if not alive:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_sigkill_of_a_worker_node_mid_task_loses_nothing_and_runs_nothing_twice(

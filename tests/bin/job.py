@@ -17,11 +17,29 @@ p.add_argument("--child", action="store_true", help="start a long-running child 
 p.add_argument("--pidfile", help="write pid (and child pid) here at start")
 p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
+p.add_argument("--marker", help="append 'start PID TIME' and 'done PID TIME' lines to DIR/ID")
+p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
 a = p.parse_args()
+
+
+def mark(what: str) -> None:
+    if a.marker:
+        with open(os.path.join(a.marker, a.id), "a") as f:
+            f.write(f"{what} {os.getpid()} {time.time():.3f}\n")
+
+
+mark("start")
 
 pids = [os.getpid()]
 if a.child:
     pids.append(subprocess.Popen(["sleep", "600"]).pid)
+if a.grandchild:
+    # like fsl_reg -> fnirt: a child that starts its own child; both write their pids
+    code = (
+        "import os,subprocess,sys,time; g=subprocess.Popen(['sleep','600']); "
+        "open(sys.argv[1],'a').write(f'{os.getpid()} {g.pid}\\n'); time.sleep(600)"
+    )
+    subprocess.Popen([sys.executable, "-c", code, a.pidfile])
 if a.pidfile:
     with open(a.pidfile, "a") as f:
         f.write(" ".join(map(str, pids)) + "\n")
@@ -40,4 +58,5 @@ if a.exit == 0:
     if a.log:
         with open(a.log, "a") as f:
             f.write(a.id + "\n")
+    mark("done")
 sys.exit(a.exit)

@@ -1,0 +1,402 @@
+"""One owner per command: leases, cancel, node faults, Redis trouble, process trees.
+
+Real redis-server, real `tbss-queue worker` processes (several nodes = several processes with
+distinct names), network cuts in a network namespace made here. Every test ends with exact
+counts from per-command marker files: a `start PID TIME` line for every copy that started and a
+`done PID TIME` line for every copy that completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.redis_server import RedisServer, free_port
+
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import Markers, alive, gone, job, signal_all, tree, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def marked(i: object, marks: Markers, log: Path, *extra: str) -> str:
+    return job(i, log, "--marker", str(marks.dir), *extra)
+
+
+def running_on(settings: Settings, batch: str, prefix: str) -> bool:
+    return any(
+        n.node.startswith(prefix) and n.running for n in api.status(batch, settings=settings).nodes
+    )
+
+
+def test_cancel_while_running_then_retry_runs_every_command_exactly_once(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given 4 commands running and 20 waiting
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    workers("w1", 4)
+    ids = [str(i) for i in range(24)]
+    cmds = write_commands(tmp_path / "cmds", [marked(i, marks, log, "--sleep", "2") for i in ids])
+    batch = api.submit(cmds, settings=settings)
+    wait_until(lambda: api.status(batch.id, settings=settings).running == 4, what="4 running")
+    env = settings_env(settings, run_tag)
+    # When the batch is cancelled, then retried at once with --wait
+    assert tbss_queue("cancel", batch.id, "--yes", env=env).returncode == 0
+    assert api.status(batch.id, settings=settings).cancelled == 24
+    res = tbss_queue("retry", batch.id, "--wait", env=env, timeout=120)
+    # Then retry --wait returns, and every command completed exactly once
+    assert res.returncode == 0, res.stderr
+    assert "24 commands queued again" in res.stderr
+    final = api.status(batch.id, settings=settings)
+    assert (final.succeeded, final.cancelled, final.queued, final.running) == (24, 0, 0, 0)
+    marks.assert_exactly_once(ids, restarts=True)
+    # the 4 killed by the cancel started twice, the others once
+    starts = sorted(len(marks.starts(i)) for i in ids)
+    assert starts == [1] * 20 + [2] * 4
+
+
+def test_a_frozen_node_loses_its_command_and_its_copy_dies_on_resume(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given node w1 running a 12 s command that writes an output file when it completes
+    marks, log, out = Markers(tmp_path / "marks"), tmp_path / "log", tmp_path / "frozen.out"
+    w1 = workers("w1", 1)
+    line = marked("frozen", marks, log, "--sleep", "12", "--out", str(out))
+    batch = api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
+    wait_until(lambda: marks.starts("frozen"), what="the command to start")
+    old = marks.starts("frozen")[0].pid
+    frozen = tree(w1.proc.pid)
+    assert old in frozen
+    # When w1's whole process tree, command included, is stopped past LOST_AFTER (a paused VM)
+    signal_all(frozen, signal.SIGSTOP)
+    try:
+        workers("w2", 1)
+        wait_until(lambda: len(marks.starts("frozen")) == 2, what="w2 to take the command over")
+    finally:
+        # ... and then resumed, all at once
+        signal_all(frozen, signal.SIGCONT)
+    # Then the old copy is killed within one heartbeat of resuming, before it could finish
+    assert gone([old], timeout=settings.heartbeat + 1), "the old copy survived its lease"
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert (final.succeeded, final.failed, final.queued, final.running) == (1, 0, 0, 0)
+    [done] = marks.dones("frozen")
+    assert done.pid != old
+    # and the new copy's output is there: nothing of the old owner removed it
+    assert out.read_text() == "frozen\n"
+    [record] = api.tasks(batch.id, settings=settings)
+    assert record.node is not None and record.node.startswith("w2@")
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair: (namespace, host-side link,
+    host-side address). Its traffic goes only to this machine."""
+    if shutil.which("ip") is None:
+        pytest.fail(
+            "iproute2's `ip` is needed for the network-cut tests (apt-get install iproute2)"
+        )
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"tbssq-{tag}", f"tq{tag}h", f"tq{tag}n"
+    host_ip, ns_ip = "10.254.13.1", "10.254.13.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns, host_if, host_ip
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_node_cut_off_from_redis_kills_its_copy_before_another_node_reruns_it(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    netns: tuple[str, str, str],
+) -> None:
+    # Given a Redis reachable over a link into a namespace, where node `cut` runs a command
+    ns, host_if, host_ip = netns
+    port = free_port()
+    server = RedisServer(
+        tmp_path / "redis",
+        port=port,
+        persistent=False,
+        extra_args=["--bind", "127.0.0.1", host_ip],
+    ).start()
+    try:
+        url = f"redis://{host_ip}:{port}/0"
+        here = settings.with_(broker=url)
+        env = {"TBSS_QUEUE_BROKER": url}
+        marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+        cut = workers("cut", 1, env=env, wrap=("ip", "netns", "exec", ns))
+        line = marked("far", marks, log, "--sleep", "15")
+        batch = api.submit(write_commands(tmp_path / "cmds", [line]), time_limit=30, settings=here)
+        wait_until(lambda: marks.starts("far"), what="the command to start in the namespace")
+        old = marks.starts("far")[0].pid
+        # When the link goes down (no FIN, no RST: packets just stop) past LOST_AFTER
+        subprocess.run(["ip", "link", "set", host_if, "down"], check=True)
+        cut_at = time.monotonic()
+        workers("w2", 1, env=env)
+        # Then the cut-off copy dies by itself within LOST_AFTER, long before its time limit
+        assert gone([old], timeout=settings.lost_after + 2), "the cut-off copy kept running"
+        assert time.monotonic() - cut_at < settings.lost_after + 2
+        # and the command completes exactly once, on the node that can reach Redis
+        final = api.wait(batch.id, settings=here, timeout=60)
+        assert (final.succeeded, final.failed, final.queued, final.running) == (1, 0, 0, 0)
+        assert marks.counts(["far"]) == {"far": (2, 1)}
+        assert marks.dones("far")[0].pid != old
+        assert cut.proc.poll() is None  # the cut-off node itself waits for Redis to come back
+    finally:
+        server.stop()
+
+
+def test_a_node_with_a_wrong_path_map_is_quarantined_and_the_study_completes(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a good node and a node whose --path-map leads nowhere
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    workers("good", 2)
+    workers("bad", 2, "--allow-any", "--path-map", f"{tmp_path}=/nonexistent/study")
+    ids = [str(i) for i in range(200)]
+    # When 200 commands are submitted
+    batch = api.submit(
+        write_commands(tmp_path / "cmds", [marked(i, marks, log) for i in ids]), settings=settings
+    )
+    final = api.wait(batch.id, settings=settings, timeout=240)
+    # Then all 200 succeed, each exactly once, all on the good node
+    assert (final.succeeded, final.failed, final.queued, final.running) == (200, 0, 0, 0)
+    marks.assert_exactly_once(ids)
+    assert {t.node.split("@")[0] for t in api.tasks(batch.id, settings=settings) if t.node} == {
+        "good"
+    }
+    # and the bad node is shown quarantined, with the reason, in `nodes` and in `status`
+    env = settings_env(settings, run_tag)
+    listed = json.loads(tbss_queue("nodes", "--json", env=env).stdout)
+    [bad] = [n for n in listed if n["node"].startswith("bad@")]
+    assert bad["quarantined"] == "working directory /nonexistent/study not found on this node"
+    assert bad["online"] is True
+    shown = tbss_queue("status", batch.id, env=env).stdout
+    assert f"{bad['node']} quarantined: working directory /nonexistent/study not found" in shown
+    # and `nodes resume` lets it take commands again
+    res = tbss_queue("nodes", "resume", bad["node"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert not [n for n in api.nodes(settings=settings) if n.quarantined]
+
+
+def test_a_command_every_node_refuses_fails_with_each_nodes_reason(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given two nodes and a commands file with one line whose executable exists nowhere
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    workers("w1", 1)
+    workers("w2", 1)
+    lines = [marked(i, marks, log) for i in range(6)] + ["/no/such/fsl_reg a b c"]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=90)
+    # Then that command fails, naming both nodes; the others ran once; no node stays quarantined
+    assert (final.succeeded, final.failed) == (6, 1)
+    marks.assert_exactly_once([str(i) for i in range(6)])
+    [failed] = api.failures(batch.id, settings=settings)
+    assert failed.cause == "not-found" and "refused by every node" in failed.message
+    assert "w1@" in failed.message and "w2@" in failed.message
+    assert not [n for n in api.nodes(settings=settings) if n.quarantined]
+
+
+BUSY_SCRIPT = """
+local t0 = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1]) * 1000 then return 1 end
+end
+"""
+
+
+def test_redis_busy_for_8_seconds_kills_no_command(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given two nodes running 4 commands, with LOST_AFTER above the Redis stall
+    env = {"TBSS_QUEUE_LOST_AFTER": "20"}
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    workers("w1", 2, env=env)
+    workers("w2", 2, env=env)
+    ids = [str(i) for i in range(4)]
+    lines = [marked(i, marks, log, "--sleep", "14") for i in ids]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    wait_until(lambda: all(marks.starts(i) for i in ids), what="4 commands running")
+    # When one Lua script keeps Redis busy for 8 s (every other client gets BUSY after 5 s)
+    client = redis.Redis.from_url(settings.broker, socket_timeout=30)
+    assert client.eval(BUSY_SCRIPT, 0, 8000) == 1
+    final = api.wait(batch.id, settings=settings.with_(lost_after=20.0), timeout=90)
+    # Then no command was killed, failed or lost: each ran once
+    assert (final.succeeded, final.failed, final.queued, final.running) == (4, 0, 0, 0)
+    marks.assert_exactly_once(ids)
+    attempts = client.hgetall(f"tbssq:b:{batch.id}:attempts")
+    assert not [k for k in attempts if k.startswith(b"lost:")]
+
+
+@pytest.mark.parametrize("where", ["worker cap", "submitter's default"])
+def test_a_time_limit_ends_a_command_as_timeout_once(
+    where: str, tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a worker and a submitter whose time limits differ
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    if where == "worker cap":
+        workers("w1", 1, "--allow-any", "--max-time-limit", "2")
+        submitter = settings
+    else:
+        workers("w1", 1, env={"TBSS_QUEUE_TIME_LIMIT": "600"})
+        submitter = settings.with_(time_limit=2)
+    line = marked("slow", marks, log, "--sleep", "600")
+    # When a command runs past the smaller one
+    batch = api.submit(write_commands(tmp_path / "cmds", [line]), settings=submitter)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then it ends as `timeout`, once: not killed by Celery, not requeued as lost
+    assert (final.failed, final.succeeded, final.queued) == (1, 0, 0)
+    [failed] = api.failures(batch.id, settings=settings)
+    assert failed.cause == "timeout" and "time limit of 2 s" in failed.message
+    assert marks.counts(["slow"]) == {"slow": (1, 0)}
+
+
+@pytest.mark.parametrize("victim", ["main process", "pool process"])
+def test_sigkill_of_a_worker_leaves_no_process_of_its_commands_tree(
+    victim: str, tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a command that starts a child that starts a grandchild (fsl_reg -> fnirt)
+    pidfile, log = tmp_path / "pids", tmp_path / "log"
+    w1 = workers("w1", 1)
+    line = job("deep", log, "--sleep", "600", "--grandchild", "--pidfile", str(pidfile))
+    api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
+    wait_until(
+        lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3, what="three levels"
+    )
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert len(alive(pids)) == 3
+    # When the worker's main process, or the pool process running it, is SIGKILLed
+    main = psutil.Process(w1.proc.pid)
+    [pool] = [c for c in main.children() if c.pid not in pids]
+    (main if victim == "main process" else pool).kill()
+    # Then within 2 s no process of that tree remains
+    assert gone(pids, timeout=2), f"left running: {alive(pids)}"
+
+
+def test_a_lost_command_goes_to_the_front_of_a_long_queue(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given node w1 running a command, and 500 others queued behind w2's one slot
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    w1 = workers("w1", 1)
+    lost = api.submit(
+        write_commands(tmp_path / "lost", [marked("lost", marks, log, "--sleep", "3")]),
+        settings=settings,
+    )
+    wait_until(lambda: marks.starts("lost"), what="the command to start on w1")
+    workers("w2", 1)
+    others = [f"sleep 0.{i:04d} 1" for i in range(500)]
+    queue = api.submit(write_commands(tmp_path / "others", others), settings=settings)
+    # When w1 dies
+    w1.signal(signal.SIGKILL)
+    killed = time.time()
+    wait_until(lambda: len(marks.starts("lost")) == 2, timeout=60, what="the rerun")
+    # Then it runs again within LOST_AFTER + HEARTBEAT + one command (+ start-up slack),
+    # ahead of the 500: not hours later at the back of the queue
+    rerun = marks.starts("lost")[1].time
+    assert rerun - killed < settings.lost_after + settings.heartbeat + 1.0 + 4.0
+    assert api.status(queue.id, settings=settings).succeeded < 20
+    final = api.wait(lost.id, settings=settings, timeout=60)
+    assert final.succeeded == 1 and marks.counts(["lost"]) == {"lost": (2, 1)}
+    api.cancel(queue.id, settings=settings)
+
+
+def test_sigterm_in_a_loop_while_commands_finish_records_each_once(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given two nodes working through 100 short commands
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    nodes = {"w1": workers("w1", 2), "w2": workers("w2", 2)}
+    ids = [str(i) for i in range(100)]
+    lines = [marked(i, marks, log, "--sleep", "0.3") for i in ids]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    # When SIGTERM hits w1's main process again and again (restarted whenever it exits)
+    deadline = time.monotonic() + 180
+    while not api.status(batch.id, settings=settings).done:
+        assert time.monotonic() < deadline, "batch not done"
+        w1 = nodes["w1"]
+        if w1.proc.poll() is not None:
+            nodes["w1"] = workers("w1", 2)
+            continue
+        for _ in range(3):
+            if w1.proc.poll() is None:
+                w1.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+        time.sleep(1.0)
+    # Then every command was recorded once and none ran twice
+    final = api.status(batch.id, settings=settings)
+    assert (final.succeeded, final.failed, final.queued, final.running) == (100, 0, 0, 0)
+    marks.assert_exactly_once(ids)
+
+
+def test_concurrent_submits_of_one_file_and_a_retry_mid_batch_run_each_command_once(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a file whose two first commands fail until a flag exists
+    marks, log, flag = Markers(tmp_path / "marks"), tmp_path / "log", tmp_path / "flag"
+    ids = [str(i) for i in range(30)]
+    lines = [marked(i, marks, log, "--fail-unless", str(flag)) for i in ids[28:]] + [
+        marked(i, marks, log, "--sleep", "0.5") for i in ids[:28]
+    ]
+    cmds = write_commands(tmp_path / "cmds", lines)
+    env = settings_env(settings, run_tag)
+    # When two processes submit it at the same moment
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tbss_queue", "submit", str(cmds)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    [batch] = api.list_batches(settings=settings)
+    workers("w1", 2)
+    wait_until(lambda: api.status(batch.batch, settings=settings).failed == 2, what="2 failures")
+    # ... and the failed ones are retried while the rest still runs
+    flag.touch()
+    assert (
+        api.status(batch.batch, settings=settings).queued
+        + api.status(batch.batch, settings=settings).running
+        > 0
+    ), "the batch ended before the retry: make the commands longer"
+    again = api.retry(batch.batch, settings=settings)
+    assert again.queued == 2
+    final = api.wait(batch.batch, settings=settings, timeout=120)
+    # Then every command completed exactly once (the two fixed ones after one failed try)
+    assert (final.succeeded, final.failed, final.total) == (30, 0, 30)
+    marks.assert_exactly_once(ids, restarts=True)
+    assert {i: len(marks.starts(i)) for i in ids} == {i: 1 if int(i) < 28 else 2 for i in ids}
+    assert os.path.exists(log)
