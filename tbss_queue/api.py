@@ -34,9 +34,10 @@ from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings
 from .done import done_marker
-from .errors import BrokerUnavailable, ConfigError
+from .errors import BatchNotFound, BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
+from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
 from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
 from .status import compute, fsl_version_warning
 
@@ -83,6 +84,7 @@ def submit(
             commands=tuple(replace(c, argv=tuple(path_map.argv(c.argv))) for c in parsed.commands),
         )
     settings, store = _store(settings)
+    remember(store.r)  # before any commit: no batch without the dataset's epoch mark
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
     keys = [c.key(workdir) for c in parsed.commands]
@@ -133,6 +135,10 @@ def submit(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
     )
+    persisted = persistence_warning(store.r)
+    if persisted:
+        warnings += (persisted,)
+
     return Batch(
         batch_id,
         resolved,
@@ -244,7 +250,12 @@ def workdir_for(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None
 def status(batch_id: str | None = None, *, settings: Settings | None = None) -> BatchStatus:
     """Counts, throughput and ETA of a batch (default: the latest). Constant cost in batch size."""
     _, store = _store(settings)
-    bid = store.resolve_id(batch_id)
+    try:
+        bid = store.resolve_id(batch_id)
+    except BatchNotFound as exc:
+        if batch_id is None:
+            raise
+        raise lost_or_not_found(store.r, batch_id, None, exc) from None
     current = compute(bid, store.snapshot(bid))
     facts = store.node_facts([n.node for n in current.nodes])
     quarantine = store.quarantined()
@@ -298,6 +309,7 @@ def tasks(
     _, store = _store(settings)
     bid = store.resolve_id(batch_id)
     specs, states = store.task_specs(bid), store.states(bid)
+    meta_cwd = store.meta(bid).get("cwd")
     wanted = [t for t in specs if state is None or states.get(t) == state]
     results = store.results(bid, wanted)
     out = []
@@ -319,6 +331,8 @@ def tasks(
                 ended=res.get("ended"),
                 slot=res.get("slot"),
                 attempt=res.get("attempt"),
+                ran=tuple(res["argv"]) if res.get("argv") else None,
+                ran_cwd=res.get("cwd") if res.get("cwd") != meta_cwd else None,
             )
         )
     return sorted(out, key=lambda r: r.line)
@@ -361,10 +375,15 @@ def wait(
 ) -> BatchStatus:
     """Block until the batch has nothing queued or running; returns its final status."""
     settings = settings or Settings.resolve()
-    bid = BatchStore(connect(settings)).resolve_id(batch_id)
+    client = connect(settings)
+    bid = BatchStore(client).resolve_id(batch_id)
+    known = server_run_id(client)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        current = _poll_status(bid, settings)
+        try:
+            current = _poll_status(bid, settings)
+        except BatchNotFound as exc:  # gone while we waited: lost in a restart?
+            raise lost_or_not_found(client, bid, known, exc) from None
         if on_update is not None:
             on_update(current)
         if current.done:

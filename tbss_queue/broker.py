@@ -80,12 +80,13 @@ def _client(
     url: str, ssl_options: tuple[tuple[str, Any], ...] = (), timeout: float = SOCKET_TIMEOUT
 ) -> redis.Redis:
     # one pool per URL, timeout and process; the pool is created lazily, so a fork is harmless
+    tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=min(5.0, timeout),
         socket_timeout=timeout,
-        socket_keepalive=True,
         health_check_interval=10,
+        **tcp,
         **dict(ssl_options),
     )

@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -90,6 +90,7 @@ class Settings:
                 f"--broker / {ENV_PREFIX}BROKER: {mask_url(self.broker)!r} is not a Redis URL "
                 "(redis://, rediss:// or redis+socket://)"
             )
+        self._validate_urls()
         if self.visibility_timeout <= self.time_limit:
             raise ConfigError(
                 f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must be larger than "
@@ -105,6 +106,25 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}CRASH_LIMIT must be at least 1")
         self._validate_tls()
         self._validate_signing()
+
+    def _validate_urls(self) -> None:
+        """A port that is a number, and no TLS setting in a URL: the --tls-* options are what
+        Celery, kombu, Flower and our own redis-py client all receive, while a URL's query
+        reaches only some of them (and overrides the options in redis-py)."""
+        for where, url in (
+            (f"--broker / {ENV_PREFIX}BROKER", self.broker),
+            (f"--result-backend / {ENV_PREFIX}RESULT_BACKEND", self.result_backend),
+        ):
+            if not url:
+                continue
+            try:
+                _ = urlsplit(url).port  # parsed on access: raises for 'notaport' or 99999
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: {mask_url(url)!r}: the port is not a number from 1 to 65535"
+                ) from None
+            if not self.tls_insecure:
+                _refuse_tls_in_query(where, url)
 
     def _validate_tls(self) -> None:
         tls_given = self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure
@@ -184,6 +204,54 @@ class Settings:
         return mask_url(self.broker)
 
 
+_TLS_FILE_PARAMETERS = {
+    "ssl_ca_certs": "--tls-ca",
+    "ssl_ca_path": "--tls-ca",
+    "ssl_ca_data": "--tls-ca",
+    "ssl_certfile": "--tls-cert",
+    "ssl_keyfile": "--tls-key",
+}
+"""URL query parameters naming certificates, and the option to give instead."""
+
+_DEFAULT_SPELLINGS = {
+    "ssl_cert_reqs": ("required", "cert_required"),
+    "ssl_check_hostname": ("1", "t", "true", "y", "yes", "on"),
+}
+"""Values that only restate what the options already enforce (Celery's documentation puts
+`ssl_cert_reqs=required` in rediss:// URLs); any other value turns a check off."""
+
+_TURNS_OFF = {"ssl_cert_reqs": "certificate checks", "ssl_check_hostname": "host name checks"}
+
+
+def _refuse_tls_in_query(where: str, url: str) -> None:
+    """ConfigError for the first ssl_* query parameter of `url` other than a restated default.
+
+    Names are compared case-insensitively and after percent-decoding, every value of a
+    repeated parameter counts: a check is off as soon as any client reads it that way."""
+    for raw_name, raw_value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        name, value = raw_name.strip().lower(), raw_value.strip().lower()
+        if not name.startswith("ssl_"):
+            continue
+        if value in _DEFAULT_SPELLINGS.get(name, ()):
+            continue
+        shown = f"{where}: {mask_url(url)!r}"
+        if name in _TURNS_OFF:
+            raise ConfigError(
+                f"{shown} turns {_TURNS_OFF[name]} off: remove {raw_name} from the URL, "
+                "or give --tls-insecure (testing only)"
+            )
+        if name in _TLS_FILE_PARAMETERS:
+            raise ConfigError(
+                f"{shown} sets {raw_name} in the URL, which Celery, kombu and Flower do not all "
+                f"read: remove it from the URL and give {_TLS_FILE_PARAMETERS[name]} instead"
+            )
+        raise ConfigError(
+            f"{shown} sets {raw_name} in the URL, which Celery, kombu and Flower do not all "
+            "read: remove it; TLS is set by --tls-ca, --tls-cert and --tls-key, or turned off "
+            "by --tls-insecure (testing only)"
+        )
+
+
 def _readable_file(option: str, path: str | None) -> None:
     if path and not os.access(path, os.R_OK):
         raise ConfigError(f"--{option} {path}: no such readable file")
@@ -208,15 +276,30 @@ def _convert(var: str, raw: str, kind: Any) -> Any:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL: redis://user:secret@host -> redis://user:***@host."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide the passwords of a URL: redis://user:secret@host -> redis://user:***@host, and
+    redis+socket:///r.sock?password=secret -> ?password=***.
+
+    Works on the text (nothing is parsed into numbers), so a URL with a bad port is masked too
+    and the rest of the URL is shown exactly as given."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    path, question, query_fragment = tail.partition("?")
+    if question:
+        query, hash_, fragment = query_fragment.partition("#")
+        pairs = []
+        for pair in query.split("&"):
+            name, eq, value = pair.partition("=")
+            if eq and value and unquote(name).strip().lower() == "password":
+                pair = f"{name}=***"
+            pairs.append(pair)
+        tail = f"{path}?{'&'.join(pairs)}{hash_}{fragment}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 def cpu_count() -> int:

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 
+from .batches import BatchStore
 from .broker import connect
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
+from .persistence import FIX as PERSISTENCE_FIX
+from .persistence import persistence
 
 GB_PER_FNIRT = 2.0
 """Memory to plan per registration. FNIRT on 1 mm FA is commonly quoted at 1-2 GB per process;
@@ -74,7 +78,46 @@ def check_broker(settings: Settings) -> list[Check]:
             "" if abs(skew) <= MAX_SKEW else "synchronise clocks (chrony/ntpd)",
         )
     )
+    checks.append(check_persistence(client))
+    for node, why in sorted(BatchStore(client).quarantined().items()):
+        checks.append(
+            Check(
+                f"node {node}",
+                False,
+                f"quarantined, takes no commands: {why.get('message')}",
+                f"fix that node, then: tbss-queue nodes resume {node}",
+            )
+        )
     return checks
+
+
+def check_persistence(client: redis.Redis) -> Check:
+    """Does the broker keep queued commands across a restart (AOF or RDB)?"""
+    try:
+        state = persistence(client)
+    except redis.RedisError as exc:
+        return Check(
+            "persistence",
+            False,
+            f"cannot ask the broker: {exc}",
+            "run doctor again once it answers",
+        )
+    if state.durable is False:
+        return Check(
+            "persistence",
+            False,
+            "no AOF, no RDB: the broker keeps its data in memory only, a Redis restart loses "
+            "every queued command and batch",
+            PERSISTENCE_FIX,
+        )
+    if state.durable is None:
+        return Check(
+            "persistence",
+            True,
+            f"{state.describe()}: cannot tell whether a Redis restart keeps the queue; "
+            "make sure the service persists its data",
+        )
+    return Check("persistence", True, state.describe())
 
 
 def check_fsl(env: dict[str, str]) -> list[Check]:

@@ -71,7 +71,8 @@ def done_marker(argv: Sequence[str], cwd: str, pattern: str | None) -> DoneMarke
     return None
 
 
-def remove_stale(argv: Sequence[str], cwd: str) -> list[str]:
-    """Before a (re)run, delete an earlier attempt's outputs (fsl_reg lines only)."""
+def remove_stale(argv: Sequence[str], cwd: str, roots: Sequence[str] = ()) -> list[str]:
+    """Before a (re)run, delete an earlier attempt's outputs (fsl_reg lines only), never
+    outside `roots` when given."""
     reg = parse_fsl_reg(argv)
-    return remove_stale_reg(reg, cwd) if reg is not None else []
+    return remove_stale_reg(reg, cwd, roots) if reg is not None else []

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .policy import within
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".img.gz")
 
 
@@ -73,10 +75,13 @@ def reg_done(reg: FslReg, cwd: str) -> bool:
     return read_msf(reg.msf(cwd)) is not None and reg.warp_exists(cwd)
 
 
-def remove_stale(reg: FslReg, cwd: str) -> list[str]:
-    """Delete what an earlier attempt left; returns the names removed."""
+def remove_stale(reg: FslReg, cwd: str, roots: Sequence[str] = ()) -> list[str]:
+    """Delete what an earlier attempt left; returns the names removed. With `roots` (the
+    worker's --root), nothing outside them is touched, whatever the line says."""
     removed = []
     for path in reg.stale_outputs(cwd):
+        if roots and not within(str(path), roots):
+            continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path.name)

@@ -9,8 +9,10 @@ then redis-server (which writes its append-only file on the way out).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ from .commands import parse_commands_file
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
 from .models import BatchStatus, TaskRecord
-from .procs import TAG_VAR, kill_tagged
+from .procs import TAG_VAR, dies_with_parent, kill_tagged
 from .recovery import reconcile
 from .redis_server import RedisServer
 
@@ -38,6 +40,10 @@ RUN_DIR = ".tbss-queue"
 
 class Interrupted(BaseException):
     """Raised in the main thread when `run` gets SIGTERM, so that clean-up runs as for Ctrl-C."""
+
+
+class RunInUse(TbssQueueError):
+    """Raised when another `tbss-queue run` already works in the same study directory."""
 
 
 class LocalWorkerDied(TbssQueueError):
@@ -74,7 +80,7 @@ def run(
         failed = api.failures(batch.id, settings=settings)
         return RunResult(final, failed, False, None, time.monotonic() - started)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
-    with _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
+    with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
         batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=local)
 
         def update(status: BatchStatus) -> None:
@@ -88,13 +94,37 @@ def run(
 
 
 @contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this `run` alone (an advisory lock the kernel releases when this
+    process dies, however it dies); a second `run` is refused, saying who holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise RunInUse(
+                f"{run_dir} is in use by another `tbss-queue run` ({holder}): wait for it to "
+                "end, or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {when}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def embedded(
     run_dir: Path, concurrency: int | None
 ) -> Iterator[tuple[Settings, Callable[[], None]]]:
     """A private Redis and one local worker node; yields their settings and a liveness check."""
     # an outer tag (a test, a pilot job) is kept so that its owner can find our processes too
     tag = os.environ.get(TAG_VAR) or uuid.uuid4().hex
-    server = RedisServer(run_dir, persistent=True)
+    server = RedisServer(run_dir, persistent=True, die_with_parent=True)
     server.start()
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -126,6 +156,9 @@ def embedded(
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                # SIGKILL of `run` takes its worker along (the worker's slots and their
+                # guards then kill the commands)
+                preexec_fn=dies_with_parent(signal.SIGKILL),  # noqa: PLW1509
             )
 
         def watch() -> None:

@@ -122,10 +122,23 @@ class TaskRecord:
     ended: float | None = None
     slot: int | None = None  # the worker's pool process: one command at a time per slot
     attempt: int | None = None
+    ran: tuple[str, ...] | None = None  # the argv that actually ran on the node (last attempt)
+    ran_cwd: str | None = None  # and where
 
     @property
     def text(self) -> str:
         return shlex.join(self.argv)
 
+    @property
+    def ran_text(self) -> str:
+        """What ran, where it differs from what was submitted (a path map, $FSLDIR, the
+        program's full path): '' otherwise."""
+        if self.ran is None or (self.ran == self.argv and self.ran_cwd is None):
+            return ""
+        text = shlex.join(self.ran)
+        where = f" (in {self.ran_cwd})" if self.ran_cwd else ""
+        return "" if text == self.text and not where else text + where
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "argv": list(self.argv), "command": self.text}
+        ran = list(self.ran) if self.ran is not None else None
+        return {**asdict(self), "argv": list(self.argv), "ran": ran, "command": self.text}

@@ -2,8 +2,9 @@
 can put any command in the queue, so each command is checked here before anything runs.
 
 - Only allowed executables run, judged by the RESOLVED path (`../../bin/sh` or a symlink named
-  fsl_reg pointing at bash do not slip through). By default: FSL's registration tools, and
-  under $FSLDIR when the worker has one.
+  fsl_reg pointing at bash do not slip through). By default: FSL's registration tools, trusted
+  by where they live (under the worker's $FSLDIR), never by their name: a copy of bash called
+  fsl_reg in the study tree is not FSL. Without $FSLDIR, FSL tools need --allow PATH.
 - Interpreters (sh, bash, python, perl, env...) are refused unless explicitly allowed: with
   them any code could come in as an argument.
 - With --root, the working directory must lie under one of the roots.
@@ -79,6 +80,12 @@ INTERPRETERS = (
 name or path explicitly (a pattern such as `*` does not count)."""
 
 
+def within(path: str, roots: Sequence[str]) -> bool:
+    """Whether `path` (symlinks followed) lies under one of `roots` (already real paths)."""
+    real = os.path.realpath(path)
+    return any(_under(real, root) for root in roots)
+
+
 @dataclass(frozen=True)
 class Policy:
     allow: tuple[str, ...] = ()
@@ -133,7 +140,13 @@ class Policy:
             return None
         fsldir = env.get("FSLDIR")
         if any(fnmatch.fnmatchcase(name, p) for p in FSL_TOOLS):
-            if not fsldir or _under(resolved, os.path.realpath(fsldir)):
+            if not fsldir:
+                return (
+                    f"{argv[0]}: FSL tools run only from this worker's $FSLDIR, and it has none: "
+                    "start the worker with FSLDIR set (source $FSLDIR/etc/fslconf/fsl.sh), or "
+                    f"--allow {resolved}"
+                )
+            if _under(resolved, os.path.realpath(fsldir)):
                 return None
             return f"{resolved} is not under this worker's FSLDIR ({fsldir})"
         return (
@@ -153,16 +166,26 @@ class Policy:
         return False
 
 
-def resolve(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
-    """The real file a command would execute: relative to cwd, or found on PATH; symlinks
-    followed."""
+def locate(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
+    """The absolute path a command's program is found at (relative to cwd, or on PATH).
+
+    The worker executes exactly this path, the one the policy judged: Popen does not search
+    PATH again, so check and use can't see two different files."""
     if "/" in program:
-        path = os.path.join(cwd, program)
+        path = os.path.normpath(os.path.join(cwd, program))
     else:
         found = shutil.which(program, path=env.get("PATH"))
         if found is None:
             return None
-        path = found
+        path = os.path.abspath(found)
+    return path if os.path.isfile(path) else None
+
+
+def resolve(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
+    """The real file a command would execute: `locate`, with symlinks followed."""
+    path = locate(program, cwd, env)
+    if path is None:
+        return None
     real = os.path.realpath(path)
     return real if os.path.isfile(real) else None
 

@@ -108,7 +108,7 @@ def failures_table(records: list[TaskRecord]) -> Table:
             r.cause or "-",
             "-" if r.exit_code is None else str(r.exit_code),
             r.node or "-",
-            r.text,
+            r.text + (f"\nran: {r.ran_text}" if r.ran_text else ""),
             last[0][:200],
         )
     return table

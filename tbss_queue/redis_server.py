@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 import redis
 
 from .errors import EmbeddedRedisError
+from .procs import dies_with_parent
 
 MAX_SOCKET_PATH = 100
 """Unix socket paths are limited to 108 bytes on Linux (fewer on macOS); stay under both."""
@@ -65,6 +67,7 @@ class RedisServer:
         extra_args: list[str] | None = None,
         tls: TlsFiles | None = None,
         executable: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
@@ -73,6 +76,8 @@ class RedisServer:
         self.extra_args = extra_args or []
         self.tls = tls
         self.executable = executable
+        # `run`'s private server: SIGTERM (it writes its AOF and exits) when `run` dies
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
         self._socket_dir: str | None = None
         self.socket: str | None = None
@@ -133,6 +138,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=dies_with_parent(signal.SIGTERM) if self.die_with_parent else None,  # noqa: PLW1509
         )
         client = redis.Redis.from_url(
             self.url.replace("redis+socket://", "unix://"), **self.client_ssl_options()

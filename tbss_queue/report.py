@@ -232,7 +232,8 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
     rows = []
     for f in failures[:FAILURES_SHOWN]:
         detail = f.message or (f.stderr_tail.strip().splitlines() or [""])[-1]
-        cells = (f.line, f.text, f.cause or "", f.exit_code, f.node or "", detail)
+        command = f.text + (f"  (ran: {f.ran_text})" if f.ran_text else "")
+        cells = (f.line, command, f.cause or "", f.exit_code, f.node or "", detail)
         rows.append(
             "<tr>"
             + "".join(

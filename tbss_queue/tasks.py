@@ -34,7 +34,7 @@ from .config import Settings
 from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_paths, open_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
-from .policy import Policy
+from .policy import Policy, locate
 from .preflight import CAUSE_REFUSED, node_fault
 from .recovery import republish
 
@@ -200,7 +200,7 @@ def _execute(
         # a message submit never writes: forged, or from an incompatible version
         log.error("refused a task message: %s", exc)
         if exc.field not in ("batch_id", "command_id"):
-            _refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc))
+            refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc))
         raise Ignore() from None
     if rules.path_map:
         argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
@@ -225,6 +225,8 @@ def _execute(
     fault = node_fault(argv, cwd, env, rules.policy)
     if fault is not None:
         _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+    # run exactly the file the policy judged: no second PATH search between check and use
+    argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
     marker = done_marker(argv, cwd, fields.done_if_exists)
     if marker is not None and marker.done():
         record_end(
@@ -233,7 +235,7 @@ def _execute(
         )
         raise Ignore()
     if marker is not None:
-        remove_stale(argv, cwd)
+        remove_stale(argv, cwd, roots)
     time_limit = fields.time_limit or settings.time_limit
     if rules.max_time_limit:
         time_limit = min(time_limit, rules.max_time_limit)
@@ -387,7 +389,7 @@ def _stopped(
     raise Ignore()
 
 
-def _refuse(
+def refuse(
     store: BatchStore,
     settings: Settings,
     batch_id: str,
@@ -396,7 +398,8 @@ def _refuse(
     attempt: str,
     message: str,
 ) -> None:
-    """Fail a command whose message did not pass the checks, naming the field."""
+    """Fail a command whose message this worker will not run (a field that does not pass the
+    checks, a signature that does not hold), saying why: it must not stay queued for ever."""
     token = uuid.uuid4().hex
     if (
         store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import psutil
 from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
+from celery.worker.consumer import consumer as celery_consumer
 
 from . import __version__
 from .app import make_app
@@ -26,9 +28,11 @@ from .config import Settings, cpu_count
 from .doctor import fsl_version
 from .errors import ConfigError
 from .paths import PathMap
+from .persistence import persistence_warning
 from .policy import Policy
+from .publish import REF_HEADER
 from .recovery import Reaper
-from .tasks import NodeRules, register
+from .tasks import NodeRules, refuse, register
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +127,14 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     app = make_app(settings)
     rules = NodeRules(options.path_map, options.policy, options.max_time_limit)
     register(app, settings, rules)
+    app.conf.worker_consumer = f"{__name__}:Consumer"
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
     store = BatchStore(connect(settings, check=False))
+    Consumer.refuse = functools.partial(_refuse_message, store, settings, options.nodename)
+    warning = persistence_warning(store.r)
+    if warning:
+        log.warning(warning)
     reaper = Reaper(app, settings, store)
     health = Health(app, settings, store, options.nodename)
     # a restarted node starts afresh: its configuration may be what was fixed
@@ -177,6 +186,12 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     app.worker_main(argv=argv)
 
 
+def _refuse_message(
+    store: BatchStore, settings: Settings, node: str, batch_id: str, task_id: str, why: str
+) -> None:
+    refuse(store, settings, batch_id, task_id, node, "", why)
+
+
 def _later(seconds: float, then: Callable[[float], None]) -> None:
     time.sleep(seconds)
     then(seconds)
@@ -194,6 +209,32 @@ def _exit(waited: float) -> None:
     log.error("shutdown still not finished after %.0f s (is Redis reachable?): exiting now", waited)
     logging.shutdown()
     os._exit(1)
+
+
+class Consumer(celery_consumer.Consumer):
+    """Celery's consumer, except that a task message it cannot decode (unsigned, or signed by
+    a key this worker does not trust) also fails its command as `refused`, instead of leaving
+    it queued for ever with nothing to say why."""
+
+    refuse: Callable[[str, str, str], None] | None = None  # (batch, command, why); run_worker
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        super().on_decode_error(message, exc)  # signed by a key this worker does not trust
+        self._refuse(message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        super().on_invalid_task(body, message, exc)  # not signed at all
+        self._refuse(message, exc)
+
+    @staticmethod
+    def _refuse(message: Any, exc: Exception) -> None:
+        ref = (message.headers or {}).get(REF_HEADER)
+        if Consumer.refuse is not None and isinstance(ref, str) and "|" in ref:
+            batch_id, task_id = ref.split("|", 1)
+            try:
+                Consumer.refuse(batch_id, task_id, f"message not signed by a trusted key: {exc}")
+            except Exception:  # the broker may be away: the command then stays queued
+                log.warning("could not record the refusal of %s", ref, exc_info=True)
 
 
 class Health(threading.Thread):
@@ -224,6 +265,12 @@ class Health(threading.Thread):
             self.store.release_node(self.node)
             log.warning("left quarantine: %s exists now", path)
             why = None
+        if why and not self.others_take_commands():
+            # the last node standing: commands it can't start should fail with their reasons
+            # (every node taking commands refused them) rather than wait for ever
+            self.store.release_node(self.node)
+            log.warning("left quarantine: no other node is taking commands")
+            why = None
         consuming = self.consuming()
         if why and consuming:
             log.error("quarantined, taking no commands: %s", why.get("message"))
@@ -231,6 +278,11 @@ class Health(threading.Thread):
         elif not why and not consuming and not self.draining:
             log.warning("out of quarantine: taking commands again")
             self.app.control.add_consumer(self.settings.queue, destination=[self.node])
+
+    def others_take_commands(self) -> bool:
+        quarantined = self.store.quarantined()
+        live = self.store.live_nodes(self.settings.lost_after)
+        return any(n != self.node and n not in quarantined for n in live)
 
     def consuming(self) -> bool:
         """Whether this node takes messages from the queue now (a task may have stopped it)."""

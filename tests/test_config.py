@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tbss_queue.config import DEFAULT_BROKER, Settings, mask_url
 from tbss_queue.errors import ConfigError
+
+from .conftest import tbss_queue
 
 
 def test_defaults_then_environment_then_explicit() -> None:
@@ -38,3 +42,88 @@ def test_mask_url() -> None:
     assert mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("rediss://user:s3cret@h/0") == "rediss://user:***@h/0"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("query", "turns_off"),
+    [
+        ("ssl_cert_reqs=none", "certificate checks"),
+        ("ssl_cert_reqs=optional", "certificate checks"),
+        ("ssl_cert_reqs=CERT_NONE", "certificate checks"),
+        ("ssl_cert_reqs=Cert_Optional", "certificate checks"),
+        ("ssl_cert_reqs=required&ssl_cert_reqs=none", "certificate checks"),
+        ("ssl_check_hostname=false", "host name checks"),
+        ("ssl_check_hostname=0", "host name checks"),
+        ("ssl_check_hostname=NO", "host name checks"),
+    ],
+)
+def test_url_query_that_turns_tls_checks_off_is_refused(query: str, turns_off: str) -> None:
+    name = query.rsplit("&", 1)[-1].split("=")[0]
+    url = f"rediss://:hunter2@h:6380/0?{query}"
+    with pytest.raises(ConfigError) as info:
+        Settings.resolve(env={}, broker=url)
+    assert str(info.value) == (
+        f"--broker / TBSS_QUEUE_BROKER: 'rediss://:***@h:6380/0?{query}' turns {turns_off} off: "
+        f"remove {name} from the URL, or give --tls-insecure (testing only)"
+    )
+    # the result backend's URL too; --tls-insecure (testing only) lets both through
+    with pytest.raises(ConfigError, match="^--result-backend / TBSS_QUEUE_RESULT_BACKEND: "):
+        Settings.resolve(env={}, broker="rediss://h:6380/0", result_backend=url)
+    assert Settings.resolve(env={}, broker=url, tls_insecure=True).tls_insecure
+
+
+@pytest.mark.parametrize(
+    ("parameter", "option"),
+    [
+        ("ssl_ca_certs", "--tls-ca"),
+        ("ssl_ca_path", "--tls-ca"),
+        ("ssl_certfile", "--tls-cert"),
+        ("ssl_keyfile", "--tls-key"),
+    ],
+)
+def test_certificate_files_in_the_url_are_refused_in_favour_of_the_options(
+    parameter: str, option: str
+) -> None:
+    env = {"TBSS_QUEUE_BROKER": f"rediss://:hunter2@h:6380/0?{parameter}=/etc/x.pem"}
+    with pytest.raises(ConfigError) as info:
+        Settings.resolve(env=env)
+    message = str(info.value)
+    assert message.startswith("--broker / TBSS_QUEUE_BROKER: 'rediss://:***@h:6380/0?")
+    assert f"sets {parameter} in the URL" in message and f"give {option} instead" in message
+    assert "hunter2" not in message and "\n" not in message
+
+
+def test_url_query_restating_the_default_checks_is_accepted() -> None:
+    url = "rediss://h:6380/0?ssl_cert_reqs=required&ssl_check_hostname=true"
+    assert Settings.resolve(env={}, broker=url).broker == url
+    assert Settings.resolve(env={}, broker="rediss://h/0?ssl_cert_reqs=CERT_REQUIRED")
+
+
+def test_non_numeric_port_is_a_one_line_config_error() -> None:
+    for url in ("redis://host:notaport/0", "redis://:hunter2@host:notaport/0"):
+        with pytest.raises(ConfigError) as info:
+            Settings.resolve(env={}, broker=url)
+        assert str(info.value) == (
+            f"--broker / TBSS_QUEUE_BROKER: {mask_url(url)!r}: "
+            "the port is not a number from 1 to 65535"
+        )
+        assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError, match="^--result-backend / TBSS_QUEUE_RESULT_BACKEND: "):
+        Settings.resolve(env={}, result_backend="redis://h:99999/1")
+
+
+def test_non_numeric_port_exits_2_without_a_traceback() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TBSS_QUEUE_")}
+    res = tbss_queue("status", "--broker", "redis://:hunter2@host:notaport/0", env=env)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "tbss-queue: error: --broker / TBSS_QUEUE_BROKER: 'redis://:***@host:notaport/0': "
+        "the port is not a number from 1 to 65535"
+    ]
+
+
+def test_mask_url_hides_query_passwords_and_survives_a_bad_port() -> None:
+    assert mask_url("redis+socket:///r/redis.sock?password=s3cret&db=1") == (
+        "redis+socket:///r/redis.sock?password=***&db=1"
+    )
+    assert mask_url("redis://:s3cret@h:notaport/0") == "redis://:***@h:notaport/0"

@@ -13,6 +13,8 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.doctor import check_broker
+from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 
@@ -49,12 +51,42 @@ def _doctor(*args: str, env: dict[str, str]) -> tuple[int, dict[str, dict]]:
     return res.returncode, {c["name"]: c for c in json.loads(res.stdout)}
 
 
-def test_doctor_all_good(tmp_path: Path, settings: Settings, run_tag: str) -> None:
-    env = {**settings_env(settings, run_tag), "FSLDIR": str(fake_fsl(tmp_path / "fsl", "6.0.7"))}
+@pytest.fixture
+def aof_settings(tmp_path: Path) -> Iterator[Settings]:
+    """Settings for a private redis-server that writes an AOF, as deploy/redis.conf does."""
+    with RedisServer(tmp_path / "redis-aof", port=free_port(), persistent=True) as server:
+        yield Settings.resolve(env={}, broker=server.url, heartbeat=1.0, lost_after=4.0)
+
+
+def test_doctor_all_good(tmp_path: Path, aof_settings: Settings, run_tag: str) -> None:
+    env = {
+        **settings_env(aof_settings, run_tag),
+        "FSLDIR": str(fake_fsl(tmp_path / "fsl", "6.0.7")),
+    }
     code, checks = _doctor("--study", str(tmp_path), env=env)
     assert code == 0, checks
     assert "6.0.7" in checks["FSL"]["detail"]
     assert "suggested --concurrency" in checks["machine"]["detail"]
+    assert checks["persistence"] == {
+        "name": "persistence",
+        "ok": True,
+        "detail": "AOF on, RDB snapshots off",
+        "fix": "",
+    }
+
+
+def test_doctor_fails_a_broker_that_keeps_its_data_in_memory_only(
+    tmp_path: Path, settings: Settings, run_tag: str
+) -> None:
+    # the suite's session redis-server runs without AOF and RDB
+    [persistence] = [c for c in check_broker(settings) if c.name == "persistence"]
+    assert not persistence.ok and "no AOF, no RDB" in persistence.detail
+    assert persistence.fix == "enable appendonly yes (deploy/redis.conf does)"
+    env = {**settings_env(settings, run_tag), "FSLDIR": str(fake_fsl(tmp_path / "fsl", "6.0.7"))}
+    res = tbss_queue("doctor", env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "a Redis restart loses every queued command" in res.stdout
+    assert "-> enable appendonly yes (deploy/redis.conf does)" in res.stdout
 
 
 def test_doctor_reports_each_failure_with_a_fix(tmp_path: Path, unwritable: Path) -> None:

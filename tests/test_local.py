@@ -125,3 +125,40 @@ def test_bundled_redis_server_is_used_when_none_is_on_path(
         assert len(_done(Path(study.fa_dir))) == 4
     finally:
         kill_tagged(tag)
+
+
+def test_a_killed_run_takes_its_redis_and_worker_along_and_a_second_run_waits_its_turn(
+    tmp_path: Path,
+) -> None:
+    # Given `tbss-queue run` working on a 9-registration study
+    study = make_demo(tmp_path / "study", subjects=3, seconds=1.0)
+    fa, tag = Path(study.fa_dir), uuid.uuid4().hex
+    proc = start_run(study.commands, tag)
+    try:
+        deadline = time.monotonic() + 120
+        while not _done(fa) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _done(fa), "run made no progress"
+        # When a second run is started in the same study
+        second = tbss_queue("run", study.commands, env=_env(uuid.uuid4().hex), timeout=60)
+        # Then it is refused at once, naming the run that holds the study
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another `tbss-queue run` (pid {proc.pid} on" in second.stderr
+        # When the first run is SIGKILLed (nothing of it can clean up)
+        proc.kill()
+        proc.communicate(timeout=10)
+        # Then its redis-server, worker and commands go with it
+        deadline = time.monotonic() + 10
+        while tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tagged(tag) == [], [p.cmdline() for p in tagged(tag)]
+        # and a new run resumes and completes the study
+        again = tbss_queue("run", study.commands, "-c", "2", env=_env(tag), timeout=180)
+        assert again.returncode == 0, again.stderr
+        assert len(_done(fa)) == 9
+        assert tagged(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        kill_tagged(tag)

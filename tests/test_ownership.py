@@ -200,6 +200,8 @@ def test_a_node_with_a_wrong_path_map_is_quarantined_and_the_study_completes(
     assert bad["online"] is True
     shown = tbss_queue("status", batch.id, env=env).stdout
     assert f"{bad['node']} quarantined: working directory /nonexistent/study not found" in shown
+    checked = tbss_queue("doctor", env=env)
+    assert "quarantined, takes no commands: working directory" in checked.stdout + checked.stderr
     # and `nodes resume` lets it take commands again
     res = tbss_queue("nodes", "resume", bad["node"], env=env)
     assert res.returncode == 0, res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +53,29 @@ def test_policy_refuses_each_way_around_the_allowlist(tmp_path: Path) -> None:
     (other / "fsl_reg").write_text("#!/bin/sh\n")
     (other / "fsl_reg").chmod(0o755)
     assert "not under this worker's FSLDIR" in p.check([str(other / "fsl_reg")], cwd, env)
+    # a copy of bash, a hard link to bash or a script, named fsl_reg in the study tree: trusted
+    # by where it lives, never by its name; with or without FSLDIR
+    planted = tmp_path / "study"
+    planted.mkdir()
+    shutil.copy2("/bin/bash", planted / "copy")
+    try:
+        os.link(os.path.realpath("/bin/bash"), planted / "hard")
+    except OSError:  # another filesystem: a hard link is then impossible there anyway
+        shutil.copy2("/bin/bash", planted / "hard")
+    (planted / "script").write_text("#!/bin/sh\ntouch canary\n")
+    (planted / "script").chmod(0o755)
+    no_fsl = {"PATH": os.environ["PATH"]}
+    for kind in ("copy", "hard", "script"):
+        (planted / kind).rename(planted / "fsl_reg")
+        why = p.check(["./fsl_reg", "-c", "id"], str(planted), env)
+        assert why is not None and "not under this worker's FSLDIR" in why, (kind, why)
+        why = p.check(["./fsl_reg", "-c", "id"], str(planted), no_fsl)
+        assert why is not None and "FSLDIR" in why and "--allow" in why, (kind, why)
+        (planted / "fsl_reg").rename(planted / kind)
+    # even FSL's own fsl_reg needs FSLDIR (or --allow PATH) on the worker
+    assert "has none" in p.check([str(fsl / "bin" / "fsl_reg")], cwd, no_fsl)
+    allowed = Policy.build([str(fsl / "bin" / "fsl_reg")])
+    assert allowed.check([str(fsl / "bin" / "fsl_reg")], cwd, no_fsl) is None
     # explicit allows, by name or path; a pattern never lets an interpreter in
     assert Policy.build(["touch"]).check(["touch", "x"], cwd, env) is None
     assert Policy.build(["python3"]).check(["python3", "-c", "1"], cwd, env) is None

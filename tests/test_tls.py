@@ -184,19 +184,18 @@ def test_signed_messages_only(
     assert api.wait(settings=settings, timeout=60).succeeded == 1
     assert "signed" in log.read_text()
     # When an unsigned client and the outsider submit, nothing runs: the worker refuses their
-    # messages, and its recovery does not send them again from the records in Redis
+    # messages and fails those commands as `refused`, saying why (not left queued for ever)
+    ids = {}
     for name, env in (("unsigned", base), ("outsider", {**base, **signer(outsider)})):
         cmds = write_commands(tmp_path / name, [f"touch canary_{name}"])
         res = tbss_queue("submit", str(cmds), env=env)
         assert res.returncode == 0, res.stderr
-    wait_until(
-        lambda: w2.log.read_text().count("not publishing task") == 2,
-        what="recovery refusing both forged tasks",
-    )
-    text = w2.log.read_text()
-    assert "untrusted content of type json" in text  # the unsigned message
-    assert "no signed message was stored" in text
+        ids[name] = res.stdout.strip()
+    for name, batch_id in ids.items():
+        final = api.wait(batch_id, settings=settings, timeout=60)
+        assert (final.failed, final.queued, final.succeeded) == (1, 0, 0), name
+        [refused] = api.failures(batch_id, settings=settings)
+        assert refused.cause == "refused", refused
+        assert "not signed by a trusted key" in refused.message, refused.message
+    assert "untrusted content of type json" in w2.log.read_text()  # the unsigned message
     assert not list(tmp_path.glob("canary_*"))
-    res = tbss_queue("batches", "--json", env=lab_env)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count('"queued": 1') == 2, res.stdout

@@ -41,7 +41,8 @@ for _, node in ipairs(names) do
   table.insert(parts, node .. ': ' .. refused[node]['message'])
   redis.call('HDEL', KEYS[10], node)
 end
-local msg = 'refused by every node taking commands (' .. table.concat(parts, '; ') .. ')'
+local msg = reason['message'] .. ' - refused by every node taking commands (' ..
+  table.concat(parts, '; ') .. ')'
 redis.call('HSET', KEYS[1], ARGV[1], 'failed')
 redis.call('HINCRBY', KEYS[2], 'failed', 1)
 redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], message=msg,
