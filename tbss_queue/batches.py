@@ -360,6 +360,13 @@ class BatchStore:
         args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
         return str(self._run("release", keys, [*args, int(ignore_heartbeat)]))
 
+    def hand_back(self, batch_id: str, task_id: str, token: str) -> str:
+        """The owner gives its command up, unfailed (not a loss): 'requeued' (queue it again),
+        or 'gone' (cancelled meanwhile, or not ours any more)."""
+        return self.requeue(
+            batch_id, task_id, token, limit=1, count_loss=False, ignore_heartbeat=True
+        )
+
     def node_fault(
         self,
         batch_id: str,

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .fsl import parse_fsl_reg, reg_done
-from .fsl import remove_stale as remove_stale_reg
+from .fsl.outputs import parse_fsl_reg, reg_done
+from .fsl.outputs import remove_stale as remove_stale_reg
 
 
 @dataclass(frozen=True)

@@ -289,17 +289,7 @@ def _execute(
         _log_outcome(outcome, task_id, batch_id)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
     if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
-        if (
-            store.requeue(
-                batch_id,
-                task_id,
-                token,
-                limit=settings.crash_limit,
-                count_loss=False,
-                ignore_heartbeat=True,
-            )
-            == "requeued"
-        ):
+        if store.hand_back(batch_id, task_id, token) == "requeued":
             store.save_result(batch_id, task_id, record)
             raise task.retry(
                 countdown=RETRY_DELAY, max_retries=fields.retries, exc=CommandFailed(result.message)
@@ -376,15 +366,7 @@ def _stopped(
     with contextlib.suppress(redis.RedisError):
         # cancelled: this releases the lease; the worker stopping: the command goes back to the
         # front of the queue; lease lost: refused (not ours), as it must be
-        outcome = store.requeue(
-            batch_id,
-            task_id,
-            token,
-            limit=settings.crash_limit,
-            count_loss=False,
-            ignore_heartbeat=True,
-        )
-        if outcome == "requeued":
+        if store.hand_back(batch_id, task_id, token) == "requeued":
             republish(task.app, store, settings, batch_id, task_id)
     raise Ignore()
 

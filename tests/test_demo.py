@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tbss_queue.demo import make_demo
 from tbss_queue.errors import ConfigError
-from tbss_queue.fsl import read_msf
+from tbss_queue.fsl.demo import make_demo
+from tbss_queue.fsl.outputs import read_msf
 
 from .conftest import tbss_queue
 

@@ -18,8 +18,8 @@ import yaml
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.demo import make_demo
-from tbss_queue.fsl import read_msf
+from tbss_queue.fsl.demo import make_demo
+from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import find_redis_server, free_port
 from tbss_queue.slurm import PilotJob

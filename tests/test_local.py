@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from tbss_queue.config import Settings
-from tbss_queue.demo import make_demo
-from tbss_queue.fsl import read_msf
+from tbss_queue.fsl.demo import make_demo
+from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
 from tbss_queue.redis_server import find_redis_server
 

@@ -10,9 +10,9 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.demo import make_demo
 from tbss_queue.errors import ConfigError
-from tbss_queue.fsl import read_msf
+from tbss_queue.fsl.demo import make_demo
+from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.paths import PathMap, local_fsl_tool
 
 from .conftest import Worker, write_commands

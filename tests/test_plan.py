@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tbss_queue.errors import ConfigError
-from tbss_queue.plan import IncompleteMatrix, best_target, plan
+from tbss_queue.fsl.plan import IncompleteMatrix, best_target, plan
 
 from .conftest import tbss_queue
 

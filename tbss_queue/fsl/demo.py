@@ -22,8 +22,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import ConfigError
-from .fsl import reg_lines
+from tbss_queue.errors import ConfigError
+
+from .outputs import reg_lines
 
 SHAPE = (40, 48, 40)
 VOXEL_MM = 2.0
@@ -102,7 +103,7 @@ def _fsldir(base: Path, seconds: float) -> tuple[str, bool]:
     script.write_text(
         f"#!{sys.executable}\n"
         "# tbss-queue demo stand-in for FSL's fsl_reg: NOT FSL (see tbss_queue/standin.py)\n"
-        "import sys\nfrom tbss_queue.standin import main\nsys.exit(main(sys.argv[1:]))\n"
+        "import sys\nfrom tbss_queue.fsl.standin import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return str(standin), True

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .policy import within
+from tbss_queue.policy import within
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".img.gz")
 

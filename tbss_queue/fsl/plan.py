@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
-from .errors import ConfigError, TbssQueueError
-from .fsl import IMAGE_SUFFIXES, read_msf, reg_lines
+from tbss_queue.errors import ConfigError, TbssQueueError
+
+from .outputs import IMAGE_SUFFIXES, read_msf, reg_lines
 
 STANDARD_TARGET = "data/standard/FMRIB58_FA_1mm"
 

@@ -1,0 +1,10 @@
+"""The `tbss-queue` command: parses options, builds Settings, calls the API, renders the result.
+
+No logic lives here; every verb is a few lines over a function of `tbss_queue.api`. One module
+per verb group; importing them registers their verbs on the group.
+"""
+
+from . import batches, fsl, nodes  # noqa: F401  (registers the verbs)
+from .app import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,304 @@
+"""Batch verbs: submit, run, status, batches, failures, report, retry, cancel."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.errors import EXIT_FAILED, EXIT_OK
+from tbss_queue.paths import PathMap
+from tbss_queue.progress import (
+    LiveProgress,
+    failures_table,
+    fmt_duration,
+    node_notes,
+    status_table,
+    summary_line,
+)
+from tbss_queue.progress import watch as watch_status
+
+from .app import (
+    broker_options,
+    cli,
+    cwd_option,
+    err,
+    json_option,
+    out,
+    time_limit_option,
+    wait_option,
+)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@cwd_option
+@time_limit_option
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run a failed command again up to N times (lost workers are always retried).",
+)
+@click.option(
+    "--done-if-exists",
+    metavar="PATTERN",
+    help="Skip a command when a non-empty file matches PATTERN (relative to its directory; "
+    "{out} {in} {ref} {last} {0}..{N} come from the line). fsl_reg lines need none: their "
+    ".msf and warp are checked.",
+)
+@click.option(
+    "--path-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite path prefix FROM to TO in the commands and their directory (the workers "
+    "mount the study elsewhere). Repeatable.",
+)
+@wait_option
+@json_option
+@broker_options
+def submit(
+    file: str,
+    cwd: str | None,
+    time_limit: float | None,
+    retries: int,
+    done_if_exists: str | None,
+    path_map: tuple[str, ...],
+    wait: bool,
+    as_json: bool,
+    settings: Settings,
+) -> None:
+    """Queue every command of FILE as one batch (again: resume it).
+
+    Submitting the same file again queues only what is new, failed or cancelled.
+
+    Example: tbss-queue submit FA/.commands --wait
+    """
+    batch = api.submit(
+        file,
+        cwd=cwd,
+        time_limit=time_limit,
+        retries=retries,
+        done_if_exists=done_if_exists,
+        path_map=PathMap.parse(path_map),
+        settings=settings,
+    )
+    for warning in batch.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    if as_json and not wait:
+        click.echo(json.dumps(batch.to_dict()))
+    else:
+        err.print(
+            f"batch {batch.id}: {batch.queued} commands queued, {batch.skipped} skipped "
+            f"(broker {settings.display_broker})",
+            highlight=False,
+        )
+        if not wait:
+            click.echo(batch.id)
+    if wait:
+        sys.exit(_wait_and_report(batch.id, settings, as_json))
+
+
+def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
+    with LiveProgress(err) as update:
+        final = api.wait(batch_id, settings=settings, on_update=update)
+    if as_json:
+        click.echo(json.dumps(final.to_dict()))
+    else:
+        _print_final(final, settings)
+    return EXIT_OK if final.ok else EXIT_FAILED
+
+
+def _print_final(final: Any, settings: Settings) -> None:
+    err.print(summary_line(final), highlight=False)
+    if final.failed:
+        err.print(failures_table(api.failures(final.batch, settings=settings)))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@cwd_option
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Commands run at once [default: CPU count].",
+)
+@time_limit_option
+@json_option
+@broker_options
+def run(
+    file: str,
+    cwd: str | None,
+    concurrency: int | None,
+    time_limit: float | None,
+    as_json: bool,
+    settings: Settings,
+) -> None:
+    """Run FILE to the end on this machine: private Redis, local workers, live progress.
+
+    With no --broker / TBSS_QUEUE_BROKER, a private redis-server is started (data kept in
+    CWD/.tbss-queue/, so running again after Ctrl-C resumes). With a broker, the file is
+    submitted there and waited for; nothing is started.
+
+    Example: tbss-queue run FA/.commands -c 8
+    """
+    from tbss_queue.local import run as run_local
+
+    with LiveProgress(err) as update:
+        result = run_local(
+            file,
+            cwd=cwd,
+            concurrency=concurrency,
+            time_limit=time_limit,
+            settings=settings,
+            on_update=update,
+        )
+    final = result.status
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    **final.to_dict(),
+                    "wall_seconds": result.wall_seconds,
+                    "failures": [r.to_dict() for r in result.failures],
+                }
+            )
+        )
+    else:
+        err.print(summary_line(final), highlight=False)
+        if result.failures:
+            err.print(failures_table(result.failures))
+        err.print(
+            f"wall time {fmt_duration(result.wall_seconds)}"
+            + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
+            highlight=False,
+        )
+    sys.exit(EXIT_OK if final.ok else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--watch", is_flag=True, help="Refresh every few seconds until Ctrl-C.")
+@json_option
+@broker_options
+def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) -> None:
+    """Counts, throughput, ETA and workers of BATCH (default: the latest).
+
+    Example: tbss-queue status --watch
+    """
+    current = api.status(batch, settings=settings)
+    if as_json:
+        click.echo(json.dumps(current.to_dict()))
+        return
+    if watch:
+        watch_status(lambda: api.status(current.batch, settings=settings), out)
+    for warning in current.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    out.print(status_table(current))
+    for note in node_notes(current):
+        out.print(note, highlight=False)
+    if current.failed:
+        out.print(failures_table(api.failures(current.batch, settings=settings)))
+
+
+@cli.command()
+@json_option
+@broker_options
+def batches(as_json: bool, settings: Settings) -> None:
+    """List the batches on the broker with their counts.
+
+    Example: tbss-queue batches
+    """
+    items = api.list_batches(settings=settings)
+    if as_json:
+        click.echo(json.dumps([b.to_dict() for b in items]))
+        return
+    if not items:
+        err.print("no batches yet")
+    for b in items:
+        out.print(summary_line(b), highlight=False)
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option(
+    "--write",
+    "write_to",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the failed commands as a new commands file.",
+)
+@json_option
+@broker_options
+def failures(batch: str | None, write_to: str | None, as_json: bool, settings: Settings) -> None:
+    """List the failed commands of BATCH with cause, exit code, node and stderr.
+
+    Example: tbss-queue failures 1a2b3c4d --write FA/.commands.failed
+    """
+    records = api.failures(batch, settings=settings)
+    if write_to:
+        api.write_commands(records, write_to)
+        err.print(f"wrote {len(records)} failed commands to {write_to}", highlight=False)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records]))
+    else:
+        out.print(failures_table(records))
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the HTML report here [default: report-BATCH.html].",
+)
+@json_option
+@broker_options
+def report(batch: str | None, output: str | None, as_json: bool, settings: Settings) -> None:
+    """Write one self-contained HTML report of BATCH: summary, throughput, a timeline of every
+    command per worker slot, durations and failures (with --json: the same data, no file).
+
+    Example: tbss-queue report 1a2b3c4d -o report.html
+    """
+    if as_json:
+        click.echo(json.dumps(api.report(batch, settings=settings)))
+        return
+    target = output or f"report-{api.status(batch, settings=settings).batch}.html"
+    data = api.report(batch, path=target, settings=settings)
+    err.print(f"wrote {target} ({data['summary']['total']} commands)", highlight=False)
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@wait_option
+@broker_options
+def retry(batch: str | None, wait: bool, settings: Settings) -> None:
+    """Queue the failed (and cancelled) commands of BATCH again, exactly those.
+
+    Example: tbss-queue retry 1a2b3c4d --wait
+    """
+    again = api.retry(batch, settings=settings)
+    err.print(f"batch {again.id}: {again.queued} commands queued again", highlight=False)
+    if wait:
+        sys.exit(_wait_and_report(again.id, settings, False))
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@broker_options
+def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
+    """Drop the queued commands of BATCH and kill its running ones (with their children).
+
+    Example: tbss-queue cancel 1a2b3c4d --yes
+    """
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"cancel batch {batch or '(latest)'}?", abort=True)
+    final = api.cancel(batch, settings=settings)
+    err.print(summary_line(final), highlight=False)

@@ -1,0 +1,274 @@
+"""Node and operations verbs: worker, nodes, flower, slurm-script, doctor."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+from rich.table import Table
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.errors import EXIT_FAILED, EXIT_OK
+from tbss_queue.paths import PathMap
+from tbss_queue.policy import Policy
+from tbss_queue.progress import fmt_duration
+
+from .app import (
+    broker_options,
+    cli,
+    err,
+    json_option,
+    out,
+)
+
+
+@cli.command()
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Commands run at once on this node [default: CPU count].",
+)
+@click.option("-n", "--name", help="Node name (name or name@host) [default: tbss@HOSTNAME].")
+@click.option(
+    "--loglevel",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--path-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite path prefix FROM to TO before running (this machine mounts the study "
+    "elsewhere). Repeatable.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    help="On SIGTERM, seconds running commands may finish before they are handed back.",
+)
+@click.option(
+    "--stop-after",
+    metavar="DURATION",
+    help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
+)
+@click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="NAME_OR_PATH",
+    help="Also run this executable (default: FSL's registration tools). Repeatable.",
+)
+@click.option(
+    "--allow-file",
+    type=click.Path(dir_okay=False),
+    help="A file of further --allow entries, one per line.",
+)
+@click.option(
+    "--allow-any",
+    is_flag=True,
+    help="Run any command that reaches the queue (no executable check).",
+)
+@click.option(
+    "--root",
+    multiple=True,
+    metavar="DIR",
+    help="Only run commands whose directory lies under DIR. Repeatable; recommended.",
+)
+@click.option(
+    "--max-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Cap every batch's own time limit on this node.",
+)
+@broker_options
+def worker(
+    concurrency: int | None,
+    name: str | None,
+    loglevel: str,
+    path_map: tuple[str, ...],
+    grace: float,
+    stop_after: str | None,
+    until: str | None,
+    allow: tuple[str, ...],
+    allow_file: str | None,
+    allow_any: bool,
+    root: tuple[str, ...],
+    max_time_limit: float | None,
+    settings: Settings,
+) -> None:
+    """Run commands from the queue on this machine until stopped.
+
+    SIGTERM: no new commands; running ones may finish for --grace seconds, then they are
+    killed and handed back to the queue (not failed).
+
+    Example: tbss-queue worker --broker redis://head:6379/0 -c 8
+    """
+    from tbss_queue.worker import WorkerOptions, run_worker, stop_after_seconds
+
+    options = WorkerOptions(
+        concurrency=concurrency,
+        name=name,
+        loglevel=loglevel.upper(),
+        path_map=PathMap.parse(path_map),
+        grace=grace,
+        stop_after=stop_after_seconds(stop_after, until),
+        policy=Policy.build(allow, allow_file, allow_any, root),
+        max_time_limit=max_time_limit,
+    )
+    run_worker(settings, options)
+
+
+@cli.group(invoke_without_command=True)
+@json_option
+@broker_options
+@click.pass_context
+def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
+    """List worker nodes: online or lost, quarantined (and why), FSL version.
+
+    Example: tbss-queue nodes
+    """
+    ctx.obj = settings
+    if ctx.invoked_subcommand is not None:
+        return
+    items = api.nodes(settings=settings)
+    if as_json:
+        click.echo(json.dumps([n.to_dict() for n in items]))
+        return
+    table = Table(box=None)
+    for col in ("node", "state", "last seen", "FSL", "why"):
+        table.add_column(col)
+    for n in items:
+        state = "quarantined" if n.quarantined else ("online" if n.online else "lost")
+        seen = f"{fmt_duration(max(0.0, time.time() - n.last_seen))} ago" if n.last_seen else "-"
+        fsl = str(n.facts.get("fsl_version") or "-")
+        table.add_row(n.node, state, seen, fsl, n.quarantined or "")
+    out.print(table)
+
+
+@nodes.command("resume")
+@click.argument("node")
+@click.pass_obj
+def nodes_resume(settings: Settings, node: str) -> None:
+    """Let quarantined NODE (name@host, as `nodes` lists it) take commands again.
+
+    Example: tbss-queue nodes resume w1@studyhost
+    """
+    if not api.resume_node(node, settings=settings):
+        raise click.UsageError(f"node {node!r} is not quarantined (see `tbss-queue nodes`)")
+    err.print(f"{node}: takes commands again within one heartbeat", highlight=False)
+
+
+@cli.command()
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback needs --basic-auth.",
+)
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--basic-auth",
+    envvar="TBSS_QUEUE_FLOWER_AUTH",
+    metavar="USER:PASSWORD",
+    help="Require this login [env TBSS_QUEUE_FLOWER_AUTH].",
+)
+@click.option(
+    "--db",
+    default="flower.db",
+    show_default=True,
+    help="Where Flower keeps its state across restarts.",
+)
+@click.option("--url-prefix", help="Serve under this path (behind a reverse proxy).")
+@broker_options
+def flower(
+    address: str,
+    port: int,
+    basic_auth: str | None,
+    db: str,
+    url_prefix: str | None,
+    settings: Settings,
+) -> None:
+    """Start Flower (read-only) for the configured broker: workers, tasks, /metrics.
+
+    Example: tbss-queue flower --port 5555
+    """
+    from tbss_queue.flower import FlowerOptions, run_flower
+
+    run_flower(
+        settings,
+        FlowerOptions(
+            address=address, port=port, basic_auth=basic_auth, db=db, url_prefix=url_prefix
+        ),
+    )
+
+
+@cli.command("slurm-script")
+@click.option("--nodes", required=True, type=click.IntRange(min=1), help="Nodes to allocate.")
+@click.option("--time", "walltime", required=True, metavar="HH:MM:SS", help="Wall time.")
+@click.option(
+    "--cpus-per-node",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="CPUs per node = commands each node's worker runs at once.",
+)
+@click.option("--partition", help="Slurm partition.")
+@click.option(
+    "--expected",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="How long one command takes at most: the worker stops taking new ones "
+    "this long before the wall time ends.",
+)
+def slurm_script(
+    nodes: int, walltime: str, cpus_per_node: int, partition: str | None, expected: str
+) -> None:
+    """Print an sbatch script that runs one worker per node for the allocation.
+
+    Example: tbss-queue slurm-script --nodes 4 --time 12:00:00 --cpus-per-node 16 > pilot.sbatch
+    """
+    from tbss_queue.slurm import PilotJob
+    from tbss_queue.worker import parse_duration
+
+    job = PilotJob(
+        nodes=nodes,
+        time=walltime,
+        cpus_per_node=cpus_per_node,
+        partition=partition,
+        expected=int(parse_duration(expected, "--expected")),
+    )
+    click.echo(job.render(), nl=False)
+
+
+@cli.command()
+@click.option("--study", type=click.Path(), help="The study directory workers write to.")
+@json_option
+@broker_options
+def doctor(study: str | None, as_json: bool, settings: Settings) -> None:
+    """Check this machine: broker, clock, FSL, study directory, disk, CPUs and memory.
+
+    Exits 1 if any check fails; each failure says what to do.
+
+    Example: tbss-queue doctor --study /data/study/FA
+    """
+    from tbss_queue.doctor import diagnose
+
+    checks = diagnose(settings, study)
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in checks]))
+    else:
+        for c in checks:
+            mark = "[green]OK  [/green]" if c.ok else "[red]FAIL[/red]"
+            out.print(
+                f"{mark} {c.name:8} {c.detail}" + (f"\n       -> {c.fix}" if c.fix else ""),
+                highlight=False,
+            )
+    sys.exit(EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED)
