@@ -97,6 +97,14 @@ def watch(fetch: Callable[[], BatchStatus], console: Console, interval: float = 
             time.sleep(interval)
 
 
+SHOWN_CHARS = 2000
+"""The most of one command a terminal table shows (a line may be megabytes long)."""
+
+
+def _capped(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"… ({len(text):,} chars)"
+
+
 def failures_table(records: list[TaskRecord]) -> Table:
     table = Table(box=None, title="failed commands", title_justify="left")
     for col in ("line", "cause", "exit", "node", "command", "stderr (last line)"):
@@ -108,7 +116,7 @@ def failures_table(records: list[TaskRecord]) -> Table:
             r.cause or "-",
             "-" if r.exit_code is None else str(r.exit_code),
             r.node or "-",
-            r.text + (f"\nran: {r.ran_text}" if r.ran_text else ""),
+            _capped(r.text) + (f"\nran: {_capped(r.ran_text)}" if r.ran_text else ""),
             last[0][:200],
         )
     return table

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import time
 import uuid
@@ -248,6 +249,9 @@ def _execute(
             except (RefusedField, OSError) as exc:
                 fault = {"cause": CAUSE_REFUSED, "message": f"log files: {exc}", "path": None}
                 _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+        log.info(
+            "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
+        )
         result = runner.run_command(
             argv,
             cwd,

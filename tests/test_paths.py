@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from tbss_queue.fsl.demo import make_demo
 from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.paths import PathMap, local_fsl_tool
 
-from .conftest import Worker, write_commands
+from .conftest import Worker, settings_env, tbss_queue, write_commands
 
 JOB = str(Path(__file__).parent / "bin" / "job.py")
 
@@ -60,6 +61,37 @@ def test_worker_path_map_and_fsldir_let_a_worker_run_another_machines_commands(
     assert (a.succeeded, b.succeeded) == (4, 3)
     assert all(read_msf(p) for p in fa.glob("*_warp.msf"))
     assert sorted(p.name for p in (tmp_path / "study").glob("out*")) == ["out0", "out1", "out2"]
+    # and each record holds what actually ran there, not what was submitted
+    [first, *_] = api.tasks(a.batch, settings=settings)
+    assert first.argv[0] == "/opt/fsl/bin/fsl_reg"
+    assert first.ran is not None and first.ran[0] == f"{study.fsldir}/bin/fsl_reg"
+    assert first.ran_text.startswith(f"{study.fsldir}/bin/fsl_reg")
+    [out0, *_] = api.tasks(b.batch, settings=settings)
+    assert out0.ran is not None and out0.ran[-1] == f"{tmp_path / 'study'}/out0"
+
+
+def test_failures_show_what_ran_where_it_differs_from_what_was_submitted(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a worker whose path map sends /mnt/study to this machine's study directory
+    study = tmp_path / "study"
+    study.mkdir()
+    workers("w1", 1, "--path-map", f"/mnt/study={study}")
+    cmds = write_commands(
+        study / "cmds", [f"{sys.executable} {JOB} x --exit 3 --out /mnt/study/never"]
+    )
+    # When its command fails
+    batch = api.wait(api.submit(cmds, settings=settings).id, settings=settings, timeout=60)
+    assert batch.failed == 1
+    # Then `failures` (API, --json and the table) shows the argv that ran, beside the submitted
+    [failed] = api.failures(batch.batch, settings=settings)
+    assert failed.argv[-1] == "/mnt/study/never" and failed.ran is not None
+    assert failed.ran[-1] == f"{study}/never"
+    env = settings_env(settings, run_tag)
+    shown = tbss_queue("failures", batch.batch, "--json", env=env)
+    assert json.loads(shown.stdout)[0]["ran"][-1] == f"{study}/never"
+    table = tbss_queue("failures", batch.batch, env={**env, "COLUMNS": "400"}).stdout
+    assert f"ran: {sys.executable} {JOB} x --exit 3 --out {study}/never" in table
 
 
 def test_submit_path_map_rewrites_commands_and_directory(
