@@ -208,9 +208,11 @@ def _execute(
     argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
     token = uuid.uuid4().hex
     claim = _claim(store, settings, batch_id, task_id, node, token, task.request.id, patience)
-    if claim == "quarantined":
-        # this node takes no command until its fault is fixed: back to the front, unclaimed
-        time.sleep(settings.heartbeat)
+    if claim in ("quarantined", "leased"):
+        # quarantined: this node takes no command until its fault is fixed; leased: an earlier
+        # runner still holds it after all this time. Back to the front of the queue, unclaimed
+        if claim == "quarantined":
+            time.sleep(settings.heartbeat)
         republish(task.app, store, settings, batch_id, task_id)
         raise Ignore()
     if claim != "ok":
