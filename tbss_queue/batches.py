@@ -400,6 +400,10 @@ class BatchStore:
         """Say this node is up (Redis's clock: hosts' clocks may disagree)."""
         self._run("alive", [ALIVE], [node])
 
+    def gone(self, node: str) -> None:
+        """This node is stopping: it no longer counts as taking commands."""
+        self.r.zrem(ALIVE, node)
+
     def live_nodes(self, window: float) -> list[str]:
         now = self.redis_time()
         return [str(n) for n in self.r.zrangebyscore(ALIVE, now - window, "+inf")]

@@ -27,6 +27,7 @@ from .broker import connect
 from .config import Settings, cpu_count
 from .doctor import fsl_version
 from .errors import ConfigError
+from .health import Health
 from .paths import PathMap
 from .persistence import persistence_warning
 from .policy import Policy
@@ -164,7 +165,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         # warm shutdown, and after `grace` our own SIGQUIT, Celery's cold shutdown, which
         # cancels the commands (tasks.py hands them back).
         reaper.stopped.set()
-        health.stopped.set()
+        health.stop()
         if how in armed:  # a second SIGTERM changes nothing
             return
         armed.add(how)
@@ -235,59 +236,6 @@ class Consumer(celery_consumer.Consumer):
                 Consumer.refuse(batch_id, task_id, f"message not signed by a trusted key: {exc}")
             except Exception:  # the broker may be away: the command then stays queued
                 log.warning("could not record the refusal of %s", ref, exc_info=True)
-
-
-class Health(threading.Thread):
-    """Says every heartbeat that this node is up, and keeps it out of the queue while it is
-    quarantined: a fault of the node (study not mounted, FSL missing, a policy that refuses the
-    study's commands) stops its consumer instead of failing command after command. It comes
-    back by `tbss-queue nodes resume NAME`, or by itself once the missing path exists."""
-
-    def __init__(self, app: Any, settings: Settings, store: BatchStore, node: str) -> None:
-        super().__init__(name="tbss-queue-health", daemon=True)
-        self.app, self.settings, self.store, self.node = app, settings, store, node
-        self.consumer: Any = None
-        self.stopped = threading.Event()
-        self.draining = False
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.settings.heartbeat):
-            try:
-                self.beat()
-            except Exception:  # a broker outage must not kill the worker; try again later
-                log.warning("node health check failed; retrying", exc_info=True)
-
-    def beat(self) -> None:
-        self.store.alive(self.node)
-        why = self.store.quarantined(self.node).get(self.node)
-        path = why.get("path") if why else None
-        if why and path and os.path.exists(path):
-            self.store.release_node(self.node)
-            log.warning("left quarantine: %s exists now", path)
-            why = None
-        if why and not self.others_take_commands():
-            # the last node standing: commands it can't start should fail with their reasons
-            # (every node taking commands refused them) rather than wait for ever
-            self.store.release_node(self.node)
-            log.warning("left quarantine: no other node is taking commands")
-            why = None
-        consuming = self.consuming()
-        if why and consuming:
-            log.error("quarantined, taking no commands: %s", why.get("message"))
-            self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
-        elif not why and not consuming and not self.draining:
-            log.warning("out of quarantine: taking commands again")
-            self.app.control.add_consumer(self.settings.queue, destination=[self.node])
-
-    def others_take_commands(self) -> bool:
-        quarantined = self.store.quarantined()
-        live = self.store.live_nodes(self.settings.lost_after)
-        return any(n != self.node and n not in quarantined for n in live)
-
-    def consuming(self) -> bool:
-        """Whether this node takes messages from the queue now (a task may have stopped it)."""
-        tasks = getattr(self.consumer, "task_consumer", None)
-        return tasks is None or bool(tasks.consuming_from(self.settings.queue))
 
 
 def _drain(consumer: Any, queue: str, after: float, health: Health) -> None:

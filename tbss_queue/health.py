@@ -1,0 +1,73 @@
+"""A worker node's health: it says it is up, and keeps out of the queue while quarantined."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Any
+
+from .batches import BatchStore
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Health(threading.Thread):
+    """Says every heartbeat that this node is up, and keeps it out of the queue while it is
+    quarantined: a fault of the node (study not mounted, FSL missing, a policy that refuses the
+    study's commands) stops its consumer instead of failing command after command. It comes
+    back by `tbss-queue nodes resume NAME`, or by itself once the missing path exists."""
+
+    def __init__(self, app: Any, settings: Settings, store: BatchStore, node: str) -> None:
+        super().__init__(name="tbss-queue-health", daemon=True)
+        self.app, self.settings, self.store, self.node = app, settings, store, node
+        self.consumer: Any = None
+        self.stopped = threading.Event()
+        self.draining = False
+
+    def stop(self) -> None:
+        """Stop beating, and say at once that this node takes no more commands."""
+        self.stopped.set()
+        with contextlib.suppress(Exception):
+            self.store.gone(self.node)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.heartbeat):
+            try:
+                self.beat()
+            except Exception:  # a broker outage must not kill the worker; try again later
+                log.warning("node health check failed; retrying", exc_info=True)
+
+    def beat(self) -> None:
+        self.store.alive(self.node)
+        why = self.store.quarantined(self.node).get(self.node)
+        path = why.get("path") if why else None
+        if why and path and os.path.exists(path):
+            self.store.release_node(self.node)
+            log.warning("left quarantine: %s exists now", path)
+            why = None
+        if why and not self.others_take_commands():
+            # the last node standing: commands it can't start should fail with their reasons
+            # (every node taking commands refused them) rather than wait for ever
+            self.store.release_node(self.node)
+            log.warning("left quarantine: no other node is taking commands")
+            why = None
+        consuming = self.consuming()
+        if why and consuming:
+            log.error("quarantined, taking no commands: %s", why.get("message"))
+            self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
+        elif not why and not consuming and not self.draining:
+            log.warning("out of quarantine: taking commands again")
+            self.app.control.add_consumer(self.settings.queue, destination=[self.node])
+
+    def others_take_commands(self) -> bool:
+        quarantined = self.store.quarantined()
+        live = self.store.live_nodes(self.settings.lost_after)
+        return any(n != self.node and n not in quarantined for n in live)
+
+    def consuming(self) -> bool:
+        """Whether this node takes messages from the queue now (a task may have stopped it)."""
+        tasks = getattr(self.consumer, "task_consumer", None)
+        return tasks is None or bool(tasks.consuming_from(self.settings.queue))
