@@ -8,12 +8,13 @@ counts from per-command marker files: a `start PID TIME` line for every copy tha
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -360,6 +361,36 @@ def test_sigterm_in_a_loop_while_commands_finish_records_each_once(
     marks.assert_exactly_once(ids)
 
 
+def test_sigterm_while_a_finished_commands_record_is_written_loses_no_record(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given two commands about to finish on one node, while one Lua script keeps Redis busy for
+    # 6 s, so that their records wait to be written (LOST_AFTER above the stall)
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    w1 = workers("w1", 2, env={"TBSS_QUEUE_LOST_AFTER": "20"})
+    ids = ["a", "b"]
+    lines = [marked(i, marks, log, "--sleep", "1.5") for i in ids]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    wait_until(lambda: all(marks.starts(i) for i in ids), what="both commands running")
+    client = redis.Redis.from_url(settings.broker, socket_timeout=30)
+    stall = threading.Thread(target=client.eval, args=(BUSY_SCRIPT, 0, 6000))
+    stall.start()
+    try:
+        wait_until(lambda: all(marks.dones(i) for i in ids), what="both commands done")
+        time.sleep(0.5)  # their workers now wait for Redis to take the records
+        # When SIGTERM reaches the pool processes writing those records
+        pool = [
+            c for c in psutil.Process(w1.proc.pid).children() if "guard" not in str(c.cmdline())
+        ]
+        signal_all([p.pid for p in pool], signal.SIGTERM)
+    finally:
+        stall.join()
+    # Then both records land once Redis answers: nothing is run again
+    final = api.wait(batch.id, settings=settings.with_(lost_after=20.0), timeout=90)
+    assert (final.succeeded, final.failed, final.queued, final.running) == (2, 0, 0, 0)
+    marks.assert_exactly_once(ids)
+
+
 def test_concurrent_submits_of_one_file_and_a_retry_mid_batch_run_each_command_once(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
 ) -> None:
@@ -370,21 +401,20 @@ def test_concurrent_submits_of_one_file_and_a_retry_mid_batch_run_each_command_o
         marked(i, marks, log, "--sleep", "0.5") for i in ids[:28]
     ]
     cmds = write_commands(tmp_path / "cmds", lines)
-    env = settings_env(settings, run_tag)
-    # When two processes submit it at the same moment
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tbss_queue", "submit", str(cmds)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    results = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
+    # When four submitters send it at the same moment (threads released by one barrier, so
+    # every one plans before any commits)
+    barrier = threading.Barrier(4)
+
+    def submit_at_once() -> str:
+        barrier.wait()
+        return api.submit(cmds, settings=settings).id
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        ids_seen = set(pool.map(lambda _: submit_at_once(), range(4)))
+    # Then they all name one batch, whose commands are queued once
     [batch] = api.list_batches(settings=settings)
+    assert ids_seen == {batch.batch}
+    assert (batch.total, batch.queued) == (30, 30)
     workers("w1", 2)
     wait_until(lambda: api.status(batch.batch, settings=settings).failed == 2, what="2 failures")
     # ... and the failed ones are retried while the rest still runs
