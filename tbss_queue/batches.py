@@ -31,6 +31,7 @@ Celery message carries a fresh id of its own (see publish.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -97,6 +98,7 @@ def new_batch_id() -> str:
     return secrets.token_hex(4)
 
 
+@functools.cache
 def _script(name: str) -> str:
     """The text of one of the Lua scripts beside this module (tbss_queue/lua/NAME.lua): each
     opens with its KEYS, ARGV and the invariant it keeps."""
