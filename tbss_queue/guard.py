@@ -1,25 +1,41 @@
-"""The guard of one pool process's commands: kills them, grandchildren included, if it dies.
+"""The guard of one pool process's commands: kills them, grandchildren included, when their
+owner can no longer do it.
 
 A command leads its own process group, and its direct child gets a parent-death signal; but
 when a pool process (or the whole worker) is SIGKILLed, nothing in it runs again to kill the
 command's children and grandchildren (fnirt under the fsl_reg script), which would go on writing
-a pair's outputs while another node reruns it. The guard is a separate, tiny process (stdlib
-only, started with `python -S -I`) in its own session: the pool process tells it, on a pipe,
-each command it starts and ends. When that pipe closes (the pool process is gone, however it
-died), the guard kills every process group it was told of, and every process whose environment
-carries a live command's tag (those that left the group with setsid), then exits.
+a pair's outputs while another node reruns it; and a pool process that is frozen (a debugger, a
+blocked write, swap) can't kill its command when its lease runs out. The guard is a separate,
+tiny process (stdlib only, started with `python -S -I`) in its own session: the pool process
+tells it, on a pipe, each command it starts, each lease renewal and each end. It kills a
+command's process group, and every process carrying that command's environment tag (those that
+left the group with setsid), when its lease runs out (by CLOCK_BOOTTIME, which counts a
+suspended machine too) or when the pipe closes (the pool process is gone, however it died).
 
-Protocol, one line each: `+ PGID TAG` a command started, `- PGID` it ended.
+Protocol, one line each: `+ PGID TAG UNTIL` a command started, `v PGID UNTIL` its lease now
+runs until UNTIL, `- PGID` it ended. UNTIL is CLOCK_BOOTTIME seconds, 0 for no lease.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
-import sys
+import time
 
 TAG_VAR = "TBSS_QUEUE_ATTEMPT"
 """The environment variable a command and everything it starts inherit: its lease token."""
+
+CHECK_EVERY = 0.25
+"""Seconds between the guard's looks at the leases it holds."""
+
+
+def uptime() -> float:
+    """A clock every process of the machine shares, counting while it is suspended."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return time.monotonic()
 
 
 def tagged(tags: set[str]) -> list[int]:
@@ -60,14 +76,29 @@ def kill_all(groups: dict[int, str]) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the pipe's end tells this one to act
-    groups: dict[int, str] = {}
-    for line in sys.stdin.buffer:
-        words = line.split()
-        if len(words) == 3 and words[0] == b"+":
-            groups[int(words[1])] = words[2].decode()
-        elif len(words) == 2 and words[0] == b"-":
-            groups.pop(int(words[1]), None)
-    kill_all(groups)
+    groups: dict[int, tuple[str, float]] = {}
+    pending = b""
+    while True:
+        ready, _, _ = select.select([0], [], [], CHECK_EVERY)
+        if ready:
+            data = os.read(0, 65536)
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                words = line.split()
+                if len(words) == 4 and words[0] == b"+":
+                    groups[int(words[1])] = (words[2].decode(), float(words[3]))
+                elif len(words) == 3 and words[0] == b"v" and int(words[1]) in groups:
+                    groups[int(words[1])] = (groups[int(words[1])][0], float(words[2]))
+                elif len(words) == 2 and words[0] == b"-":
+                    groups.pop(int(words[1]), None)
+        now = uptime()
+        for pgid, (tag, until) in list(groups.items()):
+            if until and now > until:
+                kill_all({pgid: tag})  # its lease ran out and its owner did not act
+                del groups[pgid]
+    kill_all({pgid: tag for pgid, (tag, _) in groups.items()})
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def run_command(
     stop: Callable[[], Stop | None] | None = None,
     wake_fd: int | None = None,
     tag: str | None = None,
+    lease_until: Callable[[], float] | None = None,
     tail_bytes: int = TAIL_BYTES,
     outputs: tuple[IO[bytes], IO[bytes]] | None = None,
 ) -> RunResult:
@@ -98,6 +99,8 @@ def run_command(
     it and `stop()` (checked whenever `wake_fd` becomes readable) may ask the command to stop:
     its whole tree is killed and the result's cause is `stopped`. `tag` goes into the command's
     environment (guard.TAG_VAR), so descendants that leave its process group are found too.
+    `lease_until()` (CLOCK_BOOTTIME seconds) is handed to this process's guard, which kills the
+    command's tree itself if this process is frozen past it.
     """
     started = time.time()
     if not os.path.isdir(cwd):
@@ -105,6 +108,8 @@ def run_command(
     if tag is not None:
         env = {**(env if env is not None else os.environ), TAG_VAR: tag}
     with _output(outputs, 0) as out, _output(outputs, 1) as err:
+        guard = _guard()
+        before = set(_children(os.getpid()))  # anything new after the command is its doing
         try:
             proc = _spawn(argv, cwd, env, out, err)
         except FileNotFoundError:
@@ -116,8 +121,8 @@ def run_command(
         except OSError as exc:
             cause = CAUSE_TOO_LONG if exc.errno == errno.E2BIG else CAUSE_NOT_FOUND
             return _failed(started, cause, f"cannot start {argv[0]}: {exc.strerror or exc}")
-        guard = _guard()
-        guard.started(proc.pid, tag)
+        until = lease_until if lease_until is not None else (lambda: 0.0)
+        guard.started(proc.pid, tag, until())
         timed_out, stopped, by_itself = False, None, False
         try:
             deadline = None if timeout is None else started + timeout
@@ -135,11 +140,15 @@ def run_command(
                         stopped = on_tick(proc.pid)
                     if stopped is not None:
                         break
+                    guard = _guard()  # a new one if the last one died
+                    guard.renewed(proc.pid, tag, until())
         finally:
             hard = stopped is not None and stopped.hard
             kill_tree(proc.pid, None if by_itself else tag, grace=0.0 if hard else KILL_GRACE)
             with contextlib.suppress(Exception):
                 proc.wait(timeout=KILL_GRACE)
+            # what it left behind, environment cleared or not: this process is their subreaper
+            kill_strays(keep=before | guard.pids())
             guard.ended(proc.pid)
         ended = time.time()
         stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
@@ -292,11 +301,12 @@ def kill_tree(pgid: int, tag: str | None = None, grace: float = KILL_GRACE) -> N
 
 
 class _Guard:
-    """This process's guard (guard.py): told of every command started and ended here."""
+    """This process's guard (guard.py): told of every command started, renewed and ended here."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.known: set[int] = set()
         with contextlib.suppress(OSError):
             self.proc = subprocess.Popen(
                 [sys.executable, "-S", "-I", guard_mod.__file__],
@@ -307,28 +317,89 @@ class _Guard:
                 start_new_session=True,
             )
 
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.proc is not None and self.proc.poll() is None
+
+    def pids(self) -> set[int]:
+        return {self.proc.pid} if self.proc is not None else set()
+
     def _say(self, line: str) -> None:
         if self.proc is not None and self.proc.stdin is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.proc.stdin.write(line.encode())
                 self.proc.stdin.flush()
 
-    def started(self, pgid: int, tag: str | None) -> None:
-        self._say(f"+ {pgid} {tag or '-'}\n")
+    def started(self, pgid: int, tag: str | None, until: float) -> None:
+        self.known.add(pgid)
+        self._say(f"+ {pgid} {tag or '-'} {until:.3f}\n")
+
+    def renewed(self, pgid: int, tag: str | None, until: float) -> None:
+        if pgid not in self.known:  # a guard started since the command was
+            self.started(pgid, tag, until)
+        else:
+            self._say(f"v {pgid} {until:.3f}\n")
 
     def ended(self, pgid: int) -> None:
+        self.known.discard(pgid)
         self._say(f"- {pgid}\n")
 
 
 _GUARD: _Guard | None = None
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _guard() -> _Guard:
-    """The guard of this process, started on first use (and again after a fork)."""
+    """The guard of this process, started on first use, again after a fork, and again if it
+    died (killed by someone: the commands it was told of are told again at their next tick)."""
     global _GUARD
-    if _GUARD is None or _GUARD.pid != os.getpid():
+    if _GUARD is None or not _GUARD.alive():
+        if _GUARD is None or _GUARD.pid != os.getpid():
+            _become_subreaper()
+        elif _GUARD.proc is not None:
+            with contextlib.suppress(Exception):
+                _GUARD.proc.wait(0)  # reap the dead one
         _GUARD = _Guard()
     return _GUARD
+
+
+def _become_subreaper() -> None:
+    """Orphans of this process's commands (double forks, daemons, `setsid`, `env -i`) become
+    this process's children instead of init's, so they can be found and killed."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    return out
+
+
+def kill_strays(keep: set[int]) -> list[int]:
+    """SIGKILL every descendant of this process but `keep` (the guard, children it had before)
+    and reap them: what a command left running after it ended. Cheap: a few /proc files, no
+    scan of every process. Orphans of the killed come to this process (subreaper): next round."""
+    killed: list[int] = []
+    for _ in range(3):
+        direct = [c for c in _children(os.getpid()) if c not in keep]
+        found, todo = [], list(direct)
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += _children(pid)
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in direct:  # ours, and SIGKILLed: the wait is short
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+        killed += found
+    return killed
 
 
 @contextlib.contextmanager

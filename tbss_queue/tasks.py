@@ -34,6 +34,7 @@ from .broker import connect, transient
 from .config import Settings
 from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_paths, open_logs
+from .guard import uptime
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
 from .preflight import CAUSE_REFUSED, node_fault
@@ -88,12 +89,9 @@ def patiently(fn: Callable[[], T], patience: float) -> T:
             delay = min(delay * 2, 2.0)
 
 
-def _uptime() -> float:
-    """A clock that keeps counting while the machine is suspended (the lid of a laptop)."""
-    try:
-        return time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return time.monotonic()
+_uptime = uptime
+"""A clock that keeps counting while the machine is suspended (the lid of a laptop), shared
+with the guard process."""
 
 
 class Lease:
@@ -109,9 +107,12 @@ class Lease:
         self.valid_until = _uptime() + self.margin
         self.cancelled = False
 
+    def lapsed(self) -> bool:
+        return _uptime() >= self.valid_until
+
     def renew(self, _pid: int = 0) -> runner.Stop | None:
         """None to go on, or why the command must stop now."""
-        if _uptime() >= self.valid_until:
+        if self.lapsed():
             return runner.Stop(
                 f"could not renew its lease for {self.margin:g} s (machine paused or broker "
                 "unreachable); another node may run it now",
@@ -264,11 +265,17 @@ def _execute(
             stop=interrupts.stop,
             wake_fd=interrupts.read_fd,
             tag=token,
+            lease_until=lambda: lease.valid_until,
             outputs=outputs,
         )
     if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
-        fault = {"cause": result.cause, "message": result.message, "path": argv[0]}
+        missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
+        fault = {"cause": result.cause, "message": result.message, "path": missing}
         _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+    if result.cause == runner.CAUSE_SIGNAL and lease.lapsed():
+        # this process was frozen past its lease and the guard killed the command: not a
+        # failure of the command, and perhaps not ours any more
+        result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
     if result.cause == runner.CAUSE_STOPPED:
         _stopped(task, store, settings, batch_id, task_id, token, lease, result)
     if result.ok and marker is not None and not marker.done():

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -432,3 +433,86 @@ def test_concurrent_submits_of_one_file_and_a_retry_mid_batch_run_each_command_o
     marks.assert_exactly_once(ids, restarts=True)
     assert {i: len(marks.starts(i)) for i in ids} == {i: 1 if int(i) < 28 else 2 for i in ids}
     assert os.path.exists(log)
+
+
+def test_a_frozen_pool_process_cannot_leave_its_command_running_past_its_lease(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given node w1 running a 20 s command
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    w1 = workers("w1", 1)
+    batch = api.submit(
+        write_commands(tmp_path / "cmds", [marked("a", marks, log, "--sleep", "20")]),
+        settings=settings,
+    )
+    wait_until(lambda: marks.starts("a"), what="the command to start")
+    old = marks.starts("a")[0].pid
+    [pool] = [c for c in psutil.Process(w1.proc.pid).children() if c.pid != old]
+    # When only its pool process freezes (the command, the guard and the worker go on)
+    pool.suspend()
+    try:
+        workers("w2", 1)
+        wait_until(lambda: len(marks.starts("a")) == 2, what="w2 to take the command over")
+        # Then the guard killed the old copy before the lease could pass to w2
+        rerun = marks.starts("a")[1].time
+        assert not alive([old]), "the old copy still runs beside the new one"
+    finally:
+        pool.resume()
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert (final.succeeded, final.failed) == (1, 0)
+    assert marks.counts(["a"]) == {"a": (2, 1)} and marks.dones("a")[0].pid != old
+    assert marks.dones("a")[0].time > rerun
+
+
+def test_what_a_command_leaves_behind_dies_when_it_ends_even_outside_its_group_and_tag(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a command that starts a daemon in a new session with an empty environment, and exits
+    pidfile = tmp_path / "daemon"
+    workers("w1", 1)
+    code = (
+        "import subprocess,sys; p=subprocess.Popen(['setsid','env','-i','sleep','600']); "
+        f"open({str(pidfile)!r},'w').write(str(p.pid))"
+    )
+    batch = api.submit(
+        write_commands(tmp_path / "cmds", [f'{sys.executable} -c "{code}"']), settings=settings
+    )
+    # When the command ends by itself
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert final.succeeded == 1
+    # Then nothing it started runs on
+    wait_until(pidfile.exists, what="the daemon's pid")
+    assert gone([int(pidfile.read_text())], timeout=2), "the daemon outlived its command"
+
+
+def test_a_killed_guard_is_replaced_and_still_takes_the_tree_down_with_its_slot(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a command with a child and a grandchild, whose slot's guard is SIGKILLed
+    pidfile, log = tmp_path / "pids", tmp_path / "log"
+    w1 = workers("w1", 1)
+    line = job("deep", log, "--sleep", "600", "--grandchild", "--pidfile", str(pidfile))
+    api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
+    wait_until(
+        lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3, what="three levels"
+    )
+    pids = [int(p) for p in pidfile.read_text().split()]
+
+    def guards() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(w1.proc.pid).children(recursive=True):
+            try:
+                if "guard.py" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # gone, or a zombie: not a guard at work
+                pass
+        return found
+
+    [first] = guards()
+    first.kill()
+    wait_until(lambda: [g.pid for g in guards()] not in ([], [first.pid]), what="a new guard")
+    time.sleep(2 * settings.heartbeat)  # the command is told to the new guard at a tick
+    # When the worker's main process is SIGKILLed
+    psutil.Process(w1.proc.pid).kill()
+    # Then within 2 s no process of that tree remains
+    assert gone(pids, timeout=2), f"left running: {alive(pids)}"
