@@ -284,19 +284,25 @@ def test_a_time_limit_ends_a_command_as_timeout_once(
     assert marks.counts(["slow"]) == {"slow": (1, 0)}
 
 
-@pytest.mark.parametrize("victim", ["main process", "pool process"])
-def test_sigkill_of_a_worker_leaves_no_process_of_its_commands_tree(
-    victim: str, tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
-) -> None:
-    # Given a command that starts a child that starts a grandchild (fsl_reg -> fnirt)
+def deep_command(tmp_path: Path, settings: Settings) -> list[int]:
+    """Submit a command that starts a child that starts a grandchild (fsl_reg -> fnirt);
+    returns the three pids once all run."""
     pidfile, log = tmp_path / "pids", tmp_path / "log"
-    w1 = workers("w1", 1)
     line = job("deep", log, "--sleep", "600", "--grandchild", "--pidfile", str(pidfile))
     api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
     wait_until(
         lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3, what="three levels"
     )
-    pids = [int(p) for p in pidfile.read_text().split()]
+    return [int(p) for p in pidfile.read_text().split()]
+
+
+@pytest.mark.parametrize("victim", ["main process", "pool process"])
+def test_sigkill_of_a_worker_leaves_no_process_of_its_commands_tree(
+    victim: str, tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a command that starts a child that starts a grandchild (fsl_reg -> fnirt)
+    w1 = workers("w1", 1)
+    pids = deep_command(tmp_path, settings)
     assert len(alive(pids)) == 3
     # When the worker's main process, or the pool process running it, is SIGKILLed
     main = psutil.Process(w1.proc.pid)
@@ -489,14 +495,8 @@ def test_a_killed_guard_is_replaced_and_still_takes_the_tree_down_with_its_slot(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
 ) -> None:
     # Given a command with a child and a grandchild, whose slot's guard is SIGKILLed
-    pidfile, log = tmp_path / "pids", tmp_path / "log"
     w1 = workers("w1", 1)
-    line = job("deep", log, "--sleep", "600", "--grandchild", "--pidfile", str(pidfile))
-    api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
-    wait_until(
-        lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3, what="three levels"
-    )
-    pids = [int(p) for p in pidfile.read_text().split()]
+    pids = deep_command(tmp_path, settings)
 
     def guards() -> list[psutil.Process]:
         found = []
