@@ -2,10 +2,11 @@
 
 Celery's Redis transport returns an unacknowledged message only after the visibility timeout,
 which must outlive the longest command (hours). So a node killed mid-task would leave its
-commands idle for hours. Instead, every running command keeps a heartbeat key alive; any worker
-that sees a running record whose heartbeat has expired takes it back (one Lua script decides, so
-exactly one reaper wins) and publishes the task again. A stale copy that Redis restores later
-finds the task finished or running and is dropped by the claim in `tasks.execute`.
+commands idle for hours. Instead, every running command holds a lease its runner renews; any
+worker that sees a running record whose lease has lapsed takes it back (one Lua script decides,
+so exactly one reaper wins) and publishes the task again, at the front of the queue. A stale copy
+that Redis restores later finds the task finished or running and is dropped by the claim in
+`tasks.execute`; the old runner, if it is only slow, finds its lease gone and records nothing.
 """
 
 from __future__ import annotations
