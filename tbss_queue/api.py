@@ -31,9 +31,9 @@ from .batches import (
     new_submission_id,
 )
 from .broker import connect
-from .commands import parse_commands_file
+from .commands import Command, parse_commands_file
 from .config import Settings
-from .done import done_marker
+from .done import DoneMarker, done_marker
 from .errors import BatchNotFound, BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
@@ -88,49 +88,27 @@ def submit(
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
     keys = [c.key(workdir) for c in parsed.commands]
-    limit = time_limit or settings.time_limit  # one limit per batch, carried in its messages
     after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
+    options = {
+        "path": resolved,
+        "cwd": workdir,
+        "time_limit": time_limit or settings.time_limit,  # one per batch, in its messages
+        "retries": retries,
+        "done_if_exists": done_if_exists,
+        "log_dir": log_dir,
+        "job_name": job_name,
+    }
     for _ in range(10):
         # another submit of this file may commit first: then plan again against its batch
         owner = store.batch_for_file(file_key)
         batch_id = owner or new_batch_id()
-        ids = [task_id_for(batch_id, k) for k in keys]
-        mine = store.states_of(batch_id, ids)
-        elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
-        changes: list[TaskSpec] = []
-        for command, key, tid, marker in zip(parsed.commands, keys, ids, markers, strict=True):
-            if mine.get(tid) in _LIVE:
-                continue  # resubmission: already queued, running or done in this batch
-            state, note = QUEUED, ""
-            other = elsewhere.get(key)
-            if marker is not None and marker.done():
-                state, note = SKIPPED, f"already done: {marker.describe()}"
-            elif other and other[0] != batch_id and other[2] in _LIVE:
-                state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
-            changes.append(
-                TaskSpec(
-                    tid, command.line, command.argv, key, state, note, expect=mine.get(tid, "")
-                )
-            )
-        now = time.time()
-        meta: dict[str, Any] = {
-            "id": batch_id,
-            "path": resolved,
-            "cwd": workdir,
-            "time_limit": limit,
-            "retries": retries,
-            "done_if_exists": done_if_exists,
-            "log_dir": log_dir,
-            "job_name": job_name,
-            "last_submitted": now,
-        }
-        if not mine:
-            meta["submitted"] = now
+        changes, meta = _plan(store, batch_id, parsed.commands, keys, markers, options)
         queued = _enqueue(store, settings, batch_id, meta, changes, file_key, after, owner or "")
         if queued >= 0:
             break
     else:
         raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
+    now = meta["last_submitted"]
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -149,6 +127,41 @@ def submit(
         len(parsed.commands) - queued,
         warnings,
     )
+
+
+def _plan(
+    store: BatchStore,
+    batch_id: str,
+    commands: Sequence[Command],
+    keys: Sequence[str],
+    markers: Sequence[DoneMarker | None],
+    options: dict[str, Any],
+) -> tuple[list[TaskSpec], dict[str, Any]]:
+    """What a submission changes in batch `batch_id` (new or existing) and its metadata.
+
+    A command already queued, running or done in this batch is left alone; one whose outputs
+    exist, or that is live in another batch, is skipped; the rest are queued. Each change
+    carries the state it was planned against, which the commit checks (lua/commit.lua)."""
+    ids = [task_id_for(batch_id, k) for k in keys]
+    mine = store.states_of(batch_id, ids)
+    elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
+    changes: list[TaskSpec] = []
+    for command, key, tid, marker in zip(commands, keys, ids, markers, strict=True):
+        if mine.get(tid) in _LIVE:
+            continue  # resubmission: already queued, running or done in this batch
+        state, note = QUEUED, ""
+        other = elsewhere.get(key)
+        if marker is not None and marker.done():
+            state, note = SKIPPED, f"already done: {marker.describe()}"
+        elif other and other[0] != batch_id and other[2] in _LIVE:
+            state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
+        expect = mine.get(tid, "")
+        changes.append(TaskSpec(tid, command.line, command.argv, key, state, note, expect=expect))
+    now = time.time()
+    meta: dict[str, Any] = {"id": batch_id, **options, "last_submitted": now}
+    if not mine:
+        meta["submitted"] = now
+    return changes, meta
 
 
 def _check_time_limit(time_limit: float | None, settings: Settings) -> None:
