@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CommandsFileError
+from .runner import ExecLimits
 
 SHELL_METACHARACTERS = frozenset(";|&<>`$()*?[]")
 """Characters a shell would interpret. Without a shell they would be passed on literally,
@@ -93,57 +94,6 @@ def _describe(ch: str) -> str:
     return f"{kind} U+{code:04X} ({name}) inside the line: not allowed"
 
 
-_POINTER_SIZE = 8
-"""Bytes each argv pointer takes on the stack of a 64-bit exec."""
-_ENVIRONMENT_RESERVE = 64 * 1024
-"""Left of ARG_MAX for the environment the worker passes along with argv."""
-_LINUX_ARGV_CAP = 6 * 1024 * 1024
-"""Linux never allows more than 3/4 of its 8 MiB _STK_LIM for argv+envp, whatever
-`ulimit -s` says (sysconf(_SC_ARG_MAX) reports rlimit/4 even when unlimited)."""
-
-
-def _sysconf(name: str, default: int) -> int:
-    try:
-        value = os.sysconf(name)
-    except (ValueError, OSError, AttributeError):
-        return default
-    return value if value > 0 else default
-
-
-@dataclass(frozen=True)
-class _ExecLimits:
-    """What execve(2) on this system accepts: per argument and for the whole argv."""
-
-    word: int  # MAX_ARG_STRLEN (32 pages): one argument's bytes including its NUL
-    argv: int  # bytes of all arguments (with NULs) and their pointers
-    quick: int  # lines of at most this many characters are within both limits
-
-    @classmethod
-    def of_this_system(cls) -> _ExecLimits:
-        word = 32 * _sysconf("SC_PAGE_SIZE", 4096)
-        argv = min(_sysconf("SC_ARG_MAX", 131072), _LINUX_ARGV_CAP) - _ENVIRONMENT_RESERVE
-        # a word has at most 4 UTF-8 bytes per character of the line (quotes only remove
-        # characters), and a line of n characters has at most (n + 1) / 2 words
-        return cls(word, argv, min((word - 1) // 4, (argv - 2 * _POINTER_SIZE) // 9))
-
-    def refusal(self, argv: tuple[str, ...]) -> str | None:
-        """Why execve would fail with E2BIG for this argv, or None if it fits."""
-        sizes = [len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv]
-        total = sum(sizes) + _POINTER_SIZE * (len(argv) + 1)
-        if total > self.argv:
-            return (
-                f"command line of {total:,} bytes exceeds this system's argument limit "
-                f"({self.argv:,} bytes)"
-            )
-        for index, size in enumerate(sizes, start=1):
-            if size > self.word:
-                return (
-                    f"word {index} of {size - 1:,} bytes exceeds this system's per-argument "
-                    f"limit ({self.word - 1:,} bytes)"
-                )
-        return None
-
-
 _PLAIN_BREAKERS = SHELL_METACHARACTERS | frozenset("'\"\\~")
 """Characters after which a line is not just words between blanks (quoting, escapes, shell)."""
 _BLANKS = re.compile(r"[ \t\r\n]+")
@@ -207,7 +157,7 @@ def parse_text(text: str, path: str = "<commands>") -> ParsedFile:
     commands: list[Command] = []
     first_seen: dict[tuple[str, ...], int] = {}
     duplicates: list[tuple[int, int]] = []
-    limits = _ExecLimits.of_this_system()
+    limits = ExecLimits.of_this_system()
     # one C-speed scan of the whole text; refused on its line, unless an earlier line is bad
     bad = _first_forbidden(text)
     bad_line = text.count("\n", 0, bad.start()) + 1 if bad else 0

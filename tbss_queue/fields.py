@@ -13,16 +13,16 @@ import os
 import re
 import reprlib
 import stat
-import struct
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .policy import under
+from .runner import ExecLimits
+
 OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "line")
 MAX_ARGS = 100_000
-MAX_ARG_STRLEN = 32 * 4096  # Linux's limit on one argument, NUL included (else E2BIG)
-ENV_HEADROOM = 64 * 1024  # bytes of ARG_MAX left for the environment the command runs with
 MAX_TIME_LIMIT = 30 * 86400
 MAX_RETRIES = 100
 MAX_LINE = 10_000_000
@@ -31,7 +31,6 @@ DEFAULT_JOB_NAME = "tbss-queue"
 _SHOWN = 200
 _BATCH_ID = re.compile(r"[0-9a-f]{8}")
 _UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")  # str(uuid.UUID(x)) == x
-_POINTER = struct.calcsize("P")
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -126,27 +125,20 @@ def _argv(value: object) -> tuple[str, ...]:
         raise _refused("argv", "must be a list of strings", value)
     if not 1 <= len(value) <= MAX_ARGS:
         raise RefusedField("argv", f"must have 1..{MAX_ARGS} items (got {len(value)})")
-    arg_max = os.sysconf("SC_ARG_MAX")
-    limit = (arg_max if arg_max > 0 else 2**31) - ENV_HEADROOM
-    size = 0
-    for i, item in enumerate(value):
-        n = len(_text("argv", item, f"item {i}: ").encode()) + 1
-        if n > MAX_ARG_STRLEN:
-            raise RefusedField("argv", f"item {i}: {n} bytes, over MAX_ARG_STRLEN={MAX_ARG_STRLEN}")
-        size += n + _POINTER
-    if size > limit:
+    items = tuple(_text("argv", item, f"item {i}: ") for i, item in enumerate(value))
+    limits = ExecLimits.of_this_system()  # the same judge as submit's (commands.py)
+    for i, item in enumerate(items):
+        n = len(item.encode()) + 1
+        if n > limits.word:
+            raise RefusedField("argv", f"item {i}: {n} bytes, over MAX_ARG_STRLEN={limits.word}")
+    size = limits.size(items)
+    if size > limits.argv:
         raise RefusedField(
-            "argv", f"{size} bytes, over ARG_MAX={arg_max} less {ENV_HEADROOM} for the environment"
+            "argv", f"{size} bytes, over ARG_MAX less room for the environment ({limits.argv})"
         )
     if not value[0]:
         raise RefusedField("argv", "argv[0] must not be empty")
-    return tuple(value)
-
-
-def _under(path: str, root: str) -> bool:
-    """Component-wise containment: /data holds /data/x but not /database."""
-    root = os.path.normpath(root)
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    return items
 
 
 def check_fields(
@@ -165,7 +157,7 @@ def check_fields(
         raise _refused("command_id", "must be a canonical UUID", command_id)
     args = _argv(argv)
     where = _path("cwd", cwd, absolute=True)
-    if roots and not any(_under(where, r) for r in roots):
+    if roots and not any(under(where, r) for r in roots):
         raise _refused("cwd", "is outside the worker's --root directories", where)
     for key in options:
         if key not in OPTIONS:
@@ -183,7 +175,7 @@ def check_fields(
     log_dir = None if get("log_dir") is None else _path("log_dir", get("log_dir"), absolute=None)
     if log_dir is not None and roots:
         folder = os.path.normpath(os.path.join(where, log_dir))
-        if not any(_under(folder, r) for r in (roots if os.path.isabs(log_dir) else [where])):
+        if not any(under(folder, r) for r in (roots if os.path.isabs(log_dir) else [where])):
             raise _refused("log_dir", "is outside cwd and the --root directories", log_dir)
     name = None if get("job_name") is None else _file_name("job_name", get("job_name"))
     line = None if get("line") is None else _int("line", get("line"), 1, MAX_LINE)
@@ -226,13 +218,13 @@ def open_logs(
     folder = os.path.normpath(os.path.join(where, _path("log_dir", log_dir, absolute=None)))
     files = [_file_name("job_name", name) for name in names]
     if roots:
-        anchors = [os.path.normpath(r) for r in roots if _under(folder, r)]
+        anchors = [os.path.normpath(r) for r in roots if under(folder, r)]
         if not anchors:
             raise _refused("log_dir", "is outside the --root directories", log_dir)
         anchor = max(anchors, key=len)
     else:
-        anchor = where if _under(folder, where) else "/"
-    in_cwd = _under(folder, where) and _under(where, anchor)
+        anchor = where if under(folder, where) else "/"
+    in_cwd = under(folder, where) and under(where, anchor)
     dir_fd = _walk(anchor, _parts(anchor, folder), len(_parts(anchor, where)) if in_cwd else 0)
     opened: list[BinaryIO] = []
     try:

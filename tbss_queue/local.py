@@ -30,9 +30,10 @@ from .commands import parse_commands_file
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
 from .models import BatchStatus, TaskRecord
-from .procs import TAG_VAR, dies_with_parent, kill_tagged
+from .procs import TAG_VAR, kill_tagged
 from .recovery import reconcile
 from .redis_server import RedisServer
+from .runner import dies_with_parent
 
 RUN_DIR = ".tbss-queue"
 """Where `run` keeps its Redis data and worker log, inside the working directory."""

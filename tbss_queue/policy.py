@@ -83,7 +83,7 @@ name or path explicitly (a pattern such as `*` does not count)."""
 def within(path: str, roots: Sequence[str]) -> bool:
     """Whether `path` (symlinks followed) lies under one of `roots` (already real paths)."""
     real = os.path.realpath(path)
-    return any(_under(real, root) for root in roots)
+    return any(under(real, root) for root in roots)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Policy:
         """None if the command may run here, else why not (one line)."""
         if self.roots:
             real_cwd = os.path.realpath(cwd)
-            if not any(_under(real_cwd, root) for root in self.roots):
+            if not any(under(real_cwd, root) for root in self.roots):
                 return (
                     f"working directory {cwd} is outside this worker's --root "
                     f"({', '.join(self.roots)})"
@@ -146,7 +146,7 @@ class Policy:
                     "start the worker with FSLDIR set (source $FSLDIR/etc/fslconf/fsl.sh), or "
                     f"--allow {resolved}"
                 )
-            if _under(resolved, os.path.realpath(fsldir)):
+            if under(resolved, os.path.realpath(fsldir)):
                 return None
             return f"{resolved} is not under this worker's FSLDIR ({fsldir})"
         return (
@@ -190,7 +190,9 @@ def resolve(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
     return real if os.path.isfile(real) else None
 
 
-def _under(path: str, root: str) -> bool:
+def under(path: str, root: str) -> bool:
+    """Component-wise containment of normalized paths: /data holds /data/x, not /database."""
+    root = os.path.normpath(root)
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 

@@ -8,10 +8,7 @@ an environment tag that their children inherit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
-from collections.abc import Callable
 
 import psutil
 
@@ -43,19 +40,3 @@ def kill_tagged(tag: str, grace: float = 3.0) -> int:
             p.kill()
     psutil.wait_procs(alive, timeout=grace)
     return len(procs)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def dies_with_parent(sig: int) -> Callable[[], None] | None:
-    """A Popen preexec_fn: the child gets `sig` when the process that started it dies, even by
-    SIGKILL (Linux; None elsewhere). For the few long-lived helpers `run` starts."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig)
-
-    return preexec

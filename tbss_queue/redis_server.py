@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from .errors import EmbeddedRedisError
-from .procs import dies_with_parent
+from .runner import dies_with_parent
 
 MAX_SOCKET_PATH = 100
 """Unix socket paths are limited to 108 bytes on Linux (fewer on macOS); stay under both."""

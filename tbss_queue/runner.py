@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import select
 import shutil
@@ -40,6 +41,67 @@ CAUSE_NOT_FOUND = "not-found"
 CAUSE_TOO_LONG = "too-long"  # E2BIG: the command line exceeds the system's argument limit
 CAUSE_NO_CWD = "no-cwd"
 CAUSE_STOPPED = "stopped"  # stopped from outside (lease lost, cancelled, worker stopping)
+
+
+_POINTER_SIZE = 8
+"""Bytes each argv pointer takes on the stack of a 64-bit exec."""
+_ENVIRONMENT_RESERVE = 64 * 1024
+"""Left of ARG_MAX for the environment the worker passes along with argv."""
+_LINUX_ARGV_CAP = 6 * 1024 * 1024
+"""Linux never allows more than 3/4 of its 8 MiB _STK_LIM for argv+envp, whatever
+`ulimit -s` says (sysconf(_SC_ARG_MAX) reports rlimit/4 even when unlimited)."""
+
+
+def _sysconf(name: str, default: int) -> int:
+    try:
+        value = os.sysconf(name)
+    except (ValueError, OSError, AttributeError):
+        return default
+    return value if value > 0 else default
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """What execve(2) on this system accepts: per argument and for the whole argv. Judged
+    once, at submit (commands.py: the line number is known there), and again by the worker for
+    what a message carries (fields.py)."""
+
+    word: int  # MAX_ARG_STRLEN (32 pages): one argument's bytes including its NUL
+    argv: int  # bytes of all arguments (with NULs) and their pointers
+    quick: int  # lines of at most this many characters are within both limits
+
+    @classmethod
+    @functools.cache
+    def of_this_system(cls) -> ExecLimits:
+        word = 32 * _sysconf("SC_PAGE_SIZE", 4096)
+        argv = min(_sysconf("SC_ARG_MAX", 131072), _LINUX_ARGV_CAP) - _ENVIRONMENT_RESERVE
+        # a word has at most 4 UTF-8 bytes per character of the line (quotes only remove
+        # characters), and a line of n characters has at most (n + 1) / 2 words
+        return cls(word, argv, min((word - 1) // 4, (argv - 2 * _POINTER_SIZE) // 9))
+
+    @staticmethod
+    def size(argv: Sequence[str]) -> int:
+        """The bytes execve counts for argv: each word with its NUL, and the pointers."""
+        return sum(len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv) + _POINTER_SIZE * (
+            len(argv) + 1
+        )
+
+    def refusal(self, argv: tuple[str, ...]) -> str | None:
+        """Why execve would fail with E2BIG for this argv, or None if it fits."""
+        sizes = [len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv]
+        total = self.size(argv)
+        if total > self.argv:
+            return (
+                f"command line of {total:,} bytes exceeds this system's argument limit "
+                f"({self.argv:,} bytes)"
+            )
+        for index, size in enumerate(sizes, start=1):
+            if size > self.word:
+                return (
+                    f"word {index} of {size - 1:,} bytes exceeds this system's per-argument "
+                    f"limit ({self.word - 1:,} bytes)"
+                )
+        return None
 
 
 @dataclass(frozen=True)
@@ -98,7 +160,8 @@ def run_command(
     on_tick(pid) is called about every `tick` seconds while the command runs (lease renewal);
     it and `stop()` (checked whenever `wake_fd` becomes readable) may ask the command to stop:
     its whole tree is killed and the result's cause is `stopped`. `tag` goes into the command's
-    environment (guard.TAG_VAR), so descendants that leave its process group are found too.
+    environment (guard.TAG_VAR), so that the guard finds descendants that left its process
+    group if this process dies.
     `lease_until()` (CLOCK_BOOTTIME seconds) is handed to this process's guard, which kills the
     command's tree itself if this process is frozen past it.
     """
@@ -123,14 +186,13 @@ def run_command(
             return _failed(started, cause, f"cannot start {argv[0]}: {exc.strerror or exc}")
         until = lease_until if lease_until is not None else (lambda: 0.0)
         guard.started(proc.pid, tag, until())
-        timed_out, stopped, by_itself = False, None, False
+        timed_out, stopped = False, None
         try:
             deadline = None if timeout is None else started + timeout
             with _exit_watch(proc, wake_fd) as exited:
                 while True:
                     wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
                     if exited(wait):
-                        by_itself = True
                         break
                     stopped = stop() if stop is not None else None
                     if stopped is None and deadline is not None and time.time() >= deadline:
@@ -144,10 +206,11 @@ def run_command(
                     guard.renewed(proc.pid, tag, until())
         finally:
             hard = stopped is not None and stopped.hard
-            kill_tree(proc.pid, None if by_itself else tag, grace=0.0 if hard else KILL_GRACE)
+            kill_process_group(proc.pid, grace=0.0 if hard else KILL_GRACE)
             with contextlib.suppress(Exception):
                 proc.wait(timeout=KILL_GRACE)
-            # what it left behind, environment cleared or not: this process is their subreaper
+            # what left the group (setsid, daemons; environment cleared or not): this process
+            # is their subreaper, so they are among its descendants
             kill_strays(keep=before | guard.pids())
             guard.ended(proc.pid)
         ended = time.time()
@@ -186,8 +249,8 @@ def _spawn(
     if _SETPRIV is not None:
         _check_executable(argv[0], cwd, env)  # setpriv would report it only as exit 127
         wrapper = [_SETPRIV, "--pdeathsig", "KILL", "--"]
-    elif _PRCTL is not None:
-        preexec = _die_with_parent
+    else:
+        preexec = dies_with_parent(signal.SIGKILL)
     return subprocess.Popen(
         [*wrapper, *argv],
         cwd=cwd,
@@ -260,14 +323,18 @@ _SETPRIV = shutil.which("setpriv") if _PRCTL is not None else None
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL me when my parent dies (a worker killed with SIGKILL, OOM).
+def dies_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A Popen preexec_fn: the child gets `sig` when the process that started it dies, even
+    by SIGKILL (Linux; None elsewhere). For a command, whose runner's `finally` can't run then
+    (the slot's guard takes care of its grandchildren), and for `run`'s Redis and worker."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
 
-    The `finally` of run_command can't run then, and an orphaned command finishing after its
-    task was requeued elsewhere would run twice. Covers the direct child only; grandchildren
-    are covered by systemd's control-group kill in deployments (see worker/).
-    """
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+
+    return preexec
 
 
 def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
@@ -288,16 +355,6 @@ def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def kill_tree(pgid: int, tag: str | None = None, grace: float = KILL_GRACE) -> None:
-    """Kill a command's process group (SIGTERM, then SIGKILL after `grace`) and, with `tag`,
-    every process that carries it in its environment (descendants that left the group)."""
-    kill_process_group(pgid, grace)
-    if tag is not None:
-        for pid in guard_mod.tagged({tag}):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
 
 
 class _Guard:
