@@ -287,8 +287,8 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
 def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
     """Every worker node that ever announced itself: online or not, quarantined or not."""
     settings, store = _store(settings)
-    names = sorted(set(store.r.hkeys(NODES)) | set(store.r.zrange(ALIVE, 0, -1)))
     seen = dict(store.r.zrange(ALIVE, 0, -1, withscores=True))
+    names = sorted(set(store.r.hkeys(NODES)) | set(seen))
     now, quarantine, facts = store.redis_time(), store.quarantined(), store.node_facts(names)
     return [
         NodeInfo(

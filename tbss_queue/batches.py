@@ -410,9 +410,6 @@ class BatchStore:
         now = self.redis_time()
         return [str(n) for n in self.r.zrangebyscore(ALIVE, now - window, "+inf")]
 
-    def quarantine(self, node: str, reason: dict[str, Any]) -> None:
-        self.r.hset(QUARANTINE, node, json.dumps(reason))
-
     def quarantined(self, node: str | None = None) -> dict[str, dict[str, Any]]:
         """node -> why it takes no commands: every quarantined node, or the one named."""
         if node is not None:
@@ -423,10 +420,6 @@ class BatchStore:
     def release_node(self, node: str) -> bool:
         """Let a quarantined node take commands again; False if it was not quarantined."""
         return bool(self.r.hdel(QUARANTINE, node))
-
-    def refusals(self, batch_id: str, task_id: str) -> dict[str, dict[str, Any]]:
-        raw = self.r.hget(batch_key(batch_id, "refusals"), task_id)
-        return json.loads(raw) if raw else {}
 
     def redis_time(self) -> float:
         """Redis's clock, the one every host's comparisons use."""

@@ -27,17 +27,19 @@ def node_fault(
     it at every heartbeat and leaves quarantine once it exists); None for a policy refusal.
     """
     if not os.path.isdir(cwd):
-        return _fault(CAUSE_NO_CWD, f"working directory {cwd} not found on this node", cwd)
+        return fault(CAUSE_NO_CWD, f"working directory {cwd} not found on this node", cwd)
     if policy is not None:
         refused = policy.check(argv, cwd, env)
         if refused is not None:
-            return _fault(CAUSE_REFUSED, f"refused: {refused}", None)
+            return fault(CAUSE_REFUSED, f"refused: {refused}", None)
     if resolve(argv[0], cwd, env) is None:
         where = os.path.join(cwd, argv[0]) if "/" in argv[0] else argv[0]
         path = where if os.path.isabs(where) else None
-        return _fault(CAUSE_NOT_FOUND, f"executable {argv[0]} not found on this node", path)
+        return fault(CAUSE_NOT_FOUND, f"executable {argv[0]} not found on this node", path)
     return None
 
 
-def _fault(cause: str, message: str, path: str | None) -> dict[str, Any]:
+def fault(cause: str, message: str, path: str | None) -> dict[str, Any]:
+    """A node fault as tasks hand it to lua/node_fault.lua: cause, message, and the path whose
+    appearance ends it (None: only `nodes resume` or a restart does)."""
     return {"cause": cause, "message": message, "path": path}

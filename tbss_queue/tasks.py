@@ -33,11 +33,11 @@ from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect, transient
 from .config import Settings
 from .done import done_marker, remove_stale
-from .fields import RefusedField, check_fields, log_paths, open_logs
+from .fields import RefusedField, check_fields, log_names, open_logs
 from .guard import uptime
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
-from .preflight import CAUSE_REFUSED, node_fault
+from .preflight import CAUSE_REFUSED, fault, node_fault
 from .recovery import republish
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,6 @@ def patiently(fn: Callable[[], T], patience: float) -> T:
             delay = min(delay * 2, 2.0)
 
 
-_uptime = uptime
-"""A clock that keeps counting while the machine is suspended (the lid of a laptop), shared
-with the guard process."""
-
-
 class Lease:
     """This runner's hold on one command: renewed at every tick, fenced by its token."""
 
@@ -104,11 +99,11 @@ class Lease:
         # a short socket timeout: a renewal must never block the tick loop past the lease
         self.store = BatchStore(connect(settings, check=False, timeout=settings.heartbeat / 2))
         self.margin = settings.lost_after - 2 * settings.heartbeat
-        self.valid_until = _uptime() + self.margin
-        self.cancelled = False
+        # by a clock that counts while the machine is suspended, shared with the guard process
+        self.valid_until = uptime() + self.margin
 
     def lapsed(self) -> bool:
-        return _uptime() >= self.valid_until
+        return uptime() >= self.valid_until
 
     def renew(self, _pid: int = 0) -> runner.Stop | None:
         """None to go on, or why the command must stop now."""
@@ -118,7 +113,7 @@ class Lease:
                 "unreachable); another node may run it now",
                 hard=True,
             )
-        sent = _uptime()
+        sent = uptime()
         try:
             verdict = self.store.renew(
                 self.batch_id, self.task_id, self.token, self.settings.lost_after
@@ -130,7 +125,6 @@ class Lease:
             self.valid_until = sent + self.margin
             return None
         if verdict == "cancelled":
-            self.cancelled = True
             return runner.Stop("cancelled")
         return runner.Stop("its lease was taken over: another node runs it now", hard=True)
 
@@ -226,9 +220,9 @@ def _execute(
         )
 
     env = command_env(batch_id, task_id)
-    fault = node_fault(argv, cwd, env, rules.policy)
-    if fault is not None:
-        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+    cannot = node_fault(argv, cwd, env, rules.policy)
+    if cannot is not None:
+        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
     # run exactly the file the policy judged: no second PATH search between check and use
     argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
     marker = done_marker(argv, cwd, fields.done_if_exists)
@@ -243,15 +237,17 @@ def _execute(
     time_limit = fields.time_limit or settings.time_limit
     if rules.max_time_limit:
         time_limit = min(time_limit, rules.max_time_limit)
-    logs = log_paths(replace(fields, cwd=cwd))
+    names = log_names(fields)
     with contextlib.ExitStack() as files:
         outputs = None
-        if logs is not None:
+        if fields.log_dir is not None and names is not None:
             try:
-                outputs = files.enter_context(_opened(cwd, logs, roots))
+                outputs = open_logs(cwd, fields.log_dir, names, roots)
+                for opened in outputs:
+                    files.enter_context(opened)
             except (RefusedField, OSError) as exc:
-                fault = {"cause": CAUSE_REFUSED, "message": f"log files: {exc}", "path": None}
-                _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+                refused = fault(CAUSE_REFUSED, f"log files: {exc}", None)
+                _hand_back_fault(task, store, settings, batch_id, task_id, node, token, refused)
         log.info(
             "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
         )
@@ -270,14 +266,14 @@ def _execute(
         )
     if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
         missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
-        fault = {"cause": result.cause, "message": result.message, "path": missing}
-        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, fault)
+        cannot = fault(result.cause, result.message, missing)
+        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
     if result.cause == runner.CAUSE_SIGNAL and lease.lapsed():
         # this process was frozen past its lease and the guard killed the command: not a
         # failure of the command, and perhaps not ours any more
         result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
     if result.cause == runner.CAUSE_STOPPED:
-        _stopped(task, store, settings, batch_id, task_id, token, lease, result)
+        _stopped(task, store, settings, batch_id, task_id, token, result)
     if result.ok and marker is not None and not marker.done():
         # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
         result = replace(
@@ -371,7 +367,6 @@ def _stopped(
     batch_id: str,
     task_id: str,
     token: str,
-    lease: Lease,
     result: runner.RunResult,
 ) -> None:
     """The command was stopped from outside; its tree is dead. Record nothing. Always raises."""
@@ -402,28 +397,8 @@ def refuse(
     ):
         return
     now = time.time()
-    record = {
-        "cause": CAUSE_REFUSED,
-        "message": f"refused: {message}",
-        "exit_code": None,
-        "node": node,
-        "started": now,
-        "ended": now,
-        "duration": 0.0,
-        "stdout_tail": "",
-        "stderr_tail": message,
-    }
-    store.finish(batch_id, task_id, node, token, FAILED, record)
-
-
-@contextlib.contextmanager
-def _opened(cwd: str, logs: tuple[str, str], roots: tuple[str, ...]) -> Iterator[Any]:
-    log_dir = os.path.dirname(logs[0])
-    out, err = open_logs(
-        cwd, log_dir, (os.path.basename(logs[0]), os.path.basename(logs[1])), roots
-    )
-    with out, err:
-        yield out, err
+    refused = runner.RunResult(None, now, now, "", message, CAUSE_REFUSED, f"refused: {message}")
+    store.finish(batch_id, task_id, node, token, FAILED, {**refused.to_dict(), "node": node})
 
 
 def _log_outcome(outcome: str, task_id: str, batch_id: str) -> None:
