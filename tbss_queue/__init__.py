@@ -3,6 +3,7 @@
 from .api import (
     cancel,
     failures,
+    forget,
     list_batches,
     nodes,
     report,
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "cancel",
     "failures",
+    "forget",
     "list_batches",
     "nodes",
     "report",

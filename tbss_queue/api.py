@@ -30,11 +30,11 @@ from .batches import (
     new_batch_id,
     new_submission_id,
 )
-from .broker import connect
+from .broker import broker_full, connect
 from .commands import Command, parse_commands_file
 from .config import Settings
 from .done import DoneMarker, done_marker
-from .errors import BatchNotFound, BrokerUnavailable, ConfigError
+from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
@@ -103,7 +103,17 @@ def submit(
         owner = store.batch_for_file(file_key)
         batch_id = owner or new_batch_id()
         changes, meta = _plan(store, batch_id, parsed.commands, keys, markers, options)
-        queued = _enqueue(store, settings, batch_id, meta, changes, file_key, after, owner or "")
+        queued = _enqueue(
+            store,
+            settings,
+            batch_id,
+            meta,
+            changes,
+            file_key,
+            after,
+            owner or "",
+            merge=owner is not None,
+        )
         if queued >= 0:
             break
     else:
@@ -184,10 +194,14 @@ def _enqueue(
     file_key: str,
     after: Sequence[str] = (),
     file_owner: str = "*",
+    *,
+    merge: bool,
 ) -> int:
-    """Stage `changes` and their messages, then commit them in one step; returns how many
-    commands were queued, or -1 when another submit of the same file committed first (nothing
-    of this one is visible then). On any error nothing is visible and the staging is removed."""
+    """Stage `changes` and their messages, commit them in one constant-time step, then apply
+    them in bounded steps; returns how many commands were queued, or -1 when another submit of
+    the same file committed first (nothing of this one is visible then). On any error before
+    the commit nothing is visible and the staging is removed; after it, the submission is
+    applied whole (by a worker's reaper if this process dies)."""
     to_queue = [s for s in changes if s.state == QUEUED]
     messages = build_messages(
         make_app(settings),
@@ -200,19 +214,26 @@ def _enqueue(
     if settings.signing:
         signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, messages, strict=True)}
         changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
-    sid = new_submission_id()
+    staging = store.staging(batch_id, new_submission_id(), len(changes), messages, merge=merge)
     try:
-        queue = store.stage(batch_id, sid, meta, changes, messages)
+        store.stage(staging, meta, changes, messages)
         if after:
-            store.hold(batch_id, sid, queue, len(messages), file_key, after)
-        elif store.commit(batch_id, sid, queue, len(messages), file_key, file_owner=file_owner) < 0:
-            store.discard(batch_id, sid)
-            return -1
-    except BaseException:
+            store.hold(staging, file_key, after)
+            return len(to_queue)
+        committed = store.commit(staging, file_key, file_owner=file_owner)
+    except BaseException as exc:
         # staged keys expire on their own if Redis can't be told now; the first error counts
         with contextlib.suppress(redis.RedisError):
-            store.discard(batch_id, sid)
+            store.discard(staging)
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            raise broker_full(store.r) from None
         raise
+    if committed < 0:
+        store.discard(staging)
+        if committed == -3:  # an earlier submission of this batch is half applied: finish it
+            store.apply(batch_id)
+        return -1
+    store.apply(batch_id)
     return len(to_queue)
 
 
@@ -228,6 +249,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
         TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), specs[t]["key"], expect=states[t])
         for t in again
     ]
+    store.apply(bid)  # a submission still being applied first: it may requeue some of them
     queued = _enqueue(
         store,
         settings,
@@ -235,6 +257,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
         {"last_submitted": time.time(), "cwd": meta["cwd"], **{k: meta.get(k) for k in _OPTIONS}},
         changes,
         f"{meta['cwd']}|{meta['path']}",
+        merge=True,
     )
     return Batch(bid, meta["path"], meta["cwd"], time.time(), queued, queued, 0)
 
@@ -250,6 +273,23 @@ def cancel(batch_id: str | None = None, *, settings: Settings | None = None) -> 
     bid = store.resolve_id(batch_id)
     store.cancel(bid)
     return status(bid, settings=settings)
+
+
+def forget(batch_id: str, *, settings: Settings | None = None) -> int:
+    """Drop every record of an ended batch now, instead of at the end of its retention time
+    (TBSS_QUEUE_KEEP). Its outputs stay, so a resubmission still skips done fsl_reg pairs.
+    Returns the number of Redis keys removed; BatchBusy while something is queued or running."""
+    _, store = _store(settings)
+    bid = store.resolve_id(batch_id)
+    store.apply(bid)
+    counts = store.snapshot(bid)["counts"]
+    busy = counts.get(QUEUED, 0) + counts.get("running", 0)
+    if busy:
+        raise BatchBusy(
+            f"batch {bid} has {busy} command(s) queued or running: "
+            f"cancel it first (tbss-queue cancel {bid})"
+        )
+    return store.forget(bid)
 
 
 def workdir_for(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None) -> str:

@@ -54,6 +54,8 @@ NODES = PREFIX + "nodes"
 HELD = PREFIX + "held"
 ALIVE = PREFIX + "alive"
 QUARANTINE = PREFIX + "quarantine"
+ACTIVE = PREFIX + "active"
+PENDING = PREFIX + "pending"
 
 QUEUED, RUNNING_STATE, SUCCEEDED, FAILED, SKIPPED, CANCELLED = (
     "queued",
@@ -80,12 +82,61 @@ def lease_key(batch_id: str, task_id: str) -> str:
     return f"{PREFIX}lease:{member(batch_id, task_id)}"
 
 
-STAGED_PARTS = ("meta", "cmd", "state", "counts", "expect", "msgs")
-"""What one submission stages (its messages last), published by commit.lua."""
+BATCH_PARTS = ("", "cmd", "state", "counts", "result", "ended", "nodes", "attempts", "refusals")
+"""Every key of a committed batch (b:B, b:B:cmd, ...): what retention expires, commit keeps."""
+
+CHUNK = 2000
+"""Commands per bounded step (a staged chunk merged, messages moved, entries cancelled): a few
+milliseconds of Redis each, so that no script stalls the workers at any batch size."""
 
 
-def staged_keys(batch_id: str, sid: str) -> list[str]:
-    return [batch_key(batch_id, f"stage:{sid}:{p}") for p in STAGED_PARTS]
+def staged_key(batch_id: str, sid: str, part: str) -> str:
+    return batch_key(batch_id, f"stage:{sid}:{part}")
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A submission staged where no worker or reader sees it yet, and how to commit it:
+    `new` batches adopt whole staged hashes; a `merge` is staged in `chunks` to apply one by
+    one; `n` messages wait in one staged list for `queue`."""
+
+    batch_id: str
+    sid: str
+    mode: str
+    chunks: int
+    queue: str | None
+    n: int
+
+    def chunk_keys(self, i: int) -> list[str]:
+        return [staged_key(self.batch_id, self.sid, f"{p}:{i}") for p in ("cmd", "state", "expect")]
+
+    @property
+    def whole_keys(self) -> list[str]:
+        return [staged_key(self.batch_id, self.sid, p) for p in ("meta", "cmd", "state", "counts")]
+
+    @property
+    def messages_key(self) -> str:
+        return staged_key(self.batch_id, self.sid, "msgs")
+
+    def all_keys(self) -> list[str]:
+        chunked = [k for i in range(self.chunks) for k in self.chunk_keys(i)]
+        return [*self.whole_keys, self.messages_key, *chunked]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "sid": self.sid,
+                "mode": self.mode,
+                "chunks": self.chunks,
+                "queue": self.queue,
+                "n": self.n,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, batch_id: str, raw: str) -> Staging:
+        d = json.loads(raw)
+        return cls(batch_id, d["sid"], d.get("mode", "merge"), d["chunks"], d["queue"], d["n"])
 
 
 def new_submission_id() -> str:
@@ -134,7 +185,19 @@ class TaskSpec:
 class BatchStore:
     """Reads and writes batch records on one Redis. Cheap to create; safe after fork."""
 
-    SCRIPTS = ("claim", "renew", "finish", "release", "cancel", "commit", "node_fault", "alive")
+    SCRIPTS = (
+        "claim",
+        "renew",
+        "finish",
+        "release",
+        "cancel",
+        "commit",
+        "apply",
+        "end",
+        "drop_entries",
+        "node_fault",
+        "alive",
+    )
 
     def __init__(self, client: redis.Redis) -> None:
         # decode_responses=True: every reply is str; redis-py's stubs can't express that
@@ -146,114 +209,151 @@ class BatchStore:
 
     # -- submit -------------------------------------------------------------------------------
 
+    @staticmethod
+    def staging(
+        batch_id: str, sid: str, n_tasks: int, messages: Sequence[tuple[str, str]], *, merge: bool
+    ) -> Staging:
+        """Where submission `sid` of `n_tasks` changes will be staged: a new batch whole (its
+        commit adopts it by RENAME), a merge into an existing batch in chunks."""
+        if messages and any(q != messages[0][0] for q, _ in messages):
+            raise ValueError("all messages of a batch must go to one queue")
+        return Staging(
+            batch_id,
+            sid,
+            "merge" if merge else "new",
+            -(-n_tasks // CHUNK) if merge else 0,
+            messages[0][0] if messages else None,
+            len(messages),
+        )
+
     def stage(
         self,
-        batch_id: str,
-        sid: str,
+        staging: Staging,
         meta: dict[str, Any],
         tasks: Sequence[TaskSpec],
         messages: Sequence[tuple[str, str]],
-        chunk: int = 5000,
-    ) -> str | None:
-        """Write submission `sid`'s records and messages where no worker or reader sees them yet.
+    ) -> None:
+        """Write a submission's records and messages where no worker or reader sees them yet.
 
-        `tasks` are new tasks or existing ones whose state changes (requeued). Returns the Redis
-        list the messages are meant for (None if there are none).
-        """
+        `tasks` are new tasks or existing ones whose state changes (requeued)."""
+        batch_id, merge = staging.batch_id, staging.mode == "merge"
+        keys = staging.all_keys()
         pipe: Any = self.r.pipeline(transaction=False)
-        staged = staged_keys(batch_id, sid)
-        s_meta, s_cmd, s_state, s_counts, s_expect, s_msgs = staged
+        s_meta, s_cmd, s_state, s_counts = staging.whole_keys
         pipe.hset(s_meta, mapping={k: _enc(v) for k, v in meta.items()})
-        # the counters of a new batch, which the commit adopts as they are
-        counts = Counter(t.state for t in tasks)
-        pipe.hset(s_counts, mapping={state: counts.get(state, 0) for state in STATES})
-        for start in range(0, len(tasks), chunk):
-            part = tasks[start : start + chunk]
-            pipe.hset(s_cmd, mapping={t.task_id: t.to_json() for t in part})
-            pipe.hset(s_state, mapping={t.task_id: t.state for t in part})
+        if not merge:  # the counters of a new batch, which the commit adopts as they are
+            counts = Counter(t.state for t in tasks)
+            pipe.hset(s_counts, mapping={state: counts.get(state, 0) for state in STATES})
+        for i, start in enumerate(range(0, len(tasks), CHUNK)):
+            part = tasks[start : start + CHUNK]
+            c_cmd, c_state, c_expect = staging.chunk_keys(i) if merge else (s_cmd, s_state, "")
+            pipe.hset(c_cmd, mapping={t.task_id: t.to_json() for t in part})
+            pipe.hset(c_state, mapping={t.task_id: t.state for t in part})
             expected = {t.task_id: t.expect for t in part if t.expect}
-            if expected:
-                pipe.hset(s_expect, mapping=expected)
+            if expected and merge:
+                pipe.hset(c_expect, mapping=expected)
             # written before the commit: an entry whose task has no state yet (not committed,
             # or never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
             live = {t.key: member(batch_id, t.task_id) for t in part if t.state == QUEUED}
             if live:
                 pipe.hset(INDEX, mapping=live)
-            _expire(pipe, staged)
+            _expire(pipe, keys)
             pipe.execute()
-        queue = None
-        for start in range(0, len(messages), chunk):
-            batch_msgs = messages[start : start + chunk]
-            queue = batch_msgs[0][0]
-            pipe.lpush(s_msgs, *[m for _, m in batch_msgs])
-            _expire(pipe, staged)
+        for start in range(0, len(messages), CHUNK):
+            pipe.lpush(staging.messages_key, *[m for _, m in messages[start : start + CHUNK]])
+            _expire(pipe, keys)
             pipe.execute()
-        _expire(pipe, staged)
+        _expire(pipe, keys)
         pipe.execute()
-        if messages and any(q != queue for q, _ in messages):
-            raise ValueError("all messages of a batch must go to one queue")
-        return queue
 
     def commit(
         self,
-        batch_id: str,
-        sid: str,
-        queue: str | None,
-        n_messages: int,
+        staging: Staging,
         file_key: str,
         *,
         file_owner: str = "*",
         releasing: bool = False,
     ) -> int:
-        """Publish the staged messages and merge the staged records, atomically.
+        """The constant-time switch that makes a staged submission certain to be applied whole
+        (then `apply` carries it out in bounded steps).
 
         `file_owner`: the batch the submitter found for this file ('' none, '*' don't check).
-        Returns the messages published; -1 (a hold someone else released) or -2 (another submit
-        of this file committed first: plan again).
-        """
-        s_meta, s_cmd, s_state, s_counts, s_expect, s_msgs = staged_keys(batch_id, sid)
+        Returns 1; -1 (a hold someone else released), -2 (another submit of this file
+        committed first: plan again) or -3 (an earlier submission is still being applied)."""
+        b = staging.batch_id
         keys = [
-            batch_key(batch_id),
-            batch_key(batch_id, "cmd"),
-            batch_key(batch_id, "state"),
-            batch_key(batch_id, "counts"),
-            s_msgs,
-            queue or batch_key(batch_id, "noqueue"),
+            batch_key(b),
+            batch_key(b, "cmd"),
+            batch_key(b, "state"),
+            batch_key(b, "counts"),
             BATCHES,
-            s_meta,
-            s_cmd,
-            s_state,
-            s_counts,
-            s_expect,
+            *staging.whole_keys,
             FILES,
             HELD,
+            ACTIVE,
+            PENDING,
+            *(batch_key(b, p) for p in BATCH_PARTS[4:]),
+            staging.messages_key,
+            *(k for i in range(staging.chunks) for k in staging.chunk_keys(i)),
         ]
-        args: list[Any] = [batch_id, time.time(), n_messages, file_key, int(releasing), file_owner]
+        args = [
+            b,
+            time.time(),
+            file_key,
+            int(releasing),
+            file_owner,
+            staging.mode,
+            json.dumps({**json.loads(staging.to_json()), "next": 0}),
+        ]
         return int(self._run("commit", keys, args))
 
-    def hold(
-        self,
-        batch_id: str,
-        sid: str,
-        queue: str | None,
-        n_messages: int,
-        file_key: str,
-        after: Sequence[str],
-    ) -> None:
+    def apply(self, batch_id: str) -> None:
+        """Carry a committed submission out, one bounded step per script, until done. Any
+        process may call it (a reaper finishes what a submitter that died began)."""
+        while True:
+            raw = self.r.hget(PENDING, batch_id)
+            if not raw:
+                return
+            staging = Staging.from_json(batch_id, raw)
+            step = int(json.loads(raw)["next"])
+            keys = [
+                PENDING,
+                batch_key(batch_id, "state"),
+                batch_key(batch_id, "counts"),
+                batch_key(batch_id, "cmd"),
+                batch_key(batch_id),
+                staging.messages_key,
+                staging.queue or batch_key(batch_id, "noqueue"),
+                *staging.chunk_keys(step),
+            ]
+            # 'more' or 'stale': read the record again (the next step may use other keys)
+            if self._run("apply", keys, [batch_id, staging.sid, step, CHUNK]) == "done":
+                return
+
+    def pending(self) -> list[str]:
+        """Batches with a committed submission still being applied."""
+        return [str(b) for b in self.r.hkeys(PENDING)]
+
+    def hold(self, staging: Staging, file_key: str, after: Sequence[str]) -> None:
         """Keep a staged submission (no expiry) until every batch in `after` is done."""
         pipe: Any = self.r.pipeline(transaction=True)
-        for key in staged_keys(batch_id, sid):
+        for key in staging.all_keys():
             pipe.persist(key)
-        hold = {"after": list(after), "queue": queue, "n": n_messages, "file_key": file_key}
-        pipe.hset(HELD, batch_id, json.dumps({**hold, "sid": sid}))
+        hold = {"after": list(after), "file_key": file_key, "staging": staging.to_json()}
+        pipe.hset(HELD, staging.batch_id, json.dumps(hold))
         pipe.execute()
 
     def held(self) -> dict[str, dict[str, Any]]:
-        return {b: json.loads(v) for b, v in self.r.hgetall(HELD).items()}
+        """batch -> {after, file_key, staging}: submissions waiting for other batches."""
+        out = {}
+        for b, v in self.r.hgetall(HELD).items():
+            hold = json.loads(v)
+            out[b] = {**hold, "staging": Staging.from_json(b, hold["staging"])}
+        return out
 
-    def discard(self, batch_id: str, sid: str) -> None:
+    def discard(self, staging: Staging) -> None:
         """Remove whatever a failed submit staged (the batch itself is untouched)."""
-        self.r.delete(*staged_keys(batch_id, sid))
+        self.r.unlink(*staging.all_keys())
 
     def batch_for_file(self, file_key: str) -> str | None:
         """The batch an earlier submission of this file (same path, same cwd) created."""
@@ -265,8 +365,8 @@ class BatchStore:
             return {}
         out = {}
         key = batch_key(batch_id, "state")
-        for i in range(0, len(task_ids), 10000):
-            chunk = list(task_ids[i : i + 10000])
+        for i in range(0, len(task_ids), CHUNK):
+            chunk = list(task_ids[i : i + CHUNK])
             out.update({t: s for t, s in zip(chunk, self.r.hmget(key, chunk), strict=True) if s})
         return out
 
@@ -276,8 +376,8 @@ class BatchStore:
         if not keys:
             return {}
         found: dict[str, tuple[str, str]] = {}
-        for i in range(0, len(keys), 10000):
-            chunk = keys[i : i + 10000]
+        for i in range(0, len(keys), CHUNK):
+            chunk = keys[i : i + CHUNK]
             for key, ref in zip(chunk, self.r.hmget(INDEX, chunk), strict=True):
                 if ref:
                     b, t = ref.split("|", 1)
@@ -392,9 +492,79 @@ class BatchStore:
         return str(self._run("node_fault", keys, args))
 
     def cancel(self, batch_id: str) -> int:
-        """Mark queued and running tasks cancelled; their runners stop at the next renewal."""
+        """Mark queued and running tasks cancelled, a bounded step at a time; their runners stop
+        at the next renewal."""
         keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"), batch_key(batch_id)]
-        return int(self._run("cancel", keys, []))
+        cursor, total = "0", 0
+        while True:
+            cursor, n = self._run("cancel", keys, [cursor, CHUNK])
+            total += int(n)
+            if str(cursor) == "0":
+                return total
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def active(self) -> list[str]:
+        """Batches that have not ended (something queued, running or being applied)."""
+        return [str(b) for b in self.r.smembers(ACTIVE)]
+
+    def end(self, batch_id: str, keep: float) -> bool:
+        """If the batch has nothing queued or running, it has ended: its keys expire after
+        `keep` seconds. True if it ended now."""
+        keys = [
+            ACTIVE,
+            PENDING,
+            batch_key(batch_id),
+            batch_key(batch_id, "counts"),
+            *(batch_key(batch_id, p) for p in BATCH_PARTS if p not in ("", "counts")),
+        ]
+        return bool(self._run("end", keys, [batch_id, max(1, int(keep))]))
+
+    def forget(self, batch_id: str) -> int:
+        """Drop every record of a batch now; returns the number of keys removed."""
+        removed = 0
+        names = [batch_key(batch_id)]
+        for key in self.r.scan_iter(match=batch_key(batch_id, "*"), count=1000):
+            names.append(key)
+            if len(names) >= 500:
+                removed += self.r.unlink(*names)
+                names = []
+        if names:
+            removed += self.r.unlink(*names)
+        self.drop_references({batch_id})
+        return removed
+
+    def expired(self) -> set[str]:
+        """Batches still listed whose records have expired."""
+        ids = self.batch_ids()
+        pipe = self.r.pipeline(transaction=False)
+        for b in ids:
+            pipe.exists(batch_key(b))
+        return {b for b, there in zip(ids, pipe.execute(), strict=True) if not there}
+
+    def drop_references(self, gone: set[str]) -> int:
+        """Remove what points to batches that are gone: their entries in the batch list, the
+        active set, holds, files and the command index (scanned a chunk at a time)."""
+        if not gone:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(BATCHES, *gone)
+        pipe.srem(ACTIVE, *gone)
+        pipe.hdel(PENDING, *gone)
+        pipe.hdel(HELD, *gone)
+        pipe.execute()
+        dropped = 0
+        for key, batch_of in ((FILES, str), (INDEX, lambda v: v.split("|", 1)[0])):
+            stale: list[str] = []
+            for field, value in self.r.hscan_iter(key, count=CHUNK):
+                if batch_of(value) in gone:
+                    stale += [field, value]
+                if len(stale) >= 2 * CHUNK:
+                    dropped += int(self._run("drop_entries", [key], stale))
+                    stale = []
+            if stale:
+                dropped += int(self._run("drop_entries", [key], stale))
+        return dropped
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -487,7 +657,8 @@ class BatchStore:
         pipe.hgetall(batch_key(batch_id, "counts"))
         pipe.hgetall(batch_key(batch_id, "nodes"))
         pipe.zcount(batch_key(batch_id, "ended"), now - window, "+inf")
-        meta, counts, nodes, recent = pipe.execute()
+        pipe.hexists(PENDING, batch_id)
+        meta, counts, nodes, recent, applying = pipe.execute()
         if not meta or "committed" not in meta:
             raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
         return {
@@ -495,6 +666,7 @@ class BatchStore:
             "counts": {k: int(v) for k, v in counts.items()},
             "nodes": nodes,
             "recent": int(recent),
+            "applying": bool(applying),
             "now": now,
             "window": window,
         }
@@ -506,7 +678,9 @@ class BatchStore:
         return self._json_fields(batch_key(batch_id, "cmd"), task_ids)
 
     def states(self, batch_id: str) -> dict[str, str]:
-        return dict(self.r.hgetall(batch_key(batch_id, "state")))
+        """task id -> state, read a chunk at a time (one HGETALL of a million entries would
+        block Redis for a second)."""
+        return dict(self.r.hscan_iter(batch_key(batch_id, "state"), count=CHUNK))
 
     def results(
         self, batch_id: str, task_ids: Sequence[str] | None = None
@@ -515,14 +689,16 @@ class BatchStore:
         return self._json_fields(batch_key(batch_id, "result"), task_ids)
 
     def _json_fields(self, key: str, fields: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-        """The JSON values of a hash: all of them, or those of `fields` that exist."""
+        """The JSON values of a hash: all of them, or those of `fields` that exist; read a
+        chunk at a time."""
         if fields is None:
-            raw = self.r.hgetall(key)
-        elif not fields:
-            return {}
-        else:
-            raw = dict(zip(fields, self.r.hmget(key, list(fields)), strict=True))
-        return {f: json.loads(v) for f, v in raw.items() if v}
+            return {f: json.loads(v) for f, v in self.r.hscan_iter(key, count=CHUNK)}
+        out = {}
+        for i in range(0, len(fields), CHUNK):
+            part = list(fields[i : i + CHUNK])
+            raw = self.r.hmget(key, part)
+            out.update({f: json.loads(v) for f, v in zip(part, raw, strict=True) if v})
+        return out
 
     def running(self, batch_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Running records ("batch|task" -> record), optionally of one batch."""
@@ -545,6 +721,7 @@ def _task_keys(batch_id: str, task_id: str) -> list[str]:
 
 
 def _expire(pipe: Any, keys: Iterable[str]) -> None:
+    """Staged keys vanish on their own if the submit dies before its commit."""
     for key in keys:
         pipe.expire(key, UNCOMMITTED_TTL)
 

@@ -38,6 +38,23 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(("BUSY", "MISCONF"))
 
 
+def broker_full(client: redis.Redis) -> BrokerUnavailable:
+    """The one-line error for a Redis at its maxmemory that refuses writes (noeviction)."""
+    try:
+        info: Any = client.info("memory")
+        limit = int(info.get("maxmemory", 0)) / 2**20
+        used = int(info.get("used_memory", 0)) / 2**20
+        policy = info.get("maxmemory_policy", "?")
+        where = f" ({used:.0f} MiB used of maxmemory {limit:.0f} MiB, policy {policy})"
+    except redis.RedisError:
+        where = ""
+    return BrokerUnavailable(
+        f"the broker is out of memory{where}: nothing was queued; running commands go on. "
+        "Free space with `tbss-queue forget BATCH` (see `tbss-queue batches`) or raise "
+        "Redis's maxmemory, then submit again"
+    )
+
+
 SOCKET_TIMEOUT = 15.0
 """Seconds a bookkeeping call may wait for Redis (a long commit takes seconds at 1M commands);
 past that a half-open connection is dropped and the call fails instead of hanging."""

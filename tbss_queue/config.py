@@ -34,6 +34,9 @@ DEFAULT_LOST_AFTER = 60.0
 DEFAULT_CRASH_LIMIT = 3
 """Lost-worker requeues of one command before it is failed as `lost`."""
 
+DEFAULT_KEEP = 7 * 24 * 3600.0
+"""Seconds an ended batch's records stay in Redis (then they expire; `forget` drops them now)."""
+
 ENV_PREFIX = "TBSS_QUEUE_"
 
 
@@ -49,6 +52,7 @@ class Settings:
     heartbeat: float = DEFAULT_HEARTBEAT
     lost_after: float = DEFAULT_LOST_AFTER
     crash_limit: int = DEFAULT_CRASH_LIMIT
+    keep: float = DEFAULT_KEEP
     # TLS to Redis (rediss://): certificates are verified unless tls_insecure is set
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -102,6 +106,8 @@ class Settings:
                 f"{ENV_PREFIX}LOST_AFTER ({self.lost_after} s) must be more than twice "
                 f"{ENV_PREFIX}HEARTBEAT ({self.heartbeat} s)"
             )
+        if self.keep <= 0:
+            raise ConfigError(f"{ENV_PREFIX}KEEP ({self.keep:g} s) must be positive")
         if self.crash_limit < 1:
             raise ConfigError(f"{ENV_PREFIX}CRASH_LIMIT must be at least 1")
         self._validate_tls()

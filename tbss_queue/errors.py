@@ -38,6 +38,10 @@ class BrokerUnavailable(TbssQueueError):
     exit_code = EXIT_BROKER
 
 
+class BatchBusy(TbssQueueError):
+    """Raised when a verb needs a batch to have ended (forget) and it has not."""
+
+
 class BatchNotFound(TbssQueueError):
     """Raised when a batch id (or 'the latest batch') does not exist on the broker."""
 

@@ -82,6 +82,8 @@ class BatchStatus:
     last_ended: float | None
     nodes: tuple[NodeStatus, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    applying: bool = False
+    """A committed submission is still being applied (its commands are about to be queued)."""
 
     @property
     def finished(self) -> int:
@@ -89,7 +91,7 @@ class BatchStatus:
 
     @property
     def done(self) -> bool:
-        return self.queued == 0 and self.running == 0
+        return self.queued == 0 and self.running == 0 and not self.applying
 
     @property
     def ok(self) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery
 from kombu import serialization
 
-from .batches import QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
+from .batches import CHUNK, PENDING, QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
 from .config import Settings
 from .publish import REF_HEADER, build_messages, send_options, task_kwargs
 
@@ -199,27 +199,35 @@ def _batch_and_task(raw: str) -> tuple[str, str] | None:
 def missing_messages(store: BatchStore, settings: Settings) -> int:
     """How many queued tasks at least have no message (0 when queue and records agree).
 
-    O(number of batches): queued counters against the queue's length and kombu's unacked
-    hash. Messages of finished tasks only inflate the right side, so a positive number is sure.
+    O(number of active batches): queued counters against the queue's length, kombu's unacked
+    hash and the messages still staged for a submission being applied. Messages of finished
+    tasks only inflate the right side, so a positive number is sure.
     """
-    batch_ids = store.batch_ids()
+    batch_ids = store.active()
     pipe = store.r.pipeline(transaction=False)
     for b in batch_ids:
         pipe.hget(batch_key(b, "counts"), QUEUED)
     pipe.llen(settings.queue)
     pipe.hlen(KOMBU_UNACKED)
-    *queued, in_queue, unacked = pipe.execute()
+    pipe.hlen(PENDING)
+    *queued, in_queue, unacked, pending = pipe.execute()
+    if pending:
+        return 0  # messages are on their way (BatchStore.apply): judge when they are there
     return sum(int(q or 0) for q in queued) - int(in_queue) - int(unacked)
 
 
 def republish_orphans(app: Celery, store: BatchStore, settings: Settings) -> int:
     """Publish again every queued task that has no message in the queue or in kombu's unacked
-    hash: its message was lost (a worker took it, then Redis died before kombu recorded it)."""
-    present = {_task_id(raw) for raw in store.r.lrange(settings.queue, 0, -1)}
+    hash: its message was lost (a worker took it, then Redis died before kombu recorded it).
+    Reads the queue and the active batches' states a chunk at a time."""
+    present: set[str | None] = set()
+    for start in range(0, store.r.llen(settings.queue), CHUNK):
+        part = store.r.lrange(settings.queue, start, start + CHUNK - 1)
+        present |= {_task_id(raw) for raw in part}
     present |= {ref[1] for raw in store.r.hvals(KOMBU_UNACKED) if (ref := _batch_and_task(raw))}
     present.discard(None)
     republished = 0
-    for batch_id in store.batch_ids():
+    for batch_id in store.active():
         for task_id, state in store.states(batch_id).items():
             if state == QUEUED and task_id not in present:
                 republished += republish(app, store, settings, batch_id, task_id)
@@ -234,6 +242,8 @@ def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, i
     Running tasks go back to queued, kombu's unacked messages (their workers are gone) are
     dropped, and every queued task without a message is published again.
     """
+    for batch_id in store.pending():  # staged messages are published, not taken for lost
+        store.apply(batch_id)
     counts = requeue_lost(app, store, settings, everything=True)
     store.r.delete(KOMBU_UNACKED, KOMBU_UNACKED_INDEX)
     counts["republished"] = republish_orphans(app, store, settings)
@@ -255,18 +265,27 @@ def release_held(store: BatchStore) -> list[str]:
     for batch_id, hold in store.held().items():
         pending = 0
         for other in hold["after"]:
-            counts = store.r.hgetall(batch_key(other, "counts"))
-            pending += int(counts.get(QUEUED, 0)) + int(counts.get("running", 0))
-        if (
-            pending == 0
-            and store.commit(
-                batch_id, hold["sid"], hold["queue"], hold["n"], hold["file_key"], releasing=True
-            )
-            >= 0
-        ):
+            counts = store.r.hmget(batch_key(other, "counts"), QUEUED, "running")
+            pending += sum(int(c or 0) for c in counts)
+        if pending == 0 and store.commit(hold["staging"], hold["file_key"], releasing=True) > 0:
+            store.apply(batch_id)
             log.warning("released batch %s: batches %s have ended", batch_id, hold["after"])
             released.append(batch_id)
     return released
+
+
+def keep_tidy(store: BatchStore, settings: Settings) -> None:
+    """Bookkeeping any worker may do: finish applying submissions whose submitter died, start
+    the retention time of batches that ended, and drop what points to expired batches."""
+    for batch_id in store.pending():
+        store.apply(batch_id)
+    for batch_id in store.active():
+        if store.end(batch_id, settings.keep):
+            log.info("batch %s ended; its records are kept %g s", batch_id, settings.keep)
+    gone = store.expired()
+    if gone:
+        store.drop_references(gone)
+        log.info("forgot expired batch(es) %s", ", ".join(sorted(gone)))
 
 
 class Reaper(threading.Thread):
@@ -285,6 +304,7 @@ class Reaper(threading.Thread):
                 requeue_lost(self.app, self.store, self.settings)
                 self.stalled.restore(self.app, self.store, self.settings)
                 release_held(self.store)
+                keep_tidy(self.store, self.settings)
                 # a message in flight shows as missing for a moment: act on the second sighting
                 missing = missing_messages(self.store, self.settings) > 0
                 if missing and suspicious:

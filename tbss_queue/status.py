@@ -41,6 +41,7 @@ def compute(batch_id: str, snap: dict[str, Any]) -> BatchStatus:
         first_started=float(first) if first else None,
         last_ended=float(last) if last else None,
         nodes=_nodes(snap["nodes"]),
+        applying=bool(snap.get("applying")),
     )
 
 

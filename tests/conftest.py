@@ -68,6 +68,7 @@ def settings_env(settings: Settings, tag: str) -> dict[str, str]:
             "TBSS_QUEUE_HEARTBEAT": str(settings.heartbeat),
             "TBSS_QUEUE_LOST_AFTER": str(settings.lost_after),
             "TBSS_QUEUE_CRASH_LIMIT": str(settings.crash_limit),
+            "TBSS_QUEUE_KEEP": str(settings.keep),
             TAG_VAR: tag,
             "PYTHONUNBUFFERED": "1",
         }

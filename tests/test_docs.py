@@ -37,6 +37,7 @@ def test_public_api_is_pinned() -> None:
             "__version__",
             "cancel",
             "failures",
+            "forget",
             "list_batches",
             "nodes",
             "report",

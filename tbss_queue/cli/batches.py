@@ -302,3 +302,18 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
         click.confirm(f"cancel batch {batch or '(latest)'}?", abort=True)
     final = api.cancel(batch, settings=settings)
     err.print(summary_line(final), highlight=False)
+
+
+@cli.command()
+@click.argument("batch")
+@broker_options
+def forget(batch: str, settings: Settings) -> None:
+    """Drop every record of an ended BATCH from Redis now.
+
+    Ended batches are kept TBSS_QUEUE_KEEP seconds (default 7 days), then expire on their own.
+    The study's files are untouched: resubmitting still skips done fsl_reg pairs.
+
+    Example: tbss-queue forget 1a2b3c4d
+    """
+    removed = api.forget(batch, settings=settings)
+    err.print(f"batch {batch}: forgotten ({removed} Redis keys removed)", highlight=False)

@@ -1,11 +1,18 @@
--- cancel: every queued or running command of a batch becomes cancelled. Leases stay with their
--- runners, which see `cancelled` at their next renewal, kill their command and release it; a
--- lease whose runner is gone lapses and the reaper releases it. No message is revoked: a queued
--- command's message is dropped by the claim, whatever its id.
+-- cancel: one bounded step of cancelling a batch. Every queued or running command among the
+-- next `count` entries of the state hash (HSCAN from `cursor`) becomes cancelled; the caller
+-- repeats until the cursor is back at 0 (HSCAN returns every entry present for the whole scan
+-- at least once). Leases stay with their runners, which see `cancelled` at their next renewal,
+-- kill their command and release it; a lease whose runner is gone lapses and the reaper
+-- releases it. No message is revoked: a queued command's message is dropped by the claim.
 -- KEYS: state counts meta
--- ARGV: none
--- Returns the number of commands cancelled.
-local st = redis.call('HGETALL', KEYS[1])
+-- ARGV: cursor count
+-- Returns {next cursor, commands cancelled by this step}.
+if ARGV[1] == '0' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[3], 'cancelled_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+end
+local scan = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local st = scan[2]
 local n = 0
 for i = 1, #st, 2 do
   local old = st[i + 1]
@@ -16,6 +23,4 @@ for i = 1, #st, 2 do
     n = n + 1
   end
 end
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[3], 'cancelled_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
-return n
+return {scan[1], n}

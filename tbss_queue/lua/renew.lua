@@ -9,6 +9,9 @@ local state = redis.call('HGET', KEYS[1], ARGV[1])
 if state == 'cancelled' then return 'cancelled' end
 if state ~= 'running' then return 'lost' end
 -- an owner whose key lapsed may renew as long as nobody took the command (the reaper's
--- requeue and this script are atomic with respect to each other)
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+-- requeue and this script are atomic with respect to each other). PEXPIRE first: unlike SET it
+-- is allowed in a Redis that is out of memory, so running commands keep their leases then.
+if redis.call('PEXPIRE', KEYS[3], ARGV[4]) == 0 then
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+end
 return 'ok'

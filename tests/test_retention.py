@@ -1,0 +1,212 @@
+"""Nothing kept for ever, nothing that stalls Redis: retention, forget, a full broker, and the
+bounded steps a large submission, resubmission or cancel is carried out in.
+
+Real redis-server, real `tbss-queue worker` processes. What a user sees: keys with a TTL, a
+batch gone from `batches`, one line and an exit code, exact counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from tbss_queue import api
+from tbss_queue.batches import (
+    ACTIVE,
+    BATCHES,
+    CHUNK,
+    FILES,
+    INDEX,
+    BatchStore,
+    batch_key,
+)
+from tbss_queue.broker import connect
+from tbss_queue.config import Settings
+from tbss_queue.redis_server import RedisServer, free_port
+
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import Markers, job, wait_until
+
+KEEP = 3600.0
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings.resolve(env={}, broker=redis_url, heartbeat=1.0, lost_after=4.0, keep=KEEP)
+
+
+def batch_keys(client: redis.Redis, batch: str) -> list[str]:
+    return [batch_key(batch), *client.scan_iter(match=batch_key(batch, "*"), count=1000)]
+
+
+def references(client: redis.Redis, batch: str) -> list[str]:
+    """Where a batch is still named outside its own keys."""
+    found = []
+    if client.zscore(BATCHES, batch) is not None:
+        found.append("batches")
+    if client.sismember(ACTIVE, batch):
+        found.append("active")
+    found += [f"files:{k}" for k, v in client.hgetall(FILES).items() if v == batch]
+    found += [f"index:{k}" for k, v in client.hgetall(INDEX).items() if v.startswith(batch + "|")]
+    return found
+
+
+def test_every_key_of_an_ended_batch_expires_and_forget_drops_them_now(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a batch with a success and a failure, run to its end by a real worker
+    client = connect(settings)
+    workers("w1", 2)
+    cmds = write_commands(tmp_path / "cmds", ["true 1", "false 2"])
+    batch = api.submit(cmds, settings=settings)
+    api.wait(batch.id, settings=settings, poll=0.2, timeout=60)
+    # Then within a heartbeat or two every key of it carries the retention TTL
+    wait_until(lambda: not client.sismember(ACTIVE, batch.id), 30, "the batch to end")
+    keys = batch_keys(client, batch.id)
+    assert {batch_key(batch.id, p) for p in ("state", "cmd", "result", "counts")} <= set(keys)
+    ttls = {k: client.ttl(k) for k in keys}
+    assert all(0 < t <= KEEP for t in ttls.values()), ttls
+    assert api.status(batch.id, settings=settings).failed == 1  # still readable meanwhile
+    # When it is forgotten
+    env = settings_env(settings, run_tag)
+    done = tbss_queue("forget", batch.id, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"batch {batch.id}: forgotten" in done.stderr
+    # Then nothing of it is left: keys, the batch list, the file and index entries
+    assert batch_keys(client, batch.id) == [batch_key(batch.id)]
+    assert not client.exists(batch_key(batch.id))
+    assert references(client, batch.id) == []
+    gone = tbss_queue("status", batch.id, env=env)
+    assert gone.returncode == 2 and "not found" in gone.stderr
+    # And the same file submits again as a new batch that runs everything
+    again = api.submit(cmds, settings=settings)
+    assert again.id != batch.id and again.queued == 2
+
+
+def test_forget_refuses_a_batch_that_is_still_running(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    workers("w1", 1)
+    cmds = write_commands(tmp_path / "cmds", ["sleep 30"])
+    batch = api.submit(cmds, settings=settings)
+    wait_until(lambda: api.status(batch.id, settings=settings).running == 1, what="running")
+    out = tbss_queue("forget", batch.id, env=settings_env(settings, run_tag))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"tbss-queue: error: batch {batch.id} has 1 command(s) queued or running: "
+        f"cancel it first (tbss-queue cancel {batch.id})"
+    )
+    assert api.status(batch.id, settings=settings).running == 1
+
+
+def test_a_retried_batch_is_kept_again_and_expired_batches_leave_no_references(
+    tmp_path: Path, redis_url: str, workers: Callable[..., Worker]
+) -> None:
+    # A retention of 4 s, so that expiry happens during the test
+    settings = Settings.resolve(env={}, broker=redis_url, heartbeat=1.0, lost_after=4.0, keep=4)
+    client = connect(settings)
+    flag = tmp_path / "fixed"
+    cmds = write_commands(tmp_path / "cmds", [f"test -e {flag}", "true"])
+    batch = api.submit(cmds, settings=settings)
+    workers("w1", 2, env={"TBSS_QUEUE_KEEP": "4"})
+    assert api.wait(batch.id, settings=settings, poll=0.2, timeout=60).failed == 1
+    wait_until(lambda: client.ttl(batch_key(batch.id, "state")) > 0, 30, "retention TTL")
+    # When the failure is fixed and retried: the batch is active again, its keys permanent
+    flag.touch()
+    api.retry(batch.id, settings=settings)
+    assert client.ttl(batch_key(batch.id, "state")) == -1
+    assert api.wait(batch.id, settings=settings, poll=0.2, timeout=60).succeeded == 2
+    # Then, after it ends again and its retention passes, a worker drops every reference
+    wait_until(lambda: references(client, batch.id) == [], 60, "expired references dropped")
+    assert batch_keys(client, batch.id) == [batch_key(batch.id)]
+    assert api.list_batches(settings=settings) == []
+
+
+def test_a_full_broker_refuses_submit_in_one_line_while_running_commands_finish(
+    tmp_path: Path, run_tag: str, workers: Callable[..., Worker]
+) -> None:
+    server = RedisServer(tmp_path / "redis", port=free_port(), persistent=False).start()
+    try:
+        settings = Settings.resolve(env={}, broker=server.url, heartbeat=1.0, lost_after=4.0)
+        client = connect(settings)
+        env = settings_env(settings, run_tag)
+        # Given two commands running on a worker of a Redis with noeviction
+        marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+        first = write_commands(
+            tmp_path / "first",
+            [job(i, log, "--marker", str(marks.dir), "--sleep", "8") for i in ("a", "b")],
+        )
+        batch = api.submit(first, settings=settings)
+        workers("w1", 2, env={"TBSS_QUEUE_BROKER": server.url})
+        wait_until(lambda: api.status(batch.id, settings=settings).running == 2, what="running")
+        # When Redis reaches its maxmemory, and a large file is submitted
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", used + 256 * 1024)
+        big = write_commands(tmp_path / "big", [f"true {i}" for i in range(20000)])
+        before = set(client.keys("*"))
+        out = tbss_queue("submit", str(big), env=env)
+        # Then submit says so in one line, exits 3, and leaves nothing behind
+        assert out.returncode == 3, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert lines[-1].startswith("tbss-queue: error: the broker is out of memory"), lines
+        assert "nothing was queued" in lines[-1] and "maxmemory" in lines[-1]
+        assert not [ln for ln in lines if "Traceback" in ln]
+        assert set(client.keys("*")) - before == set()
+        assert [b.batch for b in api.list_batches(settings=settings)] == [batch.id]
+        # And the running commands finish, each exactly once, recorded as succeeded
+        final = api.wait(batch.id, settings=settings, poll=0.5, timeout=90)
+        assert (final.succeeded, final.failed) == (2, 0)
+        marks.assert_exactly_once(["a", "b"])
+    finally:
+        server.stop()
+
+
+def test_a_submission_whose_submitter_died_after_its_commit_is_applied_by_a_worker(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a batch of more commands than one step merges, all cancelled before any ran
+    n = CHUNK + 7
+    cmds = write_commands(tmp_path / "cmds", [f"true {i}" for i in range(n)])
+    batch = api.submit(cmds, settings=settings)
+    assert api.cancel(batch.id, settings=settings).cancelled == n
+    # And a retry whose submitter dies right after its commit (nothing applied yet)
+    monkeypatch.setattr(BatchStore, "apply", lambda self, batch_id: None)
+    api.retry(batch.id, settings=settings)
+    monkeypatch.undo()
+    store = BatchStore(connect(settings))
+    assert store.pending() == [batch.id]
+    assert api.status(batch.id, settings=settings).cancelled == n
+    # When a worker starts
+    workers("w1", 2)
+    # Then its reaper applies the retry: every command queued once, and run
+    final = api.wait(batch.id, settings=settings, poll=0.5, timeout=300)
+    assert (final.succeeded, final.cancelled, final.total) == (n, 0, n)
+    assert store.pending() == []
+
+
+def test_a_resubmission_and_a_cancel_larger_than_one_step_keep_exact_counts(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Given a batch of several steps' worth of commands, some of them then cancelled
+    n = 3 * CHUNK + 11
+    cmds = write_commands(tmp_path / "cmds", [f"true {i}" for i in range(n)])
+    batch = api.submit(cmds, settings=settings)
+    assert api.status(batch.id, settings=settings).queued == n
+    # When the file grows and is submitted again, then the batch is cancelled
+    write_commands(cmds, [f"true {i}" for i in range(n + CHUNK)])
+    again = api.submit(cmds, settings=settings)
+    assert (again.id, again.queued) == (batch.id, CHUNK)
+    client = connect(settings)
+    assert client.llen(settings.queue) == n + CHUNK
+    cancelled = api.cancel(batch.id, settings=settings)
+    # Then every command is counted once, in the state its record holds
+    assert (cancelled.cancelled, cancelled.queued, cancelled.total) == (n + CHUNK, 0, n + CHUNK)
+    states = client.hvals(batch_key(batch.id, "state"))
+    assert states.count("cancelled") == n + CHUNK
