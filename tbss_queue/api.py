@@ -29,6 +29,7 @@ from .batches import (
     TaskSpec,
     new_batch_id,
     new_submission_id,
+    task_id_for,
 )
 from .broker import broker_full, connect
 from .commands import Command, parse_commands_file
@@ -38,7 +39,7 @@ from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
-from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_id_for, task_kwargs
+from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_kwargs
 from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
@@ -246,8 +247,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
     again = [t for t, s in states.items() if s in (FAILED, CANCELLED)]
     specs = store.task_specs(bid, again)
     changes = [
-        TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), specs[t]["key"], expect=states[t])
-        for t in again
+        TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), "", expect=states[t]) for t in again
     ]
     store.apply(bid)  # a submission still being applied first: it may requeue some of them
     queued = _enqueue(

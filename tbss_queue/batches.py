@@ -7,7 +7,7 @@ counters instead of every task (its cost does not grow with the batch).
 Keys (prefix tbssq:), for batch B:
   batches             ZSET  batch id -> submit time
   b:B                 HASH  batch metadata
-  b:B:cmd             HASH  task id -> JSON {line, argv, key}
+  b:B:cmd             HASH  task id -> JSON {line, argv}
   b:B:state           HASH  task id -> state
   b:B:counts          HASH  state -> number of tasks in it
   b:B:result          HASH  task id -> JSON record of its last attempt
@@ -19,7 +19,8 @@ Keys (prefix tbssq:), for batch B:
   lease:B|task        STRING the owning runner's token, expiring: renewed only by that runner
   alive               ZSET  node -> Redis time it last said it was up
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
-  index               HASH  command key -> "B|task": latest task of a command (resume)
+  index               HASH  command key -> B: latest batch of a command (its task id there is
+                            task_id_for(B, key))
   nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
   held                HASH  B -> JSON {after, queue, n, file_key}: staged, waiting for batches
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
@@ -35,6 +36,7 @@ import functools
 import json
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -144,6 +146,20 @@ def new_submission_id() -> str:
     return secrets.token_hex(6)
 
 
+_NAMESPACE = uuid.UUID("6b7c1f1e-2f55-4d0c-9a43-3c1f3e0a7b42")
+
+
+def task_id_for(batch_id: str, command_key: str) -> str:
+    """A command's id derives from batch and command: it can't be queued twice in a batch.
+
+    It names the command in the batch records. Each Celery message carries a fresh id of its
+    own (one row per attempt in Flower, and no id a worker remembers as revoked is ever reused);
+    the command's id travels in the message's arguments and in its `tbssq` header. 16 hex
+    digits (64 bits: no collision in a batch of millions) rather than a UUID's 36 characters:
+    the id is stored five times per command."""
+    return uuid.uuid5(_NAMESPACE, f"{batch_id}|{command_key}").hex[:16]
+
+
 def new_batch_id() -> str:
     """A short id a person can type: 8 hex digits."""
     return secrets.token_hex(4)
@@ -174,7 +190,7 @@ class TaskSpec:
     if it is still in that state."""
 
     def to_json(self) -> str:
-        record: dict[str, Any] = {"line": self.line, "argv": list(self.argv), "key": self.key}
+        record: dict[str, Any] = {"line": self.line, "argv": list(self.argv)}
         if self.note:
             record["note"] = self.note
         if self.message:
@@ -254,7 +270,7 @@ class BatchStore:
                 pipe.hset(c_expect, mapping=expected)
             # written before the commit: an entry whose task has no state yet (not committed,
             # or never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
-            live = {t.key: member(batch_id, t.task_id) for t in part if t.state == QUEUED}
+            live = {t.key: batch_id for t in part if t.state == QUEUED and t.key}
             if live:
                 pipe.hset(INDEX, mapping=live)
             _expire(pipe, keys)
@@ -378,10 +394,9 @@ class BatchStore:
         found: dict[str, tuple[str, str]] = {}
         for i in range(0, len(keys), CHUNK):
             chunk = keys[i : i + CHUNK]
-            for key, ref in zip(chunk, self.r.hmget(INDEX, chunk), strict=True):
-                if ref:
-                    b, t = ref.split("|", 1)
-                    found[key] = (b, t)
+            for key, b in zip(chunk, self.r.hmget(INDEX, chunk), strict=True):
+                if b:
+                    found[key] = (b, task_id_for(b, key))
         pipe = self.r.pipeline(transaction=False)
         items = list(found.items())
         for _, (b, t) in items:

@@ -30,7 +30,7 @@ NAME_MAX = 255
 DEFAULT_JOB_NAME = "tbss-queue"
 _SHOWN = 200
 _BATCH_ID = re.compile(r"[0-9a-f]{8}")
-_UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")  # str(uuid.UUID(x)) == x
+_COMMAND_ID = re.compile(r"[0-9a-f]{16}")  # publish.task_id_for
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -153,8 +153,8 @@ def check_fields(
     """The message's fields once every one passed; RefusedField names the first that did not."""
     if not isinstance(batch_id, str) or not _BATCH_ID.fullmatch(batch_id):
         raise _refused("batch_id", "must be 8 lowercase hex digits", batch_id)
-    if not isinstance(command_id, str) or not _UUID.fullmatch(command_id):
-        raise _refused("command_id", "must be a canonical UUID", command_id)
+    if not isinstance(command_id, str) or not _COMMAND_ID.fullmatch(command_id):
+        raise _refused("command_id", "must be 16 lowercase hex digits", command_id)
     args = _argv(argv)
     where = _path("cwd", cwd, absolute=True)
     if roots and not any(under(where, r) for r in roots):

@@ -18,8 +18,9 @@ from .errors import ConfigError
 
 RUNTIME_BUCKETS = "30,60,120,180,240,300,450,600,900,1800,3600"
 """Seconds: Flower's default histogram stops at 10 s, useless for 3-5 minute registrations."""
-TASK_COLUMNS = "args,state,worker,received,started,runtime,exception,uuid"
-"""The tasks page: the command itself (the task's args) first; Flower hides args by default."""
+TASK_COLUMNS = "name,state,worker,received,started,runtime,exception,uuid"
+"""The tasks page: each task's name is its command's label (publish.label: the pair for
+fsl_reg, else the command), one row per attempt."""
 
 
 @dataclass(frozen=True)

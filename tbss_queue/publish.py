@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import secrets
 import shlex
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,17 +21,25 @@ from kombu.utils.json import dumps
 
 from .app import TASK_NAME
 from .batches import TaskSpec
+from .fsl.outputs import parse_fsl_reg
 
-_NAMESPACE = uuid.UUID("6b7c1f1e-2f55-4d0c-9a43-3c1f3e0a7b42")
+
+def new_message_id() -> str:
+    """A fresh id for one message (Celery's task id) or one delivery (kombu's tag)."""
+    return secrets.token_hex(8)
 
 
-def task_id_for(batch_id: str, command_key: str) -> str:
-    """A command's id derives from batch and command: it can't be queued twice in a batch.
+LABEL_LENGTH = 60
 
-    It names the command in the batch records. Each Celery message carries a fresh id of its
-    own (one row per attempt in Flower, and no id a worker remembers as revoked is ever reused);
-    the command's id travels in the message's arguments and in its `tbssq` header."""
-    return str(uuid.uuid5(_NAMESPACE, f"{batch_id}|{command_key}"))
+
+def label(argv: Sequence[str]) -> str:
+    """A short name for a command, shown by Flower and the worker's log as the task's name:
+    the pair for fsl_reg (`sub05_FA→sub01_FA`), else the command, cut."""
+    reg = parse_fsl_reg(argv)
+    if reg is not None:
+        return f"{os.path.basename(reg.input)}→{os.path.basename(reg.reference)}"
+    text = shlex.join(argv)
+    return text if len(text) <= LABEL_LENGTH else text[: LABEL_LENGTH - 1] + "…"
 
 
 REF_HEADER = "tbssq"
@@ -79,10 +88,7 @@ def celery_messages(
         channel = conn.default_channel
 
         def capture(queue: str, message: dict[str, Any], **_: Any) -> None:
-            # Celery copies these into the properties too; the headers' copies are the ones read
-            for duplicate in ("argsrepr", "kwargsrepr"):
-                message["properties"].pop(duplicate, None)
-            _drop_defaults(message)
+            _compact(message)
             pri = channel._get_message_priority(message, reverse=False)
             captured.append((channel._q_for_pri(queue, pri), dumps(message)))
 
@@ -95,12 +101,11 @@ def celery_messages(
                     TASK_NAME,
                     args=task_args(batch_id, t, cwd),
                     kwargs=task_kw,
-                    task_id=str(uuid.uuid4()),
+                    task_id=new_message_id(),
                     headers={REF_HEADER: f"{batch_id}|{t.task_id}"},
                     producer=producer,
-                    # Flower shows this as the task's args: the command itself
-                    argsrepr=shlex.join(t.argv),
-                    kwargsrepr=repr(task_kw),
+                    # Flower and the worker's log show this as the task's name
+                    shadow=label(t.argv),
                     # nothing is sent here (see capture): kombu's reconnect wrapper only costs
                     retry=False,
                     ignore_result=True,
@@ -122,69 +127,84 @@ def build_messages(
     """The same messages as `celery_messages`, at a tenth of the cost for large batches.
 
     Celery makes the first message; the others differ from it only in the message id, the
-    command (body, argsrepr, kwargsrepr, tbssq header) and kombu's delivery tag, so they are
-    that message with those fields replaced. The body is serialized (and signed, with the
-    auth serializer) by kombu's own serializer registry. tests/test_publish.py checks both
-    paths agree.
+    command (body, shadow name, tbssq header) and kombu's delivery tag, so they are that message
+    with those fields replaced. The body is serialized (and signed, with the auth serializer) by
+    kombu's own serializer registry. tests/test_publish.py checks both paths agree.
     """
     if not tasks:
         return []
     queue, first = celery_messages(app, batch_id, cwd, tasks[:1], kwargs, options)[0]
     template = json.loads(first)
     headers, properties = template["headers"], template["properties"]
-    if properties.get("body_encoding") != "base64":  # pragma: no cover - kombu's Redis default
-        return celery_messages(app, batch_id, cwd, tasks, kwargs, options)
     serializer = app.conf.task_serializer
     messages = [(queue, first)]
     for t in tasks[1:]:
-        task_kw = with_line(kwargs, t.line)
-        body = (task_args(batch_id, t, cwd), task_kw, _EMBED)
-        attempt = str(uuid.uuid4())
-        _, _, data = serialization.dumps(body, serializer=serializer)
-        raw = data if isinstance(data, bytes) else data.encode("utf-8")
+        body: tuple[Any, ...] = (task_args(batch_id, t, cwd), with_line(kwargs, t.line), {})
+        attempt = new_message_id()
         message = {
             **template,
-            "body": base64.b64encode(raw).decode("ascii"),
+            "body": _body(body, serializer, properties.get("body_encoding")),
             "headers": {
                 **headers,
                 "id": attempt,
-                "root_id": attempt,
+                "shadow": label(t.argv),
                 REF_HEADER: f"{batch_id}|{t.task_id}",
-                "argsrepr": shlex.join(t.argv),
-                "kwargsrepr": repr(task_kw),
             },
-            "properties": {
-                **properties,
-                "correlation_id": attempt,
-                "delivery_tag": str(uuid.uuid4()),
-            },
+            "properties": {**properties, "delivery_tag": new_message_id()},
         }
         messages.append((queue, dumps(message)))
     return messages
 
 
+def _body(body: Any, serializer: str, encoding: str | None) -> str:
+    """A task's body as it is stored: plain JSON text (kombu reads a body without an encoding
+    as is), or base64 where the serializer's output is not text (signed messages)."""
+    if encoding is None:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    _, _, data = serialization.dumps(body, serializer=serializer)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    return base64.b64encode(raw).decode("ascii")
+
+
 _OPTIONAL_DEFAULTS: dict[str, Any] = {
-    "shadow": None,
     "eta": None,
     "expires": None,
+    "group": None,
     "group_index": None,
+    "parent_id": None,
     "retries": 0,
     "stamped_headers": None,
     "stamps": {},
     "replaced_task_nesting": 0,
 }
 """Headers that protocol 2 marks optional (or that only canvas and stamping use), at the values
-a worker assumes when they are absent. Leaving them out saves 200 bytes of Redis per command."""
+a worker assumes when they are absent."""
+
+_UNUSED_HEADERS = ("root_id", "origin", "argsrepr", "kwargsrepr", "ignore_result")
+"""Read by the worker with a default (a workflow's root, the sender's host name, the
+arguments as Flower shows them: the shadow name says which command it is) or set app-wide
+(task_ignore_result)."""
+
+_UNUSED_PROPERTIES = ("reply_to", "correlation_id", "argsrepr", "kwargsrepr")
+"""Where a result would be sent and matched: results are ignored (the batch records hold the
+outcomes); Celery's copies of the reprs."""
 
 
-def _drop_defaults(message: dict[str, Any]) -> None:
-    headers = message["headers"]
+def _compact(message: dict[str, Any]) -> None:
+    """Celery's message less what a worker never reads, with a plain-text body: about 500
+    bytes of Redis less per queued command (docs/benchmarks.md), read exactly as before."""
+    headers, properties = message["headers"], message["properties"]
     for name, default in _OPTIONAL_DEFAULTS.items():
         if name in headers and headers[name] == default:
             del headers[name]
-    # where a result would be sent; results are ignored (the batch records hold outcomes)
-    message["properties"].pop("reply_to", None)
-
-
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-"""Celery's protocol-2 body: (args, kwargs, embed); a plain task embeds no workflow."""
+    for name in _UNUSED_HEADERS:
+        headers.pop(name, None)
+    for name in _UNUSED_PROPERTIES:
+        properties.pop(name, None)
+    properties["delivery_tag"] = new_message_id()
+    if message.get("content-type") == "application/json":
+        body = message["body"]
+        if properties.pop("body_encoding", None) == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _ = json.loads(body)
+        message["body"] = _body((args, kwargs, {}), "json", None)

@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 from celery import Celery
@@ -24,7 +23,7 @@ from kombu import serialization
 
 from .batches import CHUNK, PENDING, QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
 from .config import Settings
-from .publish import REF_HEADER, build_messages, send_options, task_kwargs
+from .publish import REF_HEADER, build_messages, new_message_id, send_options, task_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def republish(
             return False
     else:
         meta = store.meta(batch_id)
-        again = TaskSpec(task_id, spec["line"], tuple(spec["argv"]), spec["key"])
+        again = TaskSpec(task_id, spec["line"], tuple(spec["argv"]), "")
         [(_, raw)] = build_messages(
             app,
             batch_id,
@@ -87,7 +86,7 @@ def _signed(app: Celery, raw: str | None, batch_id: str, task_id: str) -> str | 
             log.error("not publishing task %s of batch %s again: %s", task_id, batch_id, exc)
         return None
     # a fresh delivery tag, so kombu does not confuse it with the lost copy (not signed data)
-    message["properties"]["delivery_tag"] = str(uuid.uuid4())
+    message["properties"]["delivery_tag"] = new_message_id()
     return json.dumps(message)
 
 

@@ -26,7 +26,7 @@ from tbss_queue.fields import (
 )
 
 BATCH = "0a1b2c3d"
-COMMAND = "6b7c1f1e-2f55-4d0c-9a43-3c1f3e0a7b42"
+COMMAND = "6b7c1f1e2f554d0c"
 ARGV = ["fsl_reg", "FA/s1_FA", "target", "FA/s1_FA_to_target", "-e", "-FA"]
 STUDY = "/data/study"
 ARG_MAX = os.sysconf("SC_ARG_MAX")
@@ -130,7 +130,7 @@ REFUSED = [
     ("batch_id", {"batch_id": 12345678}),
     ("command_id", {"command_id": COMMAND.upper()}),
     ("command_id", {"command_id": "{" + COMMAND + "}"}),
-    ("command_id", {"command_id": COMMAND.replace("-", "")}),
+    ("command_id", {"command_id": COMMAND + "0"}),
     ("command_id", {"command_id": None}),
     ("argv", {"argv": []}),
     ("argv", {"argv": "fsl_reg a b"}),

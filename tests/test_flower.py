@@ -125,7 +125,7 @@ def test_flower_shows_workers_commands_and_metrics(
                 )
             )
             screenshot(browser, "flower-workers")
-            # and the Tasks page shows 20 succeeded tasks, each with its command
+            # and the Tasks page shows 20 succeeded tasks, each named by its command
             browser.get(base + "/tasks?state=SUCCESS")
             WebDriverWait(browser, 30).until(
                 lambda d: "out19" in d.find_element(By.ID, "tasks-table").text

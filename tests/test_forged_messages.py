@@ -92,12 +92,15 @@ def rewrite_queue(client: redis.Redis, queue: str, forgeries: list[dict[str, Any
     out = []
     for raw, forgery in zip(raws, forgeries, strict=False):
         message = json.loads(raw)
-        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        # a forger may write either body form kombu reads: plain JSON text or base64
+        encoded = message["properties"].get("body_encoding") == "base64"
+        body = base64.b64decode(message["body"]) if encoded else message["body"]
+        args, kwargs, embed = json.loads(body)
         kwargs = {**kwargs, **{k: v for k, v in forgery.items() if k != "cwd"}}
         if "cwd" in forgery:
             args[3] = forgery["cwd"]
-        body = json.dumps([args, kwargs, embed]).encode()
-        message["body"] = base64.b64encode(body).decode()
+        text = json.dumps([args, kwargs, embed])
+        message["body"] = base64.b64encode(text.encode()).decode() if encoded else text
         out.append(json.dumps(message))
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(queue)
