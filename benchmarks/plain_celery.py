@@ -11,8 +11,9 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 
 def make_app(url: str) -> Celery:
@@ -22,6 +23,16 @@ def make_app(url: str) -> Celery:
     @app.task(name="plain.run")
     def run(line: str) -> int:
         return subprocess.run(shlex.split(line), check=False).returncode
+
+    @app.task(name="plain.timed", bind=True)
+    def timed(self: Task, line: str) -> dict[str, Any]:
+        """`run` that also returns when and where the command ran (benchmarks/balance.py): the
+        timestamps tbss-queue keeps in its records, here in the result plain Celery stores."""
+        started = time.time()
+        code = subprocess.run(shlex.split(line), check=False).returncode
+        ended = time.time()
+        node = self.request.hostname
+        return {"code": code, "started": started, "ended": ended, "node": node, "pid": os.getpid()}
 
     return app
 

@@ -123,15 +123,15 @@ class PlainCelery(System):
     def env(self) -> dict[str, str]:
         return {**os.environ, "PLAIN_CELERY_BROKER": self.server.url, "PYTHONPATH": str(REPO)}
 
-    def start(self, nodes: int, slots: int) -> None:
+    def start(self, nodes: int, slots: int, first: int = 0) -> None:
         os.environ["PLAIN_CELERY_BROKER"] = self.server.url
-        for n in range(nodes):
+        for n in range(first, first + nodes):
             log = self.workdir / f"celery-w{n}.log"
             cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.plain_celery", "worker"]
             args = [*cmd, "-c", str(slots), "-n", f"c{n}@%h", "-l", "info"]
             proc = _spawn(args, self.env(), log)
             self.pids.append(proc.pid)
-        for n in range(nodes):
+        for n in range(first, first + nodes):
             _wait_log(self.workdir / f"celery-w{n}.log", " ready.")
 
     def run(self, lines: Sequence[str]) -> float:
