@@ -127,9 +127,8 @@ def main() -> None:
     print("|---|" + "---|" * len(rows))
     for name in names:
         print(f"| {name} | " + " | ".join(rows[n][name] for n in rows) + " |")
-    print(
-        f"\nmax RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
-    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"\nmax RSS of this process: {peak} MiB")
 
 
 if __name__ == "__main__":
