@@ -256,3 +256,27 @@ def test_plugin_is_registered_for_fsl_sub() -> None:
     from fsl_sub.utils import available_plugins
 
     assert "tbss_queue" in available_plugins()
+
+
+def test_plan_then_fsl_sub_as_tbss_2_reg_then_best_target(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], fsl_sub_env: dict[str, str]
+) -> None:
+    from tbss_queue.fsl.demo import make_demo
+    from tbss_queue.fsl.plan import best_target, plan
+
+    # Given a synthetic study (stand-in fsl_reg, NOT FSL) planned as tbss_2_reg -n plans it
+    study = make_demo(tmp_path / "study", subjects=3, seconds=0.05)
+    planned = plan(study.root, mode="-n", fsldir=study.fsldir)
+    workers("w1")
+    fa = Path(study.fa_dir)
+    # When the commands go through fsl_sub as tbss_2_reg sends them
+    args = ("-l", "tbss_logs", "-T", "60", "-N", "tbss_2_reg", "-t", ".commands")
+    res = fsl_sub(*args, env=fsl_sub_env, cwd=fa)
+    assert res.returncode == 0, res.stderr
+    final = wait_job(res.stdout.strip(), settings)
+    # Then every registration is done, logged, and the best target can be chosen
+    assert (final.total, final.succeeded) == (len(planned.lines), 9)
+    assert len(list((fa / "tbss_logs").glob(f"tbss_2_reg.o{res.stdout.strip()}.*"))) == 9
+    assert best_target(fa).best in {f"{s}_FA" for s in study.subjects}
+    # and planning again finds nothing left to do
+    assert plan(study.root, mode="-n", fsldir=study.fsldir).lines == ()
