@@ -1,26 +1,39 @@
 """fsl_sub back end that submits to tbss-queue, so FSL's own scripts use it unchanged.
 
 With `method: tbss_queue` in the YAML file FSLSUB_CONF names, `tbss_2_reg`'s
-`fsl_sub -l tbss_logs -T 60 -N tbss_2_reg -t .commands` becomes one tbss-queue batch (the job
-id fsl_sub prints is the batch id); a single command becomes a one-task batch. Mapped: the job
-name (-N), the log directory (-l: <name>.o<batch>.<line> / .e...), the time limit (-T, minutes)
-and holds (-j: the batch waits until those batches have ended). The broker comes from
-TBSS_QUEUE_BROKER, or `broker:` under method_opts.tbss_queue.
+`fsl_sub -l tbss_logs -T 60 -N tbss_2_reg -t .commands` becomes one tbss-queue batch and fsl_sub
+prints an integer job id, a new one for every submission (as Slurm and the shell back end do),
+which `fsl_sub_report ID`, `fsl_sub --delete_job ID` and `-j ID` take. A single command becomes
+a one-task batch. Tasks run in the directory fsl_sub was called from; logs go to -l, else to that
+directory, named as fsl_sub names them (<name>.o<id>.<task> for a task file, <name>.o<id> for a
+single command). -T is a hint, as in fsl_sub's Slurm back end, unless `set_time_limit: true` in
+method_opts.tbss_queue makes it the limit. What tbss-queue cannot honour is refused, never
+ignored: see `unsupported`. The broker comes from TBSS_QUEUE_BROKER, or `broker:` under
+method_opts.tbss_queue.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import uuid
+import shutil
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from tbss_queue import api
+from tbss_queue.batches import BatchStore
+from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.errors import TbssQueueError
+from tbss_queue.fsl.jobs import Job, hold_batches, load_job, new_job_id, save_job
 
-VERSION = "1.0.0"
+from .options import coprocessor_asked, unsupported
+
+VERSION = "1.1.0"
+JOBS_DIR = ".tbss-queue-jobs"
+"""Where, in fsl_sub's working directory, each job's commands are kept (tbss_2_reg rewrites
+.commands on its next run; the job keeps what it was submitted with)."""
 
 
 def plugin_factory() -> TbssQueuePlugin:
@@ -43,6 +56,27 @@ def _holds(jobhold: Any) -> list[str]:
     return [str(i).strip() for i in items if str(i).strip()]
 
 
+def _job_id(job_id: Any) -> int | None:
+    """An id as fsl_sub's tools give it (int, '12' or '12.3'); None if it is no number."""
+    text = str(job_id).split(".", 1)[0].strip()
+    return int(text) if text.isdecimal() else None
+
+
+def _affirmative(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "y", "yes", "true", "on")
+
+
+def time_limit(jobtime: Any, opts: dict[str, Any], env: dict[str, str]) -> float | None:
+    """-T in seconds when it is to be enforced, else None (the queue's default limit applies).
+
+    fsl_sub's -T is the expected run time, used to pick a queue; its Slurm back end makes it
+    the job's limit only with `set_time_limit: True`, and FSLSUB_NOTIMELIMIT=1 overrides
+    that. tbss_2_reg asks -T 60: a slow registration must not be killed at one hour."""
+    if not jobtime or not opts.get("set_time_limit") or _affirmative(env.get("FSLSUB_NOTIMELIMIT")):
+        return None
+    return float(jobtime) * 60
+
+
 class TbssQueuePlugin:
     """The object fsl_sub's plugin loader expects (see fsl_sub's shell plugin)."""
 
@@ -59,10 +93,6 @@ class TbssQueuePlugin:
         """Inside a tbss-queue task: fsl_sub then runs the command here (shell method)."""
         return "TBSS_QUEUE_TASK" in os.environ
 
-    def qdel(self, job_id: str) -> tuple[str, int]:
-        api.cancel(str(job_id), settings=self._settings())
-        return (f"cancelled tbss-queue batch {job_id}", 0)
-
     def build_queue_defs(self) -> str:
         return ""
 
@@ -72,53 +102,102 @@ class TbssQueuePlugin:
     def default_conf(self) -> str:
         return files(__name__).joinpath("fsl_sub_tbss_queue.yml").read_text()
 
-    def job_status(self, job_id: str, sub_job_id: Any = None) -> str:
-        status = api.status(str(job_id), settings=self._settings())
-        return "finished" if status.done else "running"
-
     def _settings(self) -> Settings:
         broker = _method_opts().get("broker")
         return Settings.resolve(broker=broker or None)
+
+    def _job(self, job_id: Any) -> tuple[Settings, Job | None]:
+        settings = self._settings()
+        number = _job_id(job_id)
+        return settings, (None if number is None else load_job(connect(settings), number))
+
+    def qdel(self, job_id: Any) -> tuple[str, int]:
+        """Cancel a job's batch: queued tasks dropped, running ones killed. (message, exit code)"""
+        try:
+            settings, job = self._job(job_id)
+            if job is None:
+                return (f"Unrecognised job id {job_id}", 1)
+            status = api.cancel(job.batch, settings=settings)
+        except TbssQueueError as exc:
+            return (f"Job {job_id} not deleted: {exc}", 1)
+        return (
+            f"Job {job_id} (tbss-queue batch {job.batch}) deleted: "
+            f"{status.cancelled} tasks cancelled",
+            0,
+        )
+
+    def job_status(self, job_id: Any, sub_job_id: Any = None) -> dict[str, Any] | None:
+        """fsl_sub's job structure (see fsl_sub.report): None for an id no submission had,
+        which fsl_sub_report reports as an unrecognised job id."""
+        from fsl_sub.exceptions import BadConfiguration
+
+        from .report import job_details
+
+        try:
+            settings, job = self._job(job_id)
+            if job is None:
+                return None
+            held = job.batch in BatchStore(connect(settings)).held()
+            records = [] if held else api.tasks(job.batch, settings=settings)
+        except TbssQueueError as exc:
+            raise BadConfiguration(str(exc)) from None
+        return job_details(job, records, held, _job_id(sub_job_id) if sub_job_id else None)
 
     def submit(
         self,
         command: list[str],
         job_name: str,
-        threads: Any = None,
-        queue: Any = None,
         jobhold: Any = None,
         array_task: bool = False,
+        array_hold: Any = None,
         logdir: str | None = None,
         jobtime: Any = None,
-        **_: Any,
-    ) -> str:
-        """Submit; returns the job id fsl_sub prints (the batch id)."""
+        **options: Any,
+    ) -> int:
+        """Submit one job; returns the job id fsl_sub prints."""
         from fsl_sub.exceptions import BadSubmission
 
         if not command:
             raise BadSubmission("Must provide command line or array task file name")
+        refusal = unsupported(
+            command, array_task, {**options, "coprocessor": coprocessor_asked(options)}
+        )
+        if refusal:
+            raise BadSubmission(refusal)
         settings = self._settings()
-        time_limit = float(jobtime) * 60 if jobtime else None
+        cwd = os.getcwd()
         try:
+            r = connect(settings)
+            job_id = new_job_id(r)
+            jobs = Path(cwd, JOBS_DIR)
+            jobs.mkdir(exist_ok=True)
+            script = jobs / f"{job_name.replace('/', '_')}.{job_id}.commands"
             if array_task:
-                path = command[0]
-                cwd = None  # the task file's directory: FA/ for tbss_2_reg
+                shutil.copyfile(command[0], script)
+                tasks: int | None = len(script.read_text().splitlines())
             else:
-                jobs = os.path.join(logdir or os.getcwd(), ".tbss-queue-jobs")
-                os.makedirs(jobs, exist_ok=True)
-                path = os.path.join(jobs, f"{job_name}.{uuid.uuid4().hex[:8]}.commands")
-                with open(path, "w") as fh:
-                    fh.write(shlex.join(command) + "\n")
-                cwd = os.getcwd()
+                # fsl_sub leaves a line with ';' unsplit: as written, the commands file then
+                # refuses its shell syntax (tasks run without a shell)
+                unsplit = len(command) == 1 and ";" in command[0]
+                line = command[0] if unsplit else shlex.join(command)
+                script.write_text(line + "\n")
+                tasks = None
+            holds = hold_batches(r, _holds(jobhold) + _holds(array_hold))
             batch = api.submit(
-                path,
+                script,
                 cwd=cwd,
-                time_limit=time_limit,
-                after=_holds(jobhold),
-                log_dir=os.path.abspath(logdir) if logdir else None,
+                time_limit=time_limit(jobtime, _method_opts(), dict(os.environ)),
+                after=holds,
+                log_dir=os.path.abspath(logdir or cwd),
                 job_name=job_name,
+                job_id=job_id,
+                job_tasks=tasks,
                 settings=settings,
             )
-        except TbssQueueError as exc:
+        except (TbssQueueError, OSError) as exc:
             raise BadSubmission(str(exc)) from None
-        return batch.id
+        save_job(
+            r,
+            Job(job_id, batch.id, job_name, tasks, cwd, str(script), batch.submitted, tuple(holds)),
+        )
+        return job_id

@@ -43,7 +43,7 @@ from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_kwarg
 from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
-_OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name")
+_OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
 
 
 def _store(settings: Settings | None) -> tuple[Settings, BatchStore]:
@@ -62,6 +62,8 @@ def submit(
     after: Sequence[str] = (),
     log_dir: str | None = None,
     job_name: str | None = None,
+    job_id: int | None = None,
+    job_tasks: int | None = None,
     settings: Settings | None = None,
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
@@ -98,6 +100,9 @@ def submit(
         "done_if_exists": done_if_exists,
         "log_dir": log_dir,
         "job_name": job_name,
+        # fsl_sub's job id and array size (fsl_sub_plugin_tbss_queue): log names, FSLSUB_* vars
+        "job_id": job_id,
+        "job_tasks": job_tasks,
     }
     for _ in range(10):
         # another submit of this file may commit first: then plan again against its batch

@@ -21,11 +21,21 @@ from typing import BinaryIO
 from .policy import under
 from .runner import ExecLimits
 
-OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "line")
+OPTIONS = (
+    "time_limit",
+    "retries",
+    "done_if_exists",
+    "log_dir",
+    "job_name",
+    "line",
+    "job_id",
+    "job_tasks",
+)
 MAX_ARGS = 100_000
 MAX_TIME_LIMIT = 30 * 86400
 MAX_RETRIES = 100
 MAX_LINE = 10_000_000
+MAX_JOB_ID = 2**53
 NAME_MAX = 255
 DEFAULT_JOB_NAME = "tbss-queue"
 _SHOWN = 200
@@ -60,6 +70,10 @@ class TaskFields:
     log_dir: str | None = None
     job_name: str | None = None
     line: int | None = None
+    job_id: int | None = None
+    """The fsl_sub job id (fsl_sub_plugin_tbss_queue): logs and FSLSUB_* variables use it."""
+    job_tasks: int | None = None
+    """An fsl_sub array job's number of tasks; None for a single job."""
 
 
 def _shown(value: object) -> str:
@@ -179,19 +193,36 @@ def check_fields(
             raise _refused("log_dir", "is outside cwd and the --root directories", log_dir)
     name = None if get("job_name") is None else _file_name("job_name", get("job_name"))
     line = None if get("line") is None else _int("line", get("line"), 1, MAX_LINE)
+    job_id = None if get("job_id") is None else _int("job_id", get("job_id"), 1, MAX_JOB_ID)
+    tasks = None if get("job_tasks") is None else _int("job_tasks", get("job_tasks"), 1, MAX_LINE)
     seconds = None if limit is None else float(limit)
-    got = TaskFields(batch_id, command_id, args, where, seconds, retries, done, log_dir, name, line)
+    got = TaskFields(
+        batch_id,
+        command_id,
+        args,
+        where,
+        seconds,
+        retries,
+        done,
+        log_dir,
+        name,
+        line,
+        job_id,
+        tasks,
+    )
     for log in log_names(got) or ():
         _file_name("job_name", log)  # the whole log name must fit NAME_MAX too
     return got
 
 
 def log_names(fields: TaskFields) -> tuple[str, str] | None:
-    """fsl_sub's log file names, <name>.o<batch>[.<line>] and .e…; None without a log_dir."""
+    """fsl_sub's log file names, <name>.o<id>[.<line>] and .e…; None without a log_dir. The id
+    is the fsl_sub job id where there is one, else the batch id."""
     if fields.log_dir is None:
         return None
     name = fields.job_name or DEFAULT_JOB_NAME
-    suffix = fields.batch_id if fields.line is None else f"{fields.batch_id}.{fields.line}"
+    job = fields.batch_id if fields.job_id is None else str(fields.job_id)
+    suffix = job if fields.line is None else f"{job}.{fields.line}"
     return f"{name}.o{suffix}", f"{name}.e{suffix}"
 
 

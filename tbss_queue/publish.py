@@ -58,12 +58,15 @@ HARD_LIMIT_MARGIN = 60
 
 def task_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
     """The per-batch options every task message of a batch carries (only those that are set)."""
-    keys = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name")
+    keys = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
     return {k: meta[k] for k in keys if meta.get(k)}
 
 
 def with_line(kwargs: dict[str, Any], line: int) -> dict[str, Any]:
-    """Per-task kwargs: the line number, where logs are named after it (fsl_sub's -l)."""
+    """Per-task kwargs: the line number, where logs are named after it (fsl_sub's -l) or it is
+    an fsl_sub array task's id; a single fsl_sub job has none (its logs: <name>.o<id>)."""
+    if kwargs.get("job_id"):
+        return {**kwargs, "line": line} if kwargs.get("job_tasks") else kwargs
     return {**kwargs, "line": line} if kwargs.get("log_dir") else kwargs
 
 

@@ -34,6 +34,7 @@ from .broker import connect, transient
 from .config import Settings
 from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_names, open_logs
+from .fsl.jobs import with_fsl_sub_env
 from .guard import uptime
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
@@ -219,7 +220,9 @@ def _execute(
             lambda: store.finish(batch_id, task_id, node, token, state, record), patience
         )
 
-    env = command_env(batch_id, task_id)
+    env = with_fsl_sub_env(
+        command_env(batch_id, task_id), fields.job_id, fields.line, fields.job_tasks
+    )
     cannot = node_fault(argv, cwd, env, rules.policy)
     if cannot is not None:
         _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)

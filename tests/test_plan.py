@@ -31,8 +31,9 @@ def study(tmp_path: Path) -> Path:
 
 
 def test_plan_n_writes_all_pairs_grouped_by_reference(study: Path) -> None:
-    # Given one pair done (non-empty .msf) and one placeholder left by an interrupted run
+    # Given one pair done (a score and its warp) and one placeholder left by an interrupted run
     (study / "FA" / "s2_FA_to_s1_FA_warp.msf").write_text("0.5 0.25\n")
+    (study / "FA" / "s2_FA_to_s1_FA_warp.nii.gz").write_bytes(b"warp")
     (study / "FA" / "s3_FA_to_s1_FA_warp.msf").write_text("")
     result = plan(study, mode="-n", fsldir="/usr/local/fsl")
     r = "/usr/local/fsl/bin/fsl_reg"
@@ -93,6 +94,7 @@ def _matrix(fa: Path) -> None:
         (fa / f"{g}_FA.nii.gz").write_bytes(b"x")
         for f, mean in row.items():
             (fa / f"{g}_FA_to_{f}_FA_warp.msf").write_text(f"{mean} {float(mean) / 2}\n")
+            (fa / f"{g}_FA_to_{f}_FA_warp.nii.gz").write_bytes(b"warp")
 
 
 def test_best_target_matches_fsl_arithmetic(tmp_path: Path) -> None:
@@ -115,6 +117,8 @@ def test_best_target_refuses_a_matrix_with_holes(tmp_path: Path) -> None:
     _matrix(fa)
     (fa / "a_FA_to_c_FA_warp.msf").unlink()
     (fa / "b_FA_to_c_FA_warp.msf").write_text("")
+    # and an all.msf from an earlier run, which tbss_3_postreg removes before anything else
+    (fa / "all.msf").write_text("c_FA .1 .1\n")
     with pytest.raises(IncompleteMatrix) as info:
         best_target(fa)
     assert "a_FA_to_c_FA_warp.msf (missing)" in str(info.value)
@@ -131,3 +135,81 @@ def test_best_target_warns_when_fa_target_exists(tmp_path: Path) -> None:
     res = tbss_queue("best-target", str(fa))
     assert res.returncode == 0 and res.stdout.strip() == "b_FA"
     assert "target exists" in res.stderr
+
+
+def _tbss_2_reg_would_queue(fa: Path, lines: list[str]) -> list[str]:
+    """FSL's tbss_2_reg rule for a pair of a line: queued only when OUT_warp.msf is no file."""
+    return [line for line in lines if not (fa / f"{line.split()[3]}_warp.msf").is_file()]
+
+
+def test_plan_lists_subjects_as_imglob_on_the_shell_glob(study: Path, tmp_path: Path) -> None:
+    # Given the same study twice, one with macOS AppleDouble files beside the images
+    other = tmp_path / "other"
+    (other / "FA").mkdir(parents=True)
+    for p in (study / "FA").iterdir():
+        (other / "FA" / p.name).write_bytes(p.read_bytes())
+    for name in ("._s1_FA.nii.gz", "._s2_FA.nii.gz", ".s9_FA.nii"):
+        (other / "FA" / name).write_bytes(b"\x00\x05\x16\x07")
+    # When both are planned
+    plan(study, mode="-n", fsldir="/fsl")
+    plan(other, mode="-n", fsldir="/fsl")
+    # Then dotfiles are no subjects (the shell's glob skips them): the same nine lines
+    assert (other / "FA" / ".commands").read_text() == (study / "FA" / ".commands").read_text()
+    assert len((study / "FA" / ".commands").read_text().splitlines()) == 9
+    # and a bzip2-compressed image is a subject, as fslpy's imglob accepts .nii.bz2
+    (study / "FA" / "s4_FA.nii.bz2").write_bytes(b"x")
+    result = plan(study, mode="-n", fsldir="/fsl")
+    assert "/fsl/bin/fsl_reg s4_FA s1_FA s4_FA_to_s1_FA -e -FA" in result.lines
+    assert len(result.lines) == 16
+
+
+def test_plan_queues_again_what_the_worker_would_not_call_done(study: Path) -> None:
+    fa = study / "FA"
+    # Given a done pair, one whose .msf holds error text, one with a score but no warp
+    (fa / "s1_FA_to_s1_FA_warp.msf").write_text("0.1 0.05\n")
+    (fa / "s1_FA_to_s1_FA_warp.nii.gz").write_bytes(b"warp")
+    (fa / "s2_FA_to_s1_FA_warp.msf").write_text("Image Exception : #22 :: Failed to read\n")
+    (fa / "s3_FA_to_s1_FA_warp.msf").write_text("0.2 0.1\n")
+    result = plan(study, mode="-n", fsldir="/fsl")
+    # Then only the done pair is left out; the other two are planned again
+    assert result.done == ("s1_FA_to_s1_FA",)
+    queued = [line.split()[3] for line in result.lines]
+    assert "s2_FA_to_s1_FA" in queued and "s3_FA_to_s1_FA" in queued and len(queued) == 8
+
+
+def test_plan_touches_the_placeholders_tbss_2_reg_touches(study: Path) -> None:
+    fa = study / "FA"
+    result = plan(study, mode="-n", fsldir="/fsl")
+    # Then every queued pair has its empty _warp.msf, as tbss_2_reg leaves it
+    for line in result.lines:
+        assert (fa / f"{line.split()[3]}_warp.msf").read_bytes() == b""
+    # so FSL's own tbss_2_reg, run while the batch runs, queues none of them again
+    assert _tbss_2_reg_would_queue(fa, list(result.lines)) == []
+    # and a line like tbss_2_reg's is appended to the study's .tbsslog
+    [log] = (study / ".tbsslog").read_text().splitlines()
+    assert log.startswith("[") and log.endswith(f"[{study.resolve()}] [tbss-queue plan -n]")
+
+
+def test_plan_copies_the_target_as_imcp_does(study: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    # Given an uncompressed target image (and an old FA/target.nii from some earlier copy)
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), study / "mytemplate.nii")
+    (study / "FA" / "target.nii").write_bytes(b"old")
+    plan(study, mode="-t", target="mytemplate.nii", fsldir="/opt/fsl")
+    # Then FA/target is written in FSLOUTPUTTYPE's default type, .nii.gz, with the same image
+    assert not (study / "FA" / "target.nii").exists()
+    copied = nib.load(study / "FA" / "target.nii.gz")
+    assert np.array_equal(np.asanyarray(copied.dataobj), data)
+
+
+def test_best_target_refuses_a_score_whose_warp_is_gone(tmp_path: Path) -> None:
+    # tbss_3_postreg's applywarp needs f_to_BEST_warp: a score alone is not a result
+    fa = tmp_path / "FA"
+    _matrix(fa)
+    (fa / "a_FA_to_b_FA_warp.nii.gz").unlink()
+    with pytest.raises(IncompleteMatrix, match=r"a_FA_to_b_FA_warp.msf \(its warp"):
+        best_target(fa)
+    assert not (fa / "all.msf").exists()

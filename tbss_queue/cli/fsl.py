@@ -82,8 +82,9 @@ def plan_cmd(
 ) -> None:
     """Write STUDY/FA/.commands as `tbss_2_reg -n | -T | -t IMAGE` would, running nothing.
 
-    Pairs whose _warp.msf holds a result are left out, as tbss_2_reg does (its empty
-    placeholder counts as not done).
+    Subjects as tbss_2_reg's `imglob *_FA.*` lists them (dotfiles out). A pair is left out
+    when done as the worker judges it (two numbers in its _warp.msf and the warp there);
+    every pair written gets tbss_2_reg's empty _warp.msf placeholder.
 
     Example: tbss-queue plan . -n --submit
     """
@@ -110,8 +111,9 @@ def plan_cmd(
 def best_target_cmd(fa_dir: str, as_json: bool) -> None:
     """Pick the most representative subject after an -n run, as tbss_3_postreg -S does.
 
-    Writes FA/all.msf. Refuses (exit 1, naming the files) when any registration has no score:
-    FSL's own script would count it as a perfect 0 and favour the target with holes.
+    Writes FA/all.msf (an old one is removed first). Refuses (exit 1, naming the files) when
+    any registration has no score or no warp: FSL's own script would count a missing score as a
+    perfect 0 and favour the target with holes, and its applywarp needs the warps.
 
     Example: tbss-queue best-target FA
     """

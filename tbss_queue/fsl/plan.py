@@ -1,6 +1,11 @@
 """TBSS's own steps around the queue: plan the registrations, then pick the best target.
 
-`plan` writes FA/.commands exactly as `tbss_2_reg` would, without starting any registration.
+`plan` writes FA/.commands as `tbss_2_reg` would, without starting any registration: the same
+subjects (imglob on the shell glob), lines and order, the same empty `_warp.msf` placeholder for
+every pair it queues (so FSL's own tbss_2_reg, run meanwhile, queues none of them again), the
+target copied as imcp copies it, a line in `.tbsslog`. Unlike tbss_2_reg, which skips any pair
+whose .msf exists, a pair counts as done only as the worker judges it (outputs.reg_done: two
+numbers in the .msf and the warp there), so a failed registration is planned again.
 `best_target` scores subjects as `tbss_3_postreg -S` does, but refuses an incomplete matrix:
 FSL's script counts a missing or empty .msf as 0 (a perfect registration), which favours the
 target with holes.
@@ -9,17 +14,20 @@ target with holes.
 from __future__ import annotations
 
 import os
-import re
-import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from tbss_queue.errors import ConfigError, TbssQueueError
 
-from .outputs import IMAGE_SUFFIXES, read_msf, reg_lines
+from .images import IMGLOB_SUFFIXES, image_exists, imcp, imglob
+from .outputs import FslReg, read_msf, reg_done, reg_lines
 
 STANDARD_TARGET = "data/standard/FMRIB58_FA_1mm"
+POSTREG_GLOBS = ("*_FA.nii*", "*_FA.img*", "*_FA.hdr*")
+"""What tbss_3_postreg hands imglob (tbss_2_reg hands it `*_FA.*`)."""
 
 
 class IncompleteMatrix(TbssQueueError):
@@ -28,18 +36,15 @@ class IncompleteMatrix(TbssQueueError):
     exit_code = 1
 
 
-def imglob(fa_dir: Path, pattern: str = r".*_FA") -> list[str]:
-    """Image basenames (no extension) in fa_dir whose name matches `pattern`, sorted as imglob
-    sorts them; masks (`*_FA_mask`) and non-image files (`.mat`, `.msf`) do not match."""
-    names = set()
-    for entry in os.listdir(fa_dir):
-        for suffix in IMAGE_SUFFIXES:
-            if entry.endswith(suffix):
-                base = entry[: -len(suffix)]
-                if re.fullmatch(pattern, base):
-                    names.add(base)
-                break
-    return sorted(names)
+def tbsslog(root: Path, command: str) -> None:
+    """Append the line tbss_2_reg and tbss_3_postreg append to STUDY/.tbsslog:
+    [date] [hostname] [uname -a] [pwd] [command]."""
+    uname = os.uname()
+    system = " ".join((uname.sysname, uname.nodename, uname.release, uname.version, uname.machine))
+    when = time.strftime("%a %b %e %H:%M:%S %Z %Y")
+    line = f"[{when}] [{socket.gethostname()}] [{system}] [{root.resolve()}] [{command}]\n"
+    with open(root / ".tbsslog", "a") as log:
+        log.write(line)
 
 
 @dataclass(frozen=True)
@@ -80,36 +85,30 @@ def plan(
             if mode == "-T"
             else str(target if os.path.isabs(str(target)) else root / str(target))
         )
-        _copy_image(source, fa / "target")
+        try:
+            imcp(source, fa / "target")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"target image {source} not found (tried {', '.join(IMGLOB_SUFFIXES)})"
+            ) from None
         refs = ["target"]
     else:
         raise ConfigError(f"unknown mode {mode!r}: use -n, -T or -t TARGET")
+    tbsslog(root, f"tbss-queue plan {mode}" + (f" {target}" if mode == "-t" else ""))
     lines, done = [], []
-    for line in reg_lines(fsldir, images, refs):
-        output = line.split()[3]
-        msf = fa / f"{output}_warp.msf"
-        # tbss_2_reg skips a pair whose .msf exists; its own empty placeholder means not done
-        if msf.exists() and msf.stat().st_size > 0:
-            done.append(output)
+    pairs = [(g, f) for f in (images if refs is None else refs) for g in images]
+    for line, (g, f) in zip(reg_lines(fsldir, images, refs), pairs, strict=True):
+        reg = FslReg(g, f, f"{g}_to_{f}")
+        if reg_done(reg, str(fa)):
+            done.append(reg.output)
         else:
             lines.append(line)
+            reg.msf(str(fa)).touch()  # tbss_2_reg's placeholder: queued, not done
     commands = fa / ".commands"
     commands.unlink(missing_ok=True)
     if lines:
         commands.write_text("".join(line + "\n" for line in lines))
     return Plan(str(commands), tuple(lines), tuple(done), "target" if refs else None)
-
-
-def _copy_image(source: str, dest_base: Path) -> None:
-    for suffix in IMAGE_SUFFIXES:
-        candidate = source if source.endswith(suffix) else source + suffix
-        if os.path.isfile(candidate):
-            for old in IMAGE_SUFFIXES:
-                Path(f"{dest_base}{old}").unlink(missing_ok=True)
-            used = next(s for s in IMAGE_SUFFIXES if candidate.endswith(s))
-            shutil.copyfile(candidate, f"{dest_base}{used}")
-            return
-    raise ConfigError(f"target image {source} not found (tried {', '.join(IMAGE_SUFFIXES)})")
 
 
 @dataclass(frozen=True)
@@ -135,17 +134,24 @@ class BestTarget:
 def best_target(fa_dir: str | os.PathLike[str]) -> BestTarget:
     """Score every subject as target like `tbss_3_postreg -S`; refuse when a score is missing."""
     fa = Path(fa_dir)
-    subjects = imglob(fa)
+    subjects = imglob(fa, *POSTREG_GLOBS)
     if len(subjects) < 2:
         raise ConfigError(f"fewer than two *_FA images in {fa}")
+    tbsslog(fa.parent, "tbss-queue best-target")
+    # as tbss_3_postreg: an all.msf from an earlier run never outlives this one
+    (fa / "all.msf").unlink(missing_ok=True)
     missing, scores = [], {}
     for f in subjects:
         for g in subjects:
-            path = fa / f"{g}_to_{f}_warp.msf"
+            reg = FslReg(g, f, f"{g}_to_{f}")
+            path = reg.msf(str(fa))
+            score = read_msf(path)
             if not path.exists():
                 missing.append(f"{path.name} (missing)")
-            elif read_msf(path) is None:
+            elif score is None:
                 missing.append(f"{path.name} (empty or not two numbers)")
+            elif not reg_done(reg, str(fa)):
+                missing.append(f"{path.name} (its warp {reg.output}_warp is missing)")
             else:
                 first, second = path.read_text().split()
                 scores[(g, f)] = (Decimal(first), Decimal(second))
@@ -165,7 +171,7 @@ def best_target(fa_dir: str | os.PathLike[str]) -> BestTarget:
     all_msf.write_text("".join(s.line() + "\n" for s in ranking))
     # `sort -k 2 -n all.msf | head -n 1`: by mean; ties fall back to the whole line
     ordered = sorted(ranking, key=lambda s: (s.mean, s.line()))
-    target_exists = any((fa / f"target{s}").exists() for s in IMAGE_SUFFIXES)
+    target_exists = image_exists(fa / "target")
     return BestTarget(ordered[0].subject, tuple(ordered), str(all_msf), target_exists)
 
 
