@@ -1,4 +1,10 @@
-"""The redis-py connection tbss-queue uses for its own bookkeeping (same Redis as the broker)."""
+"""The redis-py connection tbss-queue uses for its own bookkeeping (same Redis as the broker).
+
+With a `sentinel://` broker the client is redis-py's `Sentinel.master_for`: every connection
+asks the Sentinels for the current master, and a connection to a master that was demoted or
+died is dropped and made again to the new one, so every bookkeeping call follows a failover
+(calls made while there is no master fail with a ConnectionError, which `transient` waits out).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,11 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from .config import Settings
+from .config import Settings, parse_sentinel_url
 from .errors import BrokerUnavailable
 
 
@@ -50,9 +59,16 @@ def connect(
 
     Every client has a socket timeout, TCP keepalive and a health check, so a connection that
     died without a FIN (a cut cable, a paused peer) fails a call instead of blocking it."""
-    ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
-    client = _client(redis_url(settings.broker), ssl_options, timeout)
-    if check:
+    if settings.uses_sentinel:
+        client = _sentinel_client(
+            settings.broker, settings.sentinel_master, settings.sentinel_password, timeout
+        )
+    else:
+        ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
+        client = _client(redis_url(settings.broker), ssl_options, timeout)
+    if check and settings.uses_sentinel:
+        _check_sentinel(settings, client)
+    elif check:
         try:
             client.ping()
         except redis.AuthenticationError as exc:
@@ -90,3 +106,96 @@ def _client(
         **tcp,
         **dict(ssl_options),
     )
+
+
+@lru_cache(maxsize=8)
+def _sentinel_client(
+    url: str, master: str, sentinel_password: str | None, timeout: float = SOCKET_TIMEOUT
+) -> redis.Redis:
+    """The master of `master` as the Sentinels of `url` name it, followed across failovers."""
+    parsed = parse_sentinel_url("--broker", url)
+    timeouts = {
+        "socket_connect_timeout": min(5.0, timeout),
+        "socket_timeout": min(5.0, timeout),
+        "socket_keepalive": True,
+    }
+    sentinels = redis.sentinel.Sentinel(
+        list(parsed.sentinels),
+        # no retry with backoff per Sentinel: the next Sentinel in the list is the retry, and
+        # callers wait out a failover themselves (`transient`)
+        sentinel_kwargs={**timeouts, "password": sentinel_password, "retry": Retry(NoBackoff(), 0)},
+    )
+    client: redis.Redis = sentinels.master_for(
+        master,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        decode_responses=True,
+        socket_connect_timeout=min(5.0, timeout),
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        health_check_interval=10,
+    )
+    return client
+
+
+def sentinels_of(client: redis.Redis) -> redis.sentinel.Sentinel:
+    """The Sentinels behind a client `connect` made for a sentinel:// broker."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if not isinstance(manager, redis.sentinel.Sentinel):
+        raise TypeError("not a client of a sentinel:// broker")
+    return manager
+
+
+def _check_sentinel(settings: Settings, client: redis.Redis) -> None:
+    """BrokerUnavailable, in one line naming what is wrong: no Sentinel answers, a Sentinel
+    wants a password, none knows the master name, the master is down, or the master refuses
+    the URL's credentials."""
+    shown, name = settings.display_broker, settings.sentinel_master
+    manager = sentinels_of(client)
+    answers: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for node in manager.sentinels:
+        where = "{host}:{port}".format_map(node.connection_pool.connection_kwargs)
+        try:
+            answers.append(node.sentinel_masters())
+        except (redis.AuthenticationError, redis.ResponseError) as exc:
+            if not isinstance(exc, redis.AuthenticationError) and "AUTH" not in str(exc):
+                errors.append(f"{where}: {exc}")
+                continue
+            option = "--sentinel-password / TBSS_QUEUE_SENTINEL_PASSWORD"
+            if settings.sentinel_password:
+                raise BrokerUnavailable(
+                    f"Sentinel {where} refused the password ({option})"
+                ) from None
+            raise BrokerUnavailable(f"Sentinel {where} needs a password: give {option}") from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            errors.append(f"{where}: {exc}")
+    if not answers:
+        raise BrokerUnavailable(f"no Sentinel of {shown} answers ({'; '.join(errors)})")
+    known = sorted({n for masters in answers for n in masters})
+    if not any(name in masters for masters in answers):
+        raise BrokerUnavailable(
+            f"the Sentinels of {shown} know no master named {name!r} (they know: "
+            f"{', '.join(known) or 'none'}); set --sentinel-master / TBSS_QUEUE_SENTINEL_MASTER"
+        )
+    try:
+        client.ping()
+    except redis.sentinel.MasterNotFoundError:
+        raise BrokerUnavailable(
+            f"the Sentinels of {shown} see master {name!r} down and have not promoted a "
+            "replica (yet)"
+        ) from None
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(
+            f"master {name!r} of {shown} refused the URL's credentials: {exc}"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "auth" in str(exc).lower():
+            raise BrokerUnavailable(
+                f"master {name!r} of {shown} needs a password: put it in the URL, "
+                "sentinel://:PASSWORD@host:26379"
+            ) from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach master {name!r} of {shown}: {exc}") from None

@@ -14,7 +14,7 @@ import psutil
 import redis
 
 from .batches import BatchStore
-from .broker import connect
+from .broker import connect, sentinels_of
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
 from .persistence import FIX as PERSISTENCE_FIX
@@ -63,11 +63,10 @@ def check_broker(settings: Settings) -> list[Check]:
             )
         ]
     info = client.info("server")
-    checks = [
-        Check(
-            "broker", True, f"{settings.display_broker} answers (redis {info.get('redis_version')})"
-        )
-    ]
+    version = f"redis {info.get('redis_version')}"
+    checks = [Check("broker", True, f"{settings.display_broker} answers ({version})")]
+    if settings.uses_sentinel:
+        checks = check_sentinel(settings, client, version)
     seconds, micros = client.time()
     skew = time.time() - (seconds + micros / 1e6)
     checks.append(
@@ -89,6 +88,32 @@ def check_broker(settings: Settings) -> list[Check]:
             )
         )
     return checks
+
+
+def check_sentinel(settings: Settings, client: redis.Redis, version: str) -> list[Check]:
+    """The master the Sentinels name, and its replicas: without one, nothing can be promoted
+    and the master's machine is again a single point of failure."""
+    manager = sentinels_of(client)
+    name = settings.sentinel_master
+    host, port = manager.discover_master(name)
+    replicas = [f"{h}:{p}" for h, p in manager.discover_slaves(name)]
+    broker = Check(
+        "broker",
+        True,
+        f"{settings.display_broker} answers: master {name} at {host}:{port} ({version})",
+    )
+    if replicas:
+        return [broker, Check("replicas", True, ", ".join(sorted(replicas)))]
+    return [
+        broker,
+        Check(
+            "replicas",
+            True,
+            f"none: Sentinel has no replica of {name} to promote, so losing the master stops "
+            "the queue",
+            f"start a replica: redis-server --replicaof {host} {port} --masterauth PASSWORD",
+        ),
+    ]
 
 
 def check_persistence(client: redis.Redis) -> Check:
