@@ -30,7 +30,7 @@ from .batches import (
     new_batch_id,
     new_submission_id,
 )
-from .broker import connect
+from .broker import connect, replicated
 from .commands import Command, parse_commands_file
 from .config import Settings
 from .done import DoneMarker, done_marker
@@ -108,6 +108,8 @@ def submit(
             break
     else:
         raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
+    with contextlib.suppress(redis.RedisError):
+        replicated(store.r, settings)  # a batch a replica holds survives a failover
     now = meta["last_submitted"]
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"

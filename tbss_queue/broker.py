@@ -8,6 +8,7 @@ died is dropped and made again to the new one, so every bookkeeping call follows
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -199,3 +200,41 @@ def _check_sentinel(settings: Settings, client: redis.Redis) -> None:
         raise
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise BrokerUnavailable(f"cannot reach master {name!r} of {shown}: {exc}") from None
+
+
+REPLICA_WAIT_MS = 1000
+"""How long a write that must survive a failover (a claim, a finish, a submit's commit) waits
+for a replica to confirm it, with a sentinel:// broker."""
+
+NO_REPLICA_BACKOFF = 60.0
+"""Seconds this process stops waiting for replicas after none confirmed in time (a master
+without a replica would otherwise cost every claim and finish a full REPLICA_WAIT_MS)."""
+
+FENCE_CHANNEL = "tbssq:replicated"
+"""A channel nobody listens to. Publishing on it is a replicated no-op: it puts the connection
+that then sends WAIT past every write this process had acknowledged before, whichever pooled
+connection carried those writes (WAIT only counts the sending connection's own writes)."""
+
+_no_replica_until = 0.0
+
+
+def replicated(client: redis.Redis, settings: Settings) -> bool | None:
+    """Wait (up to REPLICA_WAIT_MS) until a replica holds every write acknowledged to this
+    process so far: a failover that promotes that replica then keeps them.
+
+    Redis replicates asynchronously, so without this a write the master acknowledged can be
+    lost when the master dies a moment later. Returns None when there is nothing to wait for
+    (not a sentinel:// broker, or no replica confirmed lately), True or False for whether a
+    replica confirmed in time. A connection error propagates: the master went away before
+    any replica confirmed, so the write may be lost; the caller decides what to do again."""
+    global _no_replica_until
+    if not settings.uses_sentinel or time.monotonic() < _no_replica_until:
+        return None
+    pipe = client.pipeline(transaction=False)
+    pipe.publish(FENCE_CHANNEL, "")
+    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+    _, acked = pipe.execute()
+    if int(acked) >= 1:
+        return True
+    _no_replica_until = time.monotonic() + NO_REPLICA_BACKOFF
+    return False

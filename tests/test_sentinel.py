@@ -22,7 +22,9 @@ import pytest
 import redis
 
 from tbss_queue import api
+from tbss_queue.broker import REPLICA_WAIT_MS, connect, replicated
 from tbss_queue.config import Settings
+from tbss_queue.persistence import epoch, lost_batch_message, persistence, server_run_id
 from tbss_queue.redis_server import RedisServer, find_redis_server, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
@@ -200,6 +202,7 @@ def test_a_sentinel_failover_mid_batch_runs_every_command_exactly_once(
     assert before["replicas"]["detail"] == f"127.0.0.1:{group.replica.port}"
     workers("w1", 2)
     workers("w2", 2)
+    old_run_id = server_run_id(connect(settings))
     marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
     ids = [str(i) for i in range(24)]
     lines = [job(i, log, "--marker", str(marks.dir), "--sleep", "2") for i in ids]
@@ -242,6 +245,17 @@ def test_a_sentinel_failover_mid_batch_runs_every_command_exactly_once(
     assert all(no_overlap(marks, i) for i in ids)
     final = api.status(settings=settings)
     assert (final.succeeded, final.failed, final.queued, final.running) == (24, 0, 0, 0)
+    # a new run_id, the same data: the batch is not taken for lost in a restart, even once the
+    # new master is told to keep nothing on disk (it kept the data by replication)
+    client = connect(settings)
+    assert server_run_id(client) != old_run_id and epoch(client) == old_run_id
+    client.config_set("appendonly", "no")
+    client.config_set("save", "")
+    state = persistence(client)
+    assert state.promoted and state.durable is False
+    for known in (old_run_id, "0" * 40, None):
+        assert lost_batch_message(client, final.batch, known) is None
+        assert lost_batch_message(client, "0badbeef", known) is None
     # doctor names the new master, and warns that it has no replica left
     after = doctor(env)
     assert f"127.0.0.1:{group.replica.port}" in str(after["broker"]["detail"])
@@ -251,6 +265,30 @@ def test_a_sentinel_failover_mid_batch_runs_every_command_exactly_once(
     with flower(env, tmp_path, "--db", str(tmp_path / "flower.db")) as base:
         wait_until(lambda: workers_seen(base) == {"w1", "w2"}, 60, "Flower to see both workers")
         assert settings.queue in fetch(base + "/broker")
+
+
+def test_replicated_waits_for_the_replica_and_gives_up_without_one(
+    group: Group, settings: Settings
+) -> None:
+    client = connect(settings)
+    client.set("tbssq:test", "1")
+    # with the replica following: confirmed (one round trip more per claim and finish)
+    assert replicated(client, settings) is True
+    assert replicated(client, Settings.resolve(env={}, broker="redis://127.0.0.1:1/0")) is None
+    assert group.replica.proc is not None
+    os.kill(group.replica.proc.pid, signal.SIGSTOP)
+    try:
+        # a write the master acknowledged but the stopped replica cannot have
+        client.set("tbssq:test", "2")
+        started = time.monotonic()
+        assert replicated(client, settings) is False
+        assert time.monotonic() - started >= REPLICA_WAIT_MS / 1000 * 0.9
+        # and then it stops waiting for a while, rather than slow every claim down
+        started = time.monotonic()
+        assert replicated(client, settings) is None
+        assert time.monotonic() - started < 0.1
+    finally:
+        os.kill(group.replica.proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture
