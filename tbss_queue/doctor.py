@@ -30,6 +30,10 @@ MAX_SKEW = 5.0
 
 MIN_FREE_GB = 1.0
 
+FAILOVER_ALLOWANCE = 5.0
+"""Seconds a Sentinel failover takes beyond down-after-milliseconds (election, promotion,
+clients finding the new master): 1.2 s measured on loopback, more across a network."""
+
 
 @dataclass(frozen=True)
 class Check:
@@ -103,17 +107,43 @@ def check_sentinel(settings: Settings, client: redis.Redis, version: str) -> lis
         f"{settings.display_broker} answers: master {name} at {host}:{port} ({version})",
     )
     if replicas:
-        return [broker, Check("replicas", True, ", ".join(sorted(replicas)))]
-    return [
-        broker,
-        Check(
-            "replicas",
-            True,
-            f"none: Sentinel has no replica of {name} to promote, so losing the master stops "
-            "the queue",
-            f"start a replica: redis-server --replicaof {host} {port} --masterauth PASSWORD",
-        ),
-    ]
+        checks = [broker, Check("replicas", True, ", ".join(sorted(replicas)))]
+    else:
+        checks = [
+            broker,
+            Check(
+                "replicas",
+                True,
+                f"none: Sentinel has no replica of {name} to promote, so losing the master "
+                "stops the queue",
+                f"start a replica: redis-server --replicaof {host} {port} --masterauth PASSWORD",
+            ),
+        ]
+    return [*checks, check_failover_time(settings, manager)]
+
+
+def check_failover_time(settings: Settings, manager: Any) -> Check:
+    """A failover must end before running commands give up on their leases."""
+    name = settings.sentinel_master
+    try:
+        down_after = float(manager.sentinels[0].sentinel_master(name)["down-after-milliseconds"])
+    except (redis.RedisError, KeyError, ValueError, TypeError) as exc:
+        return Check("failover", True, f"cannot read Sentinel's down-after-milliseconds: {exc}")
+    expected = down_after / 1000 + FAILOVER_ALLOWANCE
+    budget = settings.lost_after - 2 * settings.heartbeat
+    detail = (
+        f"Sentinel calls the master down after {down_after / 1000:g} s: a failover takes about "
+        f"{expected:g} s; running commands wait {budget:g} s for it"
+    )
+    if expected < budget:
+        return Check("failover", True, detail)
+    return Check(
+        "failover",
+        False,
+        detail,
+        f"sentinel set {name} down-after-milliseconds {int((budget - FAILOVER_ALLOWANCE) * 500)}"
+        " on every Sentinel, or raise TBSS_QUEUE_LOST_AFTER on every node",
+    )
 
 
 def check_persistence(client: redis.Redis) -> Check:

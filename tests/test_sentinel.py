@@ -200,6 +200,11 @@ def test_a_sentinel_failover_mid_batch_runs_every_command_exactly_once(
     before = doctor(env)
     assert f"master {MASTER} at 127.0.0.1:{group.master.port}" in str(before["broker"]["detail"])
     assert before["replicas"]["detail"] == f"127.0.0.1:{group.replica.port}"
+    assert before["failover"]["ok"] is True, before["failover"]
+    # with the default LOST_AFTER (60 s) and Sentinel's default down-after (30 s) it would pass
+    # too; with LOST_AFTER 8 s the 1 s down-after leaves too little time for the failover
+    tight = doctor({**env, "TBSS_QUEUE_LOST_AFTER": "8"})["failover"]
+    assert tight["ok"] is False and "down-after-milliseconds" in str(tight["fix"])
     workers("w1", 2)
     workers("w2", 2)
     old_run_id = server_run_id(connect(settings))
