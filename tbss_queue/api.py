@@ -31,7 +31,7 @@ from .batches import (
     new_submission_id,
     task_id_for,
 )
-from .broker import broker_full, connect
+from .broker import broker_full, connect, replicated
 from .commands import Command, parse_commands_file
 from .config import Settings
 from .done import DoneMarker, done_marker
@@ -124,6 +124,8 @@ def submit(
             break
     else:
         raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
+    with contextlib.suppress(redis.RedisError):
+        replicated(store.r, settings)  # a batch a replica holds survives a failover
     now = meta["last_submitted"]
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"

@@ -37,11 +37,18 @@ def make_app(settings: Settings) -> Celery:
         "socket_connect_timeout": 5,
         "socket_keepalive": True,
     }
+    backend_transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.uses_sentinel or settings.backend_url.startswith("sentinel://"):
+        # kombu's and Celery's own Sentinel support: they ask the Sentinels for this master
+        # and reconnect to whichever replica they promote
+        sentinel = sentinel_options(settings)
+        transport.update(sentinel)
+        backend_transport.update(sentinel)
     app.conf.update(
         broker_url=celery_url(settings.broker),
         result_backend=celery_url(settings.backend_url),
         broker_transport_options=transport,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options=backend_transport,
         visibility_timeout=settings.visibility_timeout,
         # ack after the command ended, so a crash hands the task back instead of losing it
         task_acks_late=True,
@@ -92,6 +99,15 @@ def make_app(settings: Settings) -> Celery:
     if settings.signing:
         _sign_messages(app, settings)
     return app
+
+
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """kombu's and Celery's Sentinel transport options: the master's name, and how to reach a
+    Sentinel (its password; without `sentinel_kwargs` kombu would use the socket options)."""
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 15, "socket_connect_timeout": 5}
+    if settings.sentinel_password:
+        sentinel_kwargs["password"] = settings.sentinel_password
+    return {"master_name": settings.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
 
 
 def _sign_messages(app: Celery, settings: Settings) -> None:

@@ -1,13 +1,23 @@
-"""The redis-py connection tbss-queue uses for its own bookkeeping (same Redis as the broker)."""
+"""The redis-py connection tbss-queue uses for its own bookkeeping (same Redis as the broker).
+
+With a `sentinel://` broker the client is redis-py's `Sentinel.master_for`: every connection
+asks the Sentinels for the current master, and a connection to a master that was demoted or
+died is dropped and made again to the new one, so every bookkeeping call follows a failover
+(calls made while there is no master fail with a ConnectionError, which `transient` waits out).
+"""
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any
 
 import redis
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from .config import Settings
+from .config import Settings, parse_sentinel_url
 from .errors import BrokerUnavailable
 
 
@@ -67,9 +77,16 @@ def connect(
 
     Every client has a socket timeout, TCP keepalive and a health check, so a connection that
     died without a FIN (a cut cable, a paused peer) fails a call instead of blocking it."""
-    ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
-    client = _client(redis_url(settings.broker), ssl_options, timeout)
-    if check:
+    if settings.uses_sentinel:
+        client = _sentinel_client(
+            settings.broker, settings.sentinel_master, settings.sentinel_password, timeout
+        )
+    else:
+        ssl_options = tuple(sorted((settings.ssl_options() or {}).items()))
+        client = _client(redis_url(settings.broker), ssl_options, timeout)
+    if check and settings.uses_sentinel:
+        _check_sentinel(settings, client)
+    elif check:
         try:
             client.ping()
         except redis.AuthenticationError as exc:
@@ -107,3 +124,134 @@ def _client(
         **tcp,
         **dict(ssl_options),
     )
+
+
+@lru_cache(maxsize=8)
+def _sentinel_client(
+    url: str, master: str, sentinel_password: str | None, timeout: float = SOCKET_TIMEOUT
+) -> redis.Redis:
+    """The master of `master` as the Sentinels of `url` name it, followed across failovers."""
+    parsed = parse_sentinel_url("--broker", url)
+    timeouts = {
+        "socket_connect_timeout": min(5.0, timeout),
+        "socket_timeout": min(5.0, timeout),
+        "socket_keepalive": True,
+    }
+    sentinels = redis.sentinel.Sentinel(
+        list(parsed.sentinels),
+        # no retry with backoff per Sentinel: the next Sentinel in the list is the retry, and
+        # callers wait out a failover themselves (`transient`)
+        sentinel_kwargs={**timeouts, "password": sentinel_password, "retry": Retry(NoBackoff(), 0)},
+    )
+    client: redis.Redis = sentinels.master_for(
+        master,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        decode_responses=True,
+        socket_connect_timeout=min(5.0, timeout),
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        health_check_interval=10,
+    )
+    return client
+
+
+def sentinels_of(client: redis.Redis) -> redis.sentinel.Sentinel:
+    """The Sentinels behind a client `connect` made for a sentinel:// broker."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if not isinstance(manager, redis.sentinel.Sentinel):
+        raise TypeError("not a client of a sentinel:// broker")
+    return manager
+
+
+def _check_sentinel(settings: Settings, client: redis.Redis) -> None:
+    """BrokerUnavailable, in one line naming what is wrong: no Sentinel answers, a Sentinel
+    wants a password, none knows the master name, the master is down, or the master refuses
+    the URL's credentials."""
+    shown, name = settings.display_broker, settings.sentinel_master
+    manager = sentinels_of(client)
+    answers: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for node in manager.sentinels:
+        where = "{host}:{port}".format_map(node.connection_pool.connection_kwargs)
+        try:
+            answers.append(node.sentinel_masters())
+        except (redis.AuthenticationError, redis.ResponseError) as exc:
+            if not isinstance(exc, redis.AuthenticationError) and "AUTH" not in str(exc):
+                errors.append(f"{where}: {exc}")
+                continue
+            option = "--sentinel-password / TBSS_QUEUE_SENTINEL_PASSWORD"
+            if settings.sentinel_password:
+                raise BrokerUnavailable(
+                    f"Sentinel {where} refused the password ({option})"
+                ) from None
+            raise BrokerUnavailable(f"Sentinel {where} needs a password: give {option}") from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            errors.append(f"{where}: {exc}")
+    if not answers:
+        raise BrokerUnavailable(f"no Sentinel of {shown} answers ({'; '.join(errors)})")
+    known = sorted({n for masters in answers for n in masters})
+    if not any(name in masters for masters in answers):
+        raise BrokerUnavailable(
+            f"the Sentinels of {shown} know no master named {name!r} (they know: "
+            f"{', '.join(known) or 'none'}); set --sentinel-master / TBSS_QUEUE_SENTINEL_MASTER"
+        )
+    try:
+        client.ping()
+    except redis.sentinel.MasterNotFoundError:
+        raise BrokerUnavailable(
+            f"the Sentinels of {shown} see master {name!r} down and have not promoted a "
+            "replica (yet)"
+        ) from None
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(
+            f"master {name!r} of {shown} refused the URL's credentials: {exc}"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "auth" in str(exc).lower():
+            raise BrokerUnavailable(
+                f"master {name!r} of {shown} needs a password: put it in the URL, "
+                "sentinel://:PASSWORD@host:26379"
+            ) from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach master {name!r} of {shown}: {exc}") from None
+
+
+REPLICA_WAIT_MS = 1000
+"""How long a write that must survive a failover (a claim, a finish, a submit's commit) waits
+for a replica to confirm it, with a sentinel:// broker."""
+
+NO_REPLICA_BACKOFF = 60.0
+"""Seconds this process stops waiting for replicas after none confirmed in time (a master
+without a replica would otherwise cost every claim and finish a full REPLICA_WAIT_MS)."""
+
+FENCE_CHANNEL = "tbssq:replicated"
+"""A channel nobody listens to. Publishing on it is a replicated no-op: it puts the connection
+that then sends WAIT past every write this process had acknowledged before, whichever pooled
+connection carried those writes (WAIT only counts the sending connection's own writes)."""
+
+_no_replica_until = 0.0
+
+
+def replicated(client: redis.Redis, settings: Settings) -> bool | None:
+    """Wait (up to REPLICA_WAIT_MS) until a replica holds every write acknowledged to this
+    process so far: a failover that promotes that replica then keeps them.
+
+    Redis replicates asynchronously, so without this a write the master acknowledged can be
+    lost when the master dies a moment later. Returns None when there is nothing to wait for
+    (not a sentinel:// broker, or no replica confirmed lately), True or False for whether a
+    replica confirmed in time. A connection error propagates: the master went away before
+    any replica confirmed, so the write may be lost; the caller decides what to do again."""
+    global _no_replica_until
+    if not settings.uses_sentinel or time.monotonic() < _no_replica_until:
+        return None
+    pipe = client.pipeline(transaction=False)
+    pipe.publish(FENCE_CHANNEL, "")
+    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+    _, acked = pipe.execute()
+    if int(acked) >= 1:
+        return True
+    _no_replica_until = time.monotonic() + NO_REPLICA_BACKOFF
+    return False

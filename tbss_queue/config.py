@@ -36,6 +36,11 @@ DEFAULT_CRASH_LIMIT = 3
 
 DEFAULT_KEEP = 7 * 24 * 3600.0
 """Seconds an ended batch's records stay in Redis (then they expire; `forget` drops them now)."""
+DEFAULT_SENTINEL_MASTER = "mymaster"
+"""The master name a `sentinel://` broker asks the Sentinels for (Redis's own example name)."""
+
+SENTINEL_PORT = 26379
+"""Sentinel's port when a `sentinel://` URL gives none (as kombu and redis-sentinel use)."""
 
 ENV_PREFIX = "TBSS_QUEUE_"
 
@@ -62,6 +67,9 @@ class Settings:
     sign_key: str | None = None
     sign_cert: str | None = None
     sign_store: str | None = None
+    # high availability: a sentinel:// broker names Sentinels, which name the current master
+    sentinel_master: str = DEFAULT_SENTINEL_MASTER
+    sentinel_password: str | None = None
     broker_explicit: bool = field(default=False, compare=False)
 
     @classmethod
@@ -89,12 +97,15 @@ class Settings:
 
     def validate(self) -> None:
         """Refuse combinations that would run commands twice or never notice a loss."""
-        if not self.broker.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+        if not self.broker.startswith(
+            ("redis://", "rediss://", "redis+socket://", "unix://", "sentinel://")
+        ):
             raise ConfigError(
                 f"--broker / {ENV_PREFIX}BROKER: {mask_url(self.broker)!r} is not a Redis URL "
-                "(redis://, rediss:// or redis+socket://)"
+                "(redis://, rediss://, redis+socket:// or sentinel://)"
             )
         self._validate_urls()
+        self._validate_sentinel()
         if self.visibility_timeout <= self.time_limit:
             raise ConfigError(
                 f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must be larger than "
@@ -123,6 +134,9 @@ class Settings:
         ):
             if not url:
                 continue
+            if url.startswith("sentinel://"):
+                parse_sentinel_url(where, url)  # every part, not urlsplit's view of the first
+                continue
             try:
                 _ = urlsplit(url).port  # parsed on access: raises for 'notaport' or 99999
             except ValueError:
@@ -131,6 +145,27 @@ class Settings:
                 ) from None
             if not self.tls_insecure:
                 _refuse_tls_in_query(where, url)
+
+    def _validate_sentinel(self) -> None:
+        """A master name Sentinel can hold, and no TLS: kombu, Celery's result backend, Flower
+        and redis-py each take TLS to Sentinel and to the master differently, so it is refused
+        rather than half applied."""
+        name = self.sentinel_master
+        if not name or any(c.isspace() for c in name):
+            raise ConfigError(
+                f"--sentinel-master / {ENV_PREFIX}SENTINEL_MASTER: {name!r} is not a master name"
+            )
+        sentinel = [u for u in (self.broker, self.result_backend) if u and _is_sentinel(u)]
+        if self.sentinel_password and not sentinel:
+            raise ConfigError(
+                f"--sentinel-password / {ENV_PREFIX}SENTINEL_PASSWORD: given, but the broker "
+                f"{mask_url(self.broker)!r} is not a sentinel:// URL"
+            )
+        if sentinel and (self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure):
+            raise ConfigError(
+                f"--tls-* / {ENV_PREFIX}TLS_*: TLS is not supported with a sentinel:// broker; "
+                "keep Sentinel and Redis on a private network, or use rediss:// without Sentinel"
+            )
 
     def _validate_tls(self) -> None:
         tls_given = self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure
@@ -180,6 +215,11 @@ class Settings:
         return any(u.startswith("rediss://") for u in (self.broker, self.backend_url))
 
     @property
+    def uses_sentinel(self) -> bool:
+        """The broker is found through Redis Sentinel (and follows its failovers)."""
+        return _is_sentinel(self.broker)
+
+    @property
     def signing(self) -> bool:
         return self.sign_key is not None
 
@@ -208,6 +248,56 @@ class Settings:
     def display_broker(self) -> str:
         """The broker URL as it may be printed: password masked."""
         return mask_url(self.broker)
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A `sentinel://[USER:PASSWORD@]HOST:PORT[/DB][;sentinel://HOST:PORT...]` URL, read the
+    way kombu and Celery read it: the Sentinels to ask, and from the first part the database
+    and the *master's* credentials (a Sentinel's own password is --sentinel-password)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def _is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel_url(where: str, url: str) -> SentinelURL:
+    """The Sentinels, database and master credentials of `url`; ConfigError (one line, the
+    password masked) for a part that is not `sentinel://HOST[:PORT][/DB]`."""
+    sentinels: list[tuple[str, int]] = []
+    first: Any = None
+    for part in url.split(";"):
+        shown = f"{where}: {mask_url(url)!r}"
+        parsed = urlsplit(part.strip())
+        try:
+            port = parsed.port or SENTINEL_PORT
+        except ValueError:
+            raise ConfigError(f"{shown}: a port is not a number from 1 to 65535") from None
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ConfigError(
+                f"{shown}: each part must be sentinel://HOST:PORT (several joined by ';')"
+            )
+        if parsed.query:
+            raise ConfigError(
+                f"{shown}: URL parameters are not read with sentinel://; the master name is "
+                f"--sentinel-master, a Sentinel's password --sentinel-password"
+            )
+        sentinels.append((parsed.hostname, port))
+        first = first or parsed
+    db = (first.path or "/0").strip("/") or "0"
+    if not db.isdigit():
+        raise ConfigError(f"{where}: {mask_url(url)!r}: the database {db!r} is not a number")
+    return SentinelURL(
+        tuple(sentinels),
+        int(db),
+        unquote(first.username) if first.username else None,
+        unquote(first.password) if first.password else None,
+    )
 
 
 _TLS_FILE_PARAMETERS = {
@@ -286,7 +376,10 @@ def mask_url(url: str) -> str:
     redis+socket:///r.sock?password=secret -> ?password=***.
 
     Works on the text (nothing is parsed into numbers), so a URL with a bad port is masked too
-    and the rest of the URL is shown exactly as given."""
+    and the rest of the URL is shown exactly as given; each part of a `sentinel://a;sentinel://b`
+    list is masked on its own."""
+    if _is_sentinel(url) and ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

@@ -14,7 +14,7 @@ import psutil
 import redis
 
 from .batches import BatchStore
-from .broker import connect
+from .broker import connect, sentinels_of
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
 from .persistence import FIX as PERSISTENCE_FIX
@@ -29,6 +29,10 @@ MAX_SKEW = 5.0
 """Seconds of clock difference to Redis that start to distort heartbeats, ETAs and timelines."""
 
 MIN_FREE_GB = 1.0
+
+FAILOVER_ALLOWANCE = 5.0
+"""Seconds a Sentinel failover takes beyond down-after-milliseconds (election, promotion,
+clients finding the new master): 1.2 s measured on loopback, more across a network."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,10 @@ def check_broker(settings: Settings) -> list[Check]:
             )
         ]
     info = client.info("server")
-    checks = [
-        Check(
-            "broker", True, f"{settings.display_broker} answers (redis {info.get('redis_version')})"
-        )
-    ]
+    version = f"redis {info.get('redis_version')}"
+    checks = [Check("broker", True, f"{settings.display_broker} answers ({version})")]
+    if settings.uses_sentinel:
+        checks = check_sentinel(settings, client, version)
     seconds, micros = client.time()
     skew = time.time() - (seconds + micros / 1e6)
     checks.append(
@@ -89,6 +92,58 @@ def check_broker(settings: Settings) -> list[Check]:
             )
         )
     return checks
+
+
+def check_sentinel(settings: Settings, client: redis.Redis, version: str) -> list[Check]:
+    """The master the Sentinels name, and its replicas: without one, nothing can be promoted
+    and the master's machine is again a single point of failure."""
+    manager = sentinels_of(client)
+    name = settings.sentinel_master
+    host, port = manager.discover_master(name)
+    replicas = [f"{h}:{p}" for h, p in manager.discover_slaves(name)]
+    broker = Check(
+        "broker",
+        True,
+        f"{settings.display_broker} answers: master {name} at {host}:{port} ({version})",
+    )
+    if replicas:
+        checks = [broker, Check("replicas", True, ", ".join(sorted(replicas)))]
+    else:
+        checks = [
+            broker,
+            Check(
+                "replicas",
+                True,
+                f"none: Sentinel has no replica of {name} to promote, so losing the master "
+                "stops the queue",
+                f"start a replica: redis-server --replicaof {host} {port} --masterauth PASSWORD",
+            ),
+        ]
+    return [*checks, check_failover_time(settings, manager)]
+
+
+def check_failover_time(settings: Settings, manager: Any) -> Check:
+    """A failover must end before running commands give up on their leases."""
+    name = settings.sentinel_master
+    try:
+        down_after = float(manager.sentinels[0].sentinel_master(name)["down-after-milliseconds"])
+    except (redis.RedisError, KeyError, ValueError, TypeError) as exc:
+        return Check("failover", True, f"cannot read Sentinel's down-after-milliseconds: {exc}")
+    expected = down_after / 1000 + FAILOVER_ALLOWANCE
+    budget = settings.lost_after - 2 * settings.heartbeat
+    detail = (
+        f"Sentinel calls the master down after {down_after / 1000:g} s: a failover takes about "
+        f"{expected:g} s; running commands wait {budget:g} s for it"
+    )
+    if expected < budget:
+        return Check("failover", True, detail)
+    return Check(
+        "failover",
+        False,
+        detail,
+        f"sentinel set {name} down-after-milliseconds {int((budget - FAILOVER_ALLOWANCE) * 500)}"
+        " on every Sentinel, or raise TBSS_QUEUE_LOST_AFTER on every node",
+    )
 
 
 def check_persistence(client: redis.Redis) -> Check:

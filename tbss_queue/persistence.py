@@ -13,6 +13,12 @@ help a person notice:
   process) after data was lost. Redis gives every process a new random run_id (INFO server),
   so comparing the two tells "restarted but kept its data" from "restarted empty";
   `lost_batch_message` turns that into one line for a batch id that cannot be found.
+
+A Sentinel failover also brings a new run_id (the promoted replica's) but keeps the data: the
+mark, replicated like everything else, still holds the old one. A promoted replica is told
+apart from a restarted master by its second replication id (INFO replication
+`master_replid2`: the id of the master it followed), so that a broker that keeps its data by
+replication rather than on disk is not taken for one that lost it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class Persistence:
     as on many managed Redis services."""
     run_id: str
     """This Redis process's run_id (INFO server): a new random one at every start."""
+    promoted: bool = False
+    """This master was a replica until a failover (INFO replication `master_replid2` is set):
+    its data came from the old master, not from a restart."""
 
     @property
     def durable(self) -> bool | None:
@@ -94,7 +103,8 @@ def persistence(client: redis.Redis) -> Persistence:
     pipe.info("persistence")
     pipe.config_get("save")
     pipe.info("server")
-    info, save, server = pipe.execute(raise_on_error=False)  # refusals come back as values
+    pipe.info("replication")
+    info, save, server, replication = pipe.execute(raise_on_error=False)  # refusals: values
     aof: bool | None = None
     if isinstance(info, dict) and info.get("aof_enabled") is not None:
         aof = str(info["aof_enabled"]) == "1"
@@ -103,7 +113,13 @@ def persistence(client: redis.Redis) -> Persistence:
         rules = _text(save.get("save", save.get(b"save")))
         rdb = None if rules is None else bool(rules.strip())
     run_id = _text(server.get("run_id")) if isinstance(server, dict) else None
-    return Persistence(aof=aof, rdb=rdb, run_id=run_id or "")
+    replid2 = _text(replication.get("master_replid2")) if isinstance(replication, dict) else None
+    return Persistence(
+        aof=aof,
+        rdb=rdb,
+        run_id=run_id or "",
+        promoted=bool(replid2.strip("0")) if replid2 else False,
+    )
 
 
 def persistence_warning(client: redis.Redis) -> str | None:
@@ -187,6 +203,12 @@ def lost_batch_message(client: redis.Redis, batch_id: str, known_run_id: str | N
     if known_run_id is not None and known_run_id in (state.run_id, mark):
         return None  # no restart since the caller saw the batch, or its data survived
     lost = f"the broker restarted without persistence: batch {batch_id} was lost; {RESUBMIT}"
+    if state.promoted:
+        # a failover: the data came from the replica, whatever the disk settings say
+        lost = (
+            f"the broker failed over to a replica that does not hold batch {batch_id} (Redis "
+            f"replicates asynchronously; the old master had not passed it on); {RESUBMIT}"
+        )
     if mark is None:
         if _has_batches(client):
             return None  # data kept, just never marked (batches from an older tbss-queue)
@@ -205,8 +227,10 @@ def lost_batch_message(client: redis.Redis, batch_id: str, known_run_id: str | N
         )
     if known_run_id is None:
         return None  # the data survived since the first submit: the id is wrong
-    if mark == state.run_id or state.durable is False:
-        return lost  # marked anew after the restart the caller missed, or nothing persists
+    if mark == state.run_id:
+        return lost  # marked anew after the restart the caller missed
+    if state.durable is False and not state.promoted:
+        return lost  # nothing persists, and no replica handed the data over
     return None
 
 

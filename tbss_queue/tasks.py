@@ -30,7 +30,7 @@ from celery.exceptions import Ignore
 from . import runner
 from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
-from .broker import connect, transient
+from .broker import connect, replicated, transient
 from .config import Settings
 from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_names, open_logs
@@ -213,12 +213,26 @@ def _execute(
         raise Ignore()
     if claim != "ok":
         raise Ignore()  # finished, cancelled, or running elsewhere: a duplicate message
+    with contextlib.suppress(redis.RedisError):
+        # a claim a replica holds survives a failover; one lost with the master shows at the
+        # first renewal on the new master ("lost"), which kills this copy within a heartbeat
+        replicated(store.r, settings)
     lease = Lease(settings, store, batch_id, task_id, token)
 
     def record_end(state: str, record: dict[str, Any]) -> str:
-        return patiently(
-            lambda: store.finish(batch_id, task_id, node, token, state, record), patience
-        )
+        def finish() -> str:
+            return store.finish(batch_id, task_id, node, token, state, record)
+
+        outcome = patiently(finish, patience)
+        if outcome == "ok":
+            try:
+                replicated(store.r, settings)
+            except redis.RedisError:
+                # the master went away before a replica confirmed the record: write it again
+                # on the new master ('not-owner' there means it had arrived)
+                with contextlib.suppress(redis.RedisError):
+                    patiently(finish, patience)
+        return outcome
 
     env = with_fsl_sub_env(
         command_env(batch_id, task_id), fields.job_id, fields.line, fields.job_tasks

@@ -73,6 +73,10 @@ def settings_env(settings: Settings, tag: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.uses_sentinel:
+        env["TBSS_QUEUE_SENTINEL_MASTER"] = settings.sentinel_master
+        if settings.sentinel_password:
+            env["TBSS_QUEUE_SENTINEL_PASSWORD"] = settings.sentinel_password
     return env
 
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tbss_queue.config import DEFAULT_BROKER, Settings, mask_url
+from tbss_queue.app import make_app
+from tbss_queue.config import DEFAULT_BROKER, Settings, mask_url, parse_sentinel_url
 from tbss_queue.errors import ConfigError
 
 from .conftest import tbss_queue
@@ -127,3 +128,57 @@ def test_mask_url_hides_query_passwords_and_survives_a_bad_port() -> None:
         "redis+socket:///r/redis.sock?password=***&db=1"
     )
     assert mask_url("redis://:s3cret@h:notaport/0") == "redis://:***@h:notaport/0"
+
+
+def test_sentinel_url_master_name_and_password_resolve_once() -> None:
+    url = "sentinel://:s3cret@s1:26379/2;sentinel://s2:26380;sentinel://s3"
+    secret = os.urandom(4).hex()
+    env = {"TBSS_QUEUE_BROKER": url, "TBSS_QUEUE_SENTINEL_PASSWORD": secret}
+    s = Settings.resolve(env=env)
+    assert s.uses_sentinel and s.sentinel_master == "mymaster" and s.sentinel_password == secret
+    assert Settings.resolve(env={**env, "TBSS_QUEUE_SENTINEL_MASTER": "lab"}).sentinel_master == (
+        "lab"
+    )
+    assert Settings.resolve(
+        env={**env, "TBSS_QUEUE_SENTINEL_MASTER": "lab"}, sentinel_master="cli"
+    ).sentinel_master == ("cli")
+    parsed = parse_sentinel_url("--broker", url)
+    assert parsed.sentinels == (("s1", 26379), ("s2", 26380), ("s3", 26379))
+    assert (parsed.db, parsed.password) == (2, "s3cret")
+    assert s.display_broker == "sentinel://:***@s1:26379/2;sentinel://s2:26380;sentinel://s3"
+
+
+def test_sentinel_settings_reach_kombu_and_celerys_backend() -> None:
+    secret = os.urandom(4).hex()
+    app = make_app(
+        Settings.resolve(env={}, broker="sentinel://s1:26379/0", sentinel_password=secret)
+    )
+    for options in (
+        app.conf.broker_transport_options,
+        app.conf.result_backend_transport_options,
+    ):
+        assert options["master_name"] == "mymaster"
+        assert options["sentinel_kwargs"]["password"] == secret
+    assert app.conf.broker_url == "sentinel://s1:26379/0"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            {"broker": "sentinel://:pw@a:1;sentinel://:pw2@b:notaport"},
+            "'sentinel://:***@a:1;sentinel://:***@b:notaport': a port is not a number",
+        ),
+        ({"broker": "sentinel://a:1;rediss://b:2"}, "each part must be sentinel://HOST:PORT"),
+        ({"broker": "sentinel://a:1/x"}, "the database 'x' is not a number"),
+        ({"broker": "sentinel://a:1?ssl_cert_reqs=none"}, "URL parameters are not read"),
+        ({"broker": "sentinel://a:1", "tls_insecure": True}, "TLS is not supported"),
+        ({"broker": "sentinel://a:1", "sentinel_master": "my master"}, "is not a master name"),
+        ({"sentinel_password": "x"}, "is not a sentinel:// URL"),
+    ],
+)
+def test_bad_sentinel_settings_are_one_line_errors(given: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.resolve(env={}, **given)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "pw2" not in str(info.value)

@@ -52,6 +52,8 @@ CONNECTION_OPTIONS = (
     "broker",
     "result_backend",
     "tls_insecure",
+    "sentinel_master",
+    "sentinel_password",
     *(flag.replace("-", "_") for flag, _, _ in _CONNECTION_FILES),
 )
 """The parameters of broker_options, handed to Settings.resolve."""
@@ -64,13 +66,26 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--broker",
         envvar="TBSS_QUEUE_BROKER",
         metavar="URL",
-        help="Redis URL of the queue [env TBSS_QUEUE_BROKER; default redis://localhost:6379/0].",
+        help="Redis URL of the queue, or sentinel://HOST:26379[;sentinel://HOST2:26379] "
+        "[env TBSS_QUEUE_BROKER; default redis://localhost:6379/0].",
     )
     @click.option(
         "--result-backend",
         envvar="TBSS_QUEUE_RESULT_BACKEND",
         metavar="URL",
         help="Celery result backend [default: the broker].",
+    )
+    @click.option(
+        "--sentinel-master",
+        metavar="NAME",
+        help="With a sentinel:// broker: the master's name in Sentinel "
+        "[env TBSS_QUEUE_SENTINEL_MASTER; default mymaster].",
+    )
+    @click.option(
+        "--sentinel-password",
+        metavar="PASSWORD",
+        help="Password of the Sentinels themselves (the master's goes in the URL) "
+        "[env TBSS_QUEUE_SENTINEL_PASSWORD, which keeps it out of `ps`].",
     )
     @click.option(
         "--tls-insecure",
