@@ -8,9 +8,10 @@ status(batch.id).to_dict()
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .app import make_app
 from .batches import (
     ALIVE,
     CANCELLED,
+    CHUNK,
     FAILED,
     NODES,
     QUEUED,
@@ -211,20 +213,18 @@ def _enqueue(
     the commit nothing is visible and the staging is removed; after it, the submission is
     applied whole (by a worker's reaper if this process dies)."""
     to_queue = [s for s in changes if s.state == QUEUED]
-    messages = build_messages(
-        make_app(settings),
-        batch_id,
-        meta["cwd"],
-        to_queue,
-        task_kwargs(meta),
-        send_options(settings.time_limit, meta),
-    )
-    if settings.signing:
-        signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, messages, strict=True)}
+    chunks = _message_chunks(settings, batch_id, meta, to_queue)
+    if settings.signing:  # the records keep each command's signed message: build them first
+        built = [m for chunk in chunks for m in chunk]
+        signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, built, strict=True)}
         changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
-    staging = store.staging(batch_id, new_submission_id(), len(changes), messages, merge=merge)
+        chunks = iter([built[i : i + CHUNK] for i in range(0, len(built), CHUNK)])
+    first = next(chunks, [])
+    queue = first[0][0] if first else None
+    sid = new_submission_id()
+    staging = store.staging(batch_id, sid, len(changes), queue, len(to_queue), merge=merge)
     try:
-        store.stage(staging, meta, changes, messages)
+        store.stage(staging, meta, changes, itertools.chain([first], chunks))
         if after:
             store.hold(staging, file_key, after)
             return len(to_queue)
@@ -243,6 +243,17 @@ def _enqueue(
         return -1
     store.apply(batch_id)
     return len(to_queue)
+
+
+def _message_chunks(
+    settings: Settings, batch_id: str, meta: dict[str, Any], to_queue: Sequence[TaskSpec]
+) -> Iterator[list[tuple[str, str]]]:
+    """The Celery messages of `to_queue`, built a chunk at a time as staging takes them."""
+    app = make_app(settings)
+    kwargs, options = task_kwargs(meta), send_options(settings.time_limit, meta)
+    for start in range(0, len(to_queue), CHUNK):
+        part = to_queue[start : start + CHUNK]
+        yield build_messages(app, batch_id, meta["cwd"], part, kwargs, options)
 
 
 def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> Batch:
@@ -369,11 +380,30 @@ def tasks(
     _, store = _store(settings)
     bid = store.resolve_id(batch_id)
     specs, states = store.task_specs(bid), store.states(bid)
-    meta_cwd = store.meta(bid).get("cwd")
     wanted = [t for t in specs if state is None or states.get(t) == state]
-    results = store.results(bid, wanted)
+    return _records(store, bid, specs, states, store.results(bid, wanted), wanted)
+
+
+def _ran(store: BatchStore, batch_id: str) -> list[TaskRecord]:
+    """The commands of a batch that have a record of an attempt (every failed one has): read
+    from those records, so the cost grows with what ran, not with the batch."""
+    results = store.results(batch_id)
+    ids = list(results)
+    specs, states = store.task_specs(batch_id, ids), store.states_of(batch_id, ids)
+    return _records(store, batch_id, specs, states, results, ids)
+
+
+def _records(
+    store: BatchStore,
+    batch_id: str,
+    specs: dict[str, dict[str, Any]],
+    states: dict[str, str],
+    results: dict[str, dict[str, Any]],
+    ids: Sequence[str],
+) -> list[TaskRecord]:
+    meta_cwd = store.meta(batch_id).get("cwd")
     out = []
-    for tid in wanted:
+    for tid in ids:
         spec, res = specs[tid], results.get(tid, {})
         out.append(
             TaskRecord(
@@ -400,7 +430,8 @@ def tasks(
 
 def failures(batch_id: str | None = None, *, settings: Settings | None = None) -> list[TaskRecord]:
     """The failed commands of a batch, with cause, exit code, node and stderr tail."""
-    return tasks(batch_id, state=FAILED, settings=settings)
+    _, store = _store(settings)
+    return [r for r in _ran(store, store.resolve_id(batch_id)) if r.state == FAILED]
 
 
 def report(
@@ -414,7 +445,7 @@ def report(
     from .report import render_html, report_data  # matplotlib: loaded only for reports
 
     current = status(batch_id, settings=settings)
-    records = tasks(current.batch, settings=settings)
+    records = _ran(_store(settings)[1], current.batch)
     if path is not None:
         Path(path).write_text(render_html(current, records), encoding="utf-8")
     return report_data(current, records)

@@ -227,31 +227,25 @@ class BatchStore:
 
     @staticmethod
     def staging(
-        batch_id: str, sid: str, n_tasks: int, messages: Sequence[tuple[str, str]], *, merge: bool
+        batch_id: str, sid: str, n_tasks: int, queue: str | None, n_messages: int, *, merge: bool
     ) -> Staging:
-        """Where submission `sid` of `n_tasks` changes will be staged: a new batch whole (its
-        commit adopts it by RENAME), a merge into an existing batch in chunks."""
-        if messages and any(q != messages[0][0] for q, _ in messages):
-            raise ValueError("all messages of a batch must go to one queue")
-        return Staging(
-            batch_id,
-            sid,
-            "merge" if merge else "new",
-            -(-n_tasks // CHUNK) if merge else 0,
-            messages[0][0] if messages else None,
-            len(messages),
-        )
+        """Where submission `sid` of `n_tasks` changes and `n_messages` messages for `queue` will
+        be staged: a new batch whole (its commit adopts it by RENAME), a merge in chunks."""
+        mode = "merge" if merge else "new"
+        return Staging(batch_id, sid, mode, -(-n_tasks // CHUNK) if merge else 0, queue, n_messages)
 
     def stage(
         self,
         staging: Staging,
         meta: dict[str, Any],
         tasks: Sequence[TaskSpec],
-        messages: Sequence[tuple[str, str]],
+        messages: Iterable[Sequence[tuple[str, str]]],
     ) -> None:
         """Write a submission's records and messages where no worker or reader sees them yet.
 
-        `tasks` are new tasks or existing ones whose state changes (requeued)."""
+        `tasks` are new tasks or existing ones whose state changes (requeued); `messages`
+        (queue, payload) come in chunks, written as they come (a million of them need not be
+        held in memory at once)."""
         batch_id, merge = staging.batch_id, staging.mode == "merge"
         keys = staging.all_keys()
         pipe: Any = self.r.pipeline(transaction=False)
@@ -275,8 +269,12 @@ class BatchStore:
                 pipe.hset(INDEX, mapping=live)
             _expire(pipe, keys)
             pipe.execute()
-        for start in range(0, len(messages), CHUNK):
-            pipe.lpush(staging.messages_key, *[m for _, m in messages[start : start + CHUNK]])
+        for chunk in messages:
+            if not chunk:
+                continue
+            if any(q != staging.queue for q, _ in chunk):
+                raise ValueError("all messages of a batch must go to one queue")
+            pipe.lpush(staging.messages_key, *[m for _, m in chunk])
             _expire(pipe, keys)
             pipe.execute()
         _expire(pipe, keys)
