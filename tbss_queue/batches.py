@@ -566,6 +566,15 @@ class BatchStore:
         pipe.hdel(PENDING, *gone)
         pipe.hdel(HELD, *gone)
         pipe.execute()
+        # fsl_sub's job ids (fsl/jobs.py): a hash per job naming its batch
+        jobs = list(self.r.scan_iter(match=PREFIX + "job:*", count=1000))
+        if jobs:
+            pipe = self.r.pipeline(transaction=False)
+            for job in jobs:
+                pipe.hget(job, "batch")
+            stale = [j for j, b in zip(jobs, pipe.execute(), strict=True) if b in gone]
+            if stale:
+                self.r.unlink(*stale)
         dropped = 0
         for key, batch_of in ((FILES, str), (INDEX, lambda v: v.split("|", 1)[0])):
             stale: list[str] = []

@@ -70,6 +70,8 @@ def test_every_key_of_an_ended_batch_expires_and_forget_drops_them_now(
     ttls = {k: client.ttl(k) for k in keys}
     assert all(0 < t <= KEEP for t in ttls.values()), ttls
     assert api.status(batch.id, settings=settings).failed == 1  # still readable meanwhile
+    # (and an fsl_sub job id naming it, as the fsl_sub plugin keeps one)
+    client.hset("tbssq:job:7", mapping={"batch": batch.id, "name": "tbss_2_reg"})
     # When it is forgotten
     env = settings_env(settings, run_tag)
     done = tbss_queue("forget", batch.id, env=env)
@@ -79,6 +81,7 @@ def test_every_key_of_an_ended_batch_expires_and_forget_drops_them_now(
     assert batch_keys(client, batch.id) == [batch_key(batch.id)]
     assert not client.exists(batch_key(batch.id))
     assert references(client, batch.id) == []
+    assert not client.exists("tbssq:job:7")
     gone = tbss_queue("status", batch.id, env=env)
     assert gone.returncode == 2 and "not found" in gone.stderr
     # And the same file submits again as a new batch that runs everything
