@@ -572,9 +572,9 @@ class BatchStore:
             pipe = self.r.pipeline(transaction=False)
             for job in jobs:
                 pipe.hget(job, "batch")
-            stale = [j for j, b in zip(jobs, pipe.execute(), strict=True) if b in gone]
-            if stale:
-                self.r.unlink(*stale)
+            ended_jobs = [j for j, b in zip(jobs, pipe.execute(), strict=True) if b in gone]
+            if ended_jobs:
+                self.r.unlink(*ended_jobs)
         dropped = 0
         for key, batch_of in ((FILES, str), (INDEX, lambda v: v.split("|", 1)[0])):
             stale: list[str] = []
