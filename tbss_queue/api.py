@@ -8,10 +8,9 @@ status(batch.id).to_dict()
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .batches import (
     QUEUED,
     SKIPPED,
     BatchStore,
+    Staging,
     TaskSpec,
     new_batch_id,
     new_submission_id,
@@ -79,20 +79,14 @@ def submit(
     """
     settings = settings or Settings.resolve()
     parsed = parse_commands_file(path)
-    workdir = workdir_for(path, cwd)
+    local_workdir = workdir = workdir_for(path, cwd)
     _check_time_limit(time_limit, settings)
-    markers = [done_marker(c.argv, workdir, done_if_exists) for c in parsed.commands]
-    if path_map:  # what the workers will see; done checks above use this machine's paths
+    if path_map:  # what the workers will see; done checks use this machine's paths
         workdir = path_map.apply(workdir)
-        parsed = replace(
-            parsed,
-            commands=tuple(replace(c, argv=tuple(path_map.argv(c.argv))) for c in parsed.commands),
-        )
     settings, store = _store(settings)
     remember(store.r)  # before any commit: no batch without the dataset's epoch mark
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
-    keys = [c.key(workdir) for c in parsed.commands]
     after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
     options = {
         "path": resolved,
@@ -106,29 +100,33 @@ def submit(
         "job_id": job_id,
         "job_tasks": job_tasks,
     }
+
+    def plan(batch_id: str) -> Iterator[list[TaskSpec]]:
+        """The changes to batch `batch_id`, a chunk of the file at a time."""
+        for chunk in parsed.chunks(CHUNK):
+            markers = [done_marker(c.argv, local_workdir, done_if_exists) for c in chunk]
+            if path_map:
+                chunk = [replace(c, argv=tuple(path_map.argv(c.argv))) for c in chunk]
+            yield _plan(store, batch_id, chunk, [c.key(workdir) for c in chunk], markers)
+
     for _ in range(10):
         # another submit of this file may commit first: then plan again against its batch
         owner = store.batch_for_file(file_key)
         batch_id = owner or new_batch_id()
-        changes, meta = _plan(store, batch_id, parsed.commands, keys, markers, options)
+        now = time.time()
+        meta: dict[str, Any] = {"id": batch_id, **options, "last_submitted": now}
+        if owner is None:
+            meta["submitted"] = now
         queued = _enqueue(
-            store,
-            settings,
-            batch_id,
-            meta,
-            changes,
-            file_key,
-            after,
-            owner or "",
+            store, settings, batch_id, meta, plan(batch_id), file_key, after, owner or "",
             merge=owner is not None,
-        )
+        )  # fmt: skip
         if queued >= 0:
             break
     else:
         raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
     with contextlib.suppress(redis.RedisError):
         replicated(store.r, settings)  # a batch a replica holds survives a failover
-    now = meta["last_submitted"]
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -142,9 +140,9 @@ def submit(
         resolved,
         workdir,
         now,
-        len(parsed.commands),
+        parsed.count,
         queued,
-        len(parsed.commands) - queued,
+        parsed.count - queued,
         warnings,
     )
 
@@ -155,13 +153,12 @@ def _plan(
     commands: Sequence[Command],
     keys: Sequence[str],
     markers: Sequence[DoneMarker | None],
-    options: dict[str, Any],
-) -> tuple[list[TaskSpec], dict[str, Any]]:
-    """What a submission changes in batch `batch_id` (new or existing) and its metadata.
+) -> list[TaskSpec]:
+    """What a submission changes in batch `batch_id` (new or existing), for some commands.
 
     A command already queued, running or done in this batch is left alone; one whose outputs
     exist, or that is live in another batch, is skipped; the rest are queued. Each change
-    carries the state it was planned against, which the commit checks (lua/commit.lua)."""
+    carries the state it was planned against, which the commit checks (lua/apply.lua)."""
     ids = [task_id_for(batch_id, k) for k in keys]
     mine = store.states_of(batch_id, ids)
     elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
@@ -177,11 +174,7 @@ def _plan(
             state, note = SKIPPED, f"already {other[2]} in batch {other[0]}"
         expect = mine.get(tid, "")
         changes.append(TaskSpec(tid, command.line, command.argv, key, state, note, expect=expect))
-    now = time.time()
-    meta: dict[str, Any] = {"id": batch_id, **options, "last_submitted": now}
-    if not mine:
-        meta["submitted"] = now
-    return changes, meta
+    return changes
 
 
 def _check_time_limit(time_limit: float | None, settings: Settings) -> None:
@@ -200,39 +193,44 @@ def _enqueue(
     settings: Settings,
     batch_id: str,
     meta: dict[str, Any],
-    changes: list[TaskSpec],
+    parts: Iterable[list[TaskSpec]],
     file_key: str,
     after: Sequence[str] = (),
     file_owner: str = "*",
     *,
     merge: bool,
 ) -> int:
-    """Stage `changes` and their messages, commit them in one constant-time step, then apply
-    them in bounded steps; returns how many commands were queued, or -1 when another submit of
-    the same file committed first (nothing of this one is visible then). On any error before
-    the commit nothing is visible and the staging is removed; after it, the submission is
-    applied whole (by a worker's reaper if this process dies)."""
-    to_queue = [s for s in changes if s.state == QUEUED]
-    chunks = _message_chunks(settings, batch_id, meta, to_queue)
-    if settings.signing:  # the records keep each command's signed message: build them first
-        built = [m for chunk in chunks for m in chunk]
-        signed = {t.task_id: payload for t, (_, payload) in zip(to_queue, built, strict=True)}
-        changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
-        chunks = iter([built[i : i + CHUNK] for i in range(0, len(built), CHUNK)])
-    first = next(chunks, [])
-    queue = first[0][0] if first else None
-    sid = new_submission_id()
-    staging = store.staging(batch_id, sid, len(changes), queue, len(to_queue), merge=merge)
+    """Stage the changes (and their messages) a part at a time, commit them in one
+    constant-time step, then apply them in bounded steps; returns how many commands were
+    queued, or -1 when another submit of the same file committed first (nothing of this one is
+    visible then). On any error before the commit nothing is visible and the staging is
+    removed; after it, the submission is applied whole (by a worker's reaper if this process
+    dies). Only one part is held in memory at a time."""
+    app = make_app(settings)
+    kwargs, options = task_kwargs(meta), send_options(settings.time_limit, meta)
+    mode = "merge" if merge else "new"
+    sid, queue, n_messages, n_parts = new_submission_id(), None, 0, 0
     try:
-        store.stage(staging, meta, changes, itertools.chain([first], chunks))
+        store.stage_meta(batch_id, sid, meta)
+        for changes in parts:
+            to_queue = [c for c in changes if c.state == QUEUED]
+            messages = build_messages(app, batch_id, meta["cwd"], to_queue, kwargs, options)
+            if settings.signing:  # the records keep each command's signed message
+                signed = {t.task_id: m for t, (_, m) in zip(to_queue, messages, strict=True)}
+                changes = [replace(c, message=signed.get(c.task_id, "")) for c in changes]
+            queue = queue or (messages[0][0] if messages else None)
+            n_parts += 1
+            store.stage_part(Staging(batch_id, sid, mode, n_parts, queue, 0), changes, messages)
+            n_messages += len(messages)
+        staging = Staging(batch_id, sid, mode, n_parts if merge else 0, queue, n_messages)
         if after:
             store.hold(staging, file_key, after)
-            return len(to_queue)
+            return n_messages
         committed = store.commit(staging, file_key, file_owner=file_owner)
     except BaseException as exc:
         # staged keys expire on their own if Redis can't be told now; the first error counts
         with contextlib.suppress(redis.RedisError):
-            store.discard(staging)
+            store.discard(Staging(batch_id, sid, "merge", n_parts + 1, queue, n_messages))
         if isinstance(exc, redis.exceptions.OutOfMemoryError):
             raise broker_full(store.r) from None
         raise
@@ -242,18 +240,7 @@ def _enqueue(
             store.apply(batch_id)
         return -1
     store.apply(batch_id)
-    return len(to_queue)
-
-
-def _message_chunks(
-    settings: Settings, batch_id: str, meta: dict[str, Any], to_queue: Sequence[TaskSpec]
-) -> Iterator[list[tuple[str, str]]]:
-    """The Celery messages of `to_queue`, built a chunk at a time as staging takes them."""
-    app = make_app(settings)
-    kwargs, options = task_kwargs(meta), send_options(settings.time_limit, meta)
-    for start in range(0, len(to_queue), CHUNK):
-        part = to_queue[start : start + CHUNK]
-        yield build_messages(app, batch_id, meta["cwd"], part, kwargs, options)
+    return n_messages
 
 
 def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> Batch:
@@ -273,7 +260,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
         settings,
         bid,
         {"last_submitted": time.time(), "cwd": meta["cwd"], **{k: meta.get(k) for k in _OPTIONS}},
-        changes,
+        (changes[i : i + CHUNK] for i in range(0, len(changes), CHUNK)),
         f"{meta['cwd']}|{meta['path']}",
         merge=True,
     )

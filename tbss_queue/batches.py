@@ -225,59 +225,55 @@ class BatchStore:
 
     # -- submit -------------------------------------------------------------------------------
 
-    @staticmethod
-    def staging(
-        batch_id: str, sid: str, n_tasks: int, queue: str | None, n_messages: int, *, merge: bool
-    ) -> Staging:
-        """Where submission `sid` of `n_tasks` changes and `n_messages` messages for `queue` will
-        be staged: a new batch whole (its commit adopts it by RENAME), a merge in chunks."""
-        mode = "merge" if merge else "new"
-        return Staging(batch_id, sid, mode, -(-n_tasks // CHUNK) if merge else 0, queue, n_messages)
-
-    def stage(
-        self,
-        staging: Staging,
-        meta: dict[str, Any],
-        tasks: Sequence[TaskSpec],
-        messages: Iterable[Sequence[tuple[str, str]]],
-    ) -> None:
-        """Write a submission's records and messages where no worker or reader sees them yet.
-
-        `tasks` are new tasks or existing ones whose state changes (requeued); `messages`
-        (queue, payload) come in chunks, written as they come (a million of them need not be
-        held in memory at once)."""
-        batch_id, merge = staging.batch_id, staging.mode == "merge"
-        keys = staging.all_keys()
+    def stage_meta(self, batch_id: str, sid: str, meta: dict[str, Any]) -> None:
+        """Begin staging submission `sid`: its metadata, and a new batch's counters at 0."""
+        s_meta, _, _, s_counts = Staging(batch_id, sid, "new", 0, None, 0).whole_keys
         pipe: Any = self.r.pipeline(transaction=False)
-        s_meta, s_cmd, s_state, s_counts = staging.whole_keys
         pipe.hset(s_meta, mapping={k: _enc(v) for k, v in meta.items()})
-        if not merge:  # the counters of a new batch, which the commit adopts as they are
-            counts = Counter(t.state for t in tasks)
-            pipe.hset(s_counts, mapping={state: counts.get(state, 0) for state in STATES})
-        for i, start in enumerate(range(0, len(tasks), CHUNK)):
-            part = tasks[start : start + CHUNK]
-            c_cmd, c_state, c_expect = staging.chunk_keys(i) if merge else (s_cmd, s_state, "")
-            pipe.hset(c_cmd, mapping={t.task_id: t.to_json() for t in part})
-            pipe.hset(c_state, mapping={t.task_id: t.state for t in part})
-            expected = {t.task_id: t.expect for t in part if t.expect}
-            if expected and merge:
-                pipe.hset(c_expect, mapping=expected)
-            # written before the commit: an entry whose task has no state yet (not committed,
-            # or never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
-            live = {t.key: batch_id for t in part if t.state == QUEUED and t.key}
-            if live:
-                pipe.hset(INDEX, mapping=live)
-            _expire(pipe, keys)
-            pipe.execute()
-        for chunk in messages:
-            if not chunk:
-                continue
-            if any(q != staging.queue for q, _ in chunk):
-                raise ValueError("all messages of a batch must go to one queue")
-            pipe.lpush(staging.messages_key, *[m for _, m in chunk])
-            _expire(pipe, keys)
-            pipe.execute()
-        _expire(pipe, keys)
+        pipe.hset(s_counts, mapping=dict.fromkeys(STATES, 0))
+        _expire(pipe, [s_meta, s_counts])
+        pipe.execute()
+
+    def stage_part(
+        self, staging: Staging, tasks: Sequence[TaskSpec], messages: Sequence[tuple[str, str]]
+    ) -> None:
+        """Stage one part of a submission (part number `staging.chunks`, from 1) where no worker
+        or reader sees it yet: records of new tasks or of existing ones whose state changes,
+        and their messages. A new batch is staged whole, to be adopted by RENAME; a merge in
+        chunks that `apply` merges one per step."""
+        batch_id = staging.batch_id
+        s_meta, s_cmd, s_state, s_counts = staging.whole_keys
+        if staging.mode == "merge":
+            c_cmd, c_state, c_expect = staging.chunk_keys(staging.chunks - 1)
+        else:
+            c_cmd, c_state, c_expect = s_cmd, s_state, ""
+        touched = [
+            s_meta,
+            s_counts,
+            c_cmd,
+            c_state,
+            staging.messages_key,
+            *filter(None, [c_expect]),
+        ]
+        pipe: Any = self.r.pipeline(transaction=False)
+        if tasks:
+            pipe.hset(c_cmd, mapping={t.task_id: t.to_json() for t in tasks})
+            pipe.hset(c_state, mapping={t.task_id: t.state for t in tasks})
+        if c_expect and (expected := {t.task_id: t.expect for t in tasks if t.expect}):
+            pipe.hset(c_expect, mapping=expected)
+        if not c_expect:  # the counters of a new batch, which the commit adopts as they are
+            for state, n in Counter(t.state for t in tasks).items():
+                pipe.hincrby(s_counts, state, n)
+        # written before the commit: an entry whose task has no state yet (not committed, or
+        # never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
+        live = {t.key: batch_id for t in tasks if t.state == QUEUED and t.key}
+        if live:
+            pipe.hset(INDEX, mapping=live)
+        if any(q != staging.queue for q, _ in messages):
+            raise ValueError("all messages of a batch must go to one queue")
+        if messages:
+            pipe.lpush(staging.messages_key, *[m for _, m in messages])
+        _expire(pipe, touched)
         pipe.execute()
 
     def commit(

@@ -6,7 +6,8 @@ import hashlib
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CommandsFileError
@@ -36,11 +37,34 @@ class Command:
 
 @dataclass(frozen=True)
 class ParsedFile:
-    """A parsed commands file: its unique commands, and the lines that repeated one."""
+    """A validated commands file: how many unique commands it holds, the lines that repeated
+    one, and its text, from which the commands are read again when needed, a chunk at a time
+    (a million commands as Python objects would take a gigabyte)."""
 
     path: str
-    commands: tuple[Command, ...]
+    text: str = field(repr=False)
+    count: int
     duplicates: tuple[tuple[int, int], ...]  # (line, line of its first occurrence)
+
+    def __iter__(self) -> Iterator[Command]:
+        """The unique commands in file order."""
+        repeated = {line for line, _ in self.duplicates}
+        return (c for c in _commands(self.text, self.path) if c.line not in repeated)
+
+    @property
+    def commands(self) -> tuple[Command, ...]:
+        return tuple(self)
+
+    def chunks(self, size: int) -> Iterator[list[Command]]:
+        """The unique commands in lists of at most `size`."""
+        chunk: list[Command] = []
+        for command in self:
+            chunk.append(command)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 _CONTROL_NAMES = dict(
@@ -154,14 +178,26 @@ def parse_text(text: str, path: str = "<commands>") -> ParsedFile:
     editors and `sed -n`; control characters and Unicode line separators inside a line,
     and lines too long for execve(2), are refused here rather than failing on a worker.
     """
-    commands: list[Command] = []
-    first_seen: dict[tuple[str, ...], int] = {}
+    first_seen: dict[bytes, int] = {}  # a digest of each argv: lean at a million lines
     duplicates: list[tuple[int, int]] = []
+    for command in _commands(text, path):
+        digest = hashlib.blake2b("\0".join(command.argv).encode(), digest_size=12).digest()
+        if digest in first_seen:
+            duplicates.append((command.line, first_seen[digest]))
+        else:
+            first_seen[digest] = command.line
+    if not first_seen:
+        raise CommandsFileError(path, "no commands in file (empty, or only comments)")
+    return ParsedFile(path, text, len(first_seen), tuple(duplicates))
+
+
+def _commands(text: str, path: str) -> Iterator[Command]:
+    """Every command line of a text, checked, in order (duplicates included)."""
     limits = ExecLimits.of_this_system()
     # one C-speed scan of the whole text; refused on its line, unless an earlier line is bad
     bad = _first_forbidden(text)
     bad_line = text.count("\n", 0, bad.start()) + 1 if bad else 0
-    for number, raw in enumerate(text.split("\n"), start=1):  # not splitlines(): \n only
+    for number, raw in enumerate(_lines(text), start=1):
         if number == bad_line and bad:
             raise CommandsFileError(path, _describe(bad.group()[0]), number)
         stripped = raw.strip()  # and the CR of a CRLF line ending
@@ -175,14 +211,19 @@ def parse_text(text: str, path: str = "<commands>") -> ParsedFile:
             continue
         if len(stripped) > limits.quick and (too_long := limits.refusal(argv)):
             raise CommandsFileError(path, too_long, number)
-        if argv in first_seen:
-            duplicates.append((number, first_seen[argv]))
-            continue
-        first_seen[argv] = number
-        commands.append(Command(number, argv))
-    if not commands:
-        raise CommandsFileError(path, "no commands in file (empty, or only comments)")
-    return ParsedFile(path, tuple(commands), tuple(duplicates))
+        yield Command(number, argv)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of a text, split at \\n only (not splitlines()), one at a time."""
+    start = 0
+    while True:
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + 1
 
 
 def parse_commands_file(path: str | os.PathLike[str]) -> ParsedFile:
