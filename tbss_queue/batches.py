@@ -124,16 +124,10 @@ class Staging:
         chunked = [k for i in range(self.chunks) for k in self.chunk_keys(i)]
         return [*self.whole_keys, self.messages_key, *chunked]
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "sid": self.sid,
-                "mode": self.mode,
-                "chunks": self.chunks,
-                "queue": self.queue,
-                "n": self.n,
-            }
-        )
+    def to_json(self, **extra: Any) -> str:
+        """What a hold or a pending record keeps of it (`extra`: the step reached)."""
+        fields = {"sid": self.sid, "mode": self.mode, "chunks": self.chunks, "queue": self.queue}
+        return json.dumps({**fields, "n": self.n, **extra})
 
     @classmethod
     def from_json(cls, batch_id: str, raw: str) -> Staging:
@@ -247,14 +241,8 @@ class BatchStore:
             c_cmd, c_state, c_expect = staging.chunk_keys(staging.chunks - 1)
         else:
             c_cmd, c_state, c_expect = s_cmd, s_state, ""
-        touched = [
-            s_meta,
-            s_counts,
-            c_cmd,
-            c_state,
-            staging.messages_key,
-            *filter(None, [c_expect]),
-        ]
+        touched = [s_meta, s_counts, c_cmd, c_state, staging.messages_key]
+        touched += [c_expect] if c_expect else []
         pipe: Any = self.r.pipeline(transaction=False)
         if tasks:
             pipe.hset(c_cmd, mapping={t.task_id: t.to_json() for t in tasks})
@@ -313,7 +301,7 @@ class BatchStore:
             int(releasing),
             file_owner,
             staging.mode,
-            json.dumps({**json.loads(staging.to_json()), "next": 0}),
+            staging.to_json(next=0),
         ]
         return int(self._run("commit", keys, args))
 
