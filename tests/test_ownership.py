@@ -26,6 +26,8 @@ import pytest
 import redis
 
 from tbss_queue import api
+from tbss_queue.batches import BatchStore
+from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.redis_server import RedisServer, free_port
 
@@ -516,3 +518,20 @@ def test_a_killed_guard_is_replaced_and_still_takes_the_tree_down_with_its_slot(
     psutil.Process(w1.proc.pid).kill()
     # Then within 2 s no process of that tree remains
     assert gone(pids, timeout=2), f"left running: {alive(pids)}"
+
+
+def test_a_claim_tried_again_after_its_reply_was_lost_still_owns_the_command(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Given a queued command, claimed by a runner whose reply never arrived
+    batch = api.submit(write_commands(tmp_path / "cmds", ["true"]), settings=settings)
+    store = BatchStore(connect(settings))
+    [task_id] = store.states(batch.id)
+    assert store.claim(batch.id, task_id, "w1@h", "token-1", 60, 1) == "ok"
+    # When the same runner tries its claim again, and another runner tries too
+    again = store.claim(batch.id, task_id, "w1@h", "token-1", 60, 1)
+    other = store.claim(batch.id, task_id, "w2@h", "token-2", 60, 2)
+    # Then the first still owns it (it runs the command), the other is told it is taken
+    assert (again, other) == ("ok", "busy")
+    assert api.status(batch.id, settings=settings).running == 1
+    assert store.renew(batch.id, task_id, "token-1", 60) == "ok"

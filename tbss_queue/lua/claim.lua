@@ -8,7 +8,13 @@
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return 'unknown' end
 if old ~= 'queued' and old ~= 'running' then return old end
-if old == 'running' then return 'busy' end
+if old == 'running' then
+  -- this runner's own claim, tried again after its reply was lost (a dropped connection, a
+  -- failover): it holds the command already
+  local mine = redis.call('HGET', KEYS[4], ARGV[2])
+  if mine and cjson.decode(mine)['token'] == ARGV[4] then return 'ok' end
+  return 'busy'
+end
 if redis.call('HEXISTS', KEYS[8], ARGV[3]) == 1 then return 'quarantined' end
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
 if rec then
