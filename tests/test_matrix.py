@@ -17,7 +17,7 @@ from tbss_queue.fsl.matrix import subject_matrix
 from tbss_queue.models import TaskRecord
 
 from .browser import ARTIFACTS, browser, screenshot  # noqa: F401 - the fixture
-from .conftest import Worker, settings_env, tbss_queue
+from .conftest import REPO, Worker, settings_env, tbss_queue
 
 BROKEN = "sub05: 5 of 5 pairs failed as moving, 5 of 5 as reference: check its FA image"
 
@@ -68,6 +68,9 @@ def test_a_broken_subject_is_named_and_the_best_target_marked(
     assert res.returncode == 0, res.stderr
     assert "subject matrix" in res.stdout and BROKEN in res.stdout, res.stdout
     (ARTIFACTS / "status-matrix.txt").write_text(res.stdout)
+    # (and README shows that output, as printed)
+    shown = res.stdout[res.stdout.index("subject matrix") :].splitlines()
+    assert "\n".join(x.rstrip() for x in shown) in (REPO / "README.md").read_text()
     res = tbss_queue("status", batch, "--matrix", "--json", env=env)
     data = json.loads(res.stdout)["matrix"]
     assert data["broken"] == ["sub05_FA"] and BROKEN in data["summary"]
@@ -90,7 +93,7 @@ def test_a_broken_subject_is_named_and_the_best_target_marked(
     res = tbss_queue("status", batch, "--matrix", env={**env, "COLUMNS": "120"})
     assert "no pair failed" in res.stdout and "36 of 36 pairs done" in res.stdout
     assert f"best target: {best.removesuffix('_FA')} (best-target's choice" in res.stdout
-    assert "★" + best.removesuffix("_FA")[-3:] in res.stdout
+    assert "★" + best.removesuffix("_FA") in res.stdout
 
 
 def test_no_matrix_for_other_batches(tmp_path: Path) -> None:
