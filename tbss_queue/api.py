@@ -38,6 +38,7 @@ from .commands import Command, parse_commands_file
 from .config import Settings
 from .done import DoneMarker, done_marker
 from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError
+from .fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
@@ -421,6 +422,25 @@ def failures(batch_id: str | None = None, *, settings: Settings | None = None) -
     return [r for r in _ran(store, store.resolve_id(batch_id)) if r.state == FAILED]
 
 
+def matrix(
+    batch_id: str | None = None, *, settings: Settings | None = None
+) -> SubjectMatrix | None:
+    """The subject matrix of a `tbss_2_reg -n` batch (every fsl_reg pair with its state and
+    .msf cost, failures per subject, the broken subjects named); None for any other batch."""
+    _, store = _store(settings)
+    return _matrix(store, status(batch_id, settings=settings))
+
+
+def _matrix(store: BatchStore, current: BatchStatus) -> SubjectMatrix | None:
+    """Reads every command of the batch: only for batches of at most MAX_CELLS."""
+    if current.total > MAX_CELLS:
+        return None
+    bid = current.batch
+    specs, states = store.task_specs(bid), store.states(bid)
+    records = _records(store, bid, specs, states, store.results(bid), list(specs))
+    return subject_matrix(records, current.cwd)
+
+
 def report(
     batch_id: str | None = None,
     *,
@@ -432,10 +452,12 @@ def report(
     from .report import render_html, report_data  # matplotlib: loaded only for reports
 
     current = status(batch_id, settings=settings)
-    records = _ran(_store(settings)[1], current.batch)
+    store = _store(settings)[1]
+    records = _ran(store, current.batch)
+    subjects = _matrix(store, current)
     if path is not None:
-        Path(path).write_text(render_html(current, records), encoding="utf-8")
-    return report_data(current, records)
+        Path(path).write_text(render_html(current, records, subjects), encoding="utf-8")
+    return report_data(current, records, subjects)
 
 
 def write_commands(records: list[TaskRecord], path: str | os.PathLike[str]) -> None:

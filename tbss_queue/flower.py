@@ -3,6 +3,7 @@
 Flower's API can launch tasks, i.e. run commands on every worker, so it always runs
 --read-only; it binds to 127.0.0.1 unless told otherwise, and refuses another address without
 authentication. Its /metrics page (Prometheus) is never authenticated: keep the port private.
+It gains a Throughput page (flower_pages.py) drawn from our records in Redis.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def flower_argv(options: FlowerOptions) -> list[str]:
 
 def run_flower(settings: Settings, options: FlowerOptions) -> None:
     """Run Flower in this process until stopped."""
+    from .flower_pages import install
+
     argv = flower_argv(options)
-    connect(settings)
+    install(connect(settings))
     make_app(settings).start(argv=argv)

@@ -19,6 +19,7 @@ from typing import Any
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from .fsl.matrix import SubjectMatrix
 from .models import BatchStatus, TaskRecord
 from .progress import fmt_duration
 
@@ -70,8 +71,11 @@ def _unit(span: float) -> tuple[float, str]:
     return 1.0, "seconds"
 
 
-def report_data(status: BatchStatus, records: Sequence[TaskRecord]) -> dict[str, Any]:
-    """What the report shows, as plain data (what `report --json` prints)."""
+def report_data(
+    status: BatchStatus, records: Sequence[TaskRecord], matrix: SubjectMatrix | None = None
+) -> dict[str, Any]:
+    """What the report shows, as plain data (what `report --json` prints); `matrix`: the
+    subject matrix of a `tbss_2_reg -n` study (fsl/matrix.py), None for other batches."""
     timed = _timed(records)
     durations = sorted(r.duration for r in timed)
     slots = {r.row for r in timed}
@@ -101,6 +105,7 @@ def report_data(status: BatchStatus, records: Sequence[TaskRecord]) -> dict[str,
         "summary": summary,
         "timeline": [asdict(r) for r in sorted(timed, key=lambda r: r.started)],
         "failures": [r.to_dict() for r in records if r.state == "failed"],
+        "matrix": matrix.to_dict() if matrix is not None else None,
     }
 
 
@@ -255,9 +260,17 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
     )
 
 
-def render_html(status: BatchStatus, records: Sequence[TaskRecord]) -> str:
+def render_html(
+    status: BatchStatus, records: Sequence[TaskRecord], matrix: SubjectMatrix | None = None
+) -> str:
     """The whole report: no scripts, no fonts or images fetched from anywhere."""
-    data = report_data(status, records)
+    data = report_data(status, records, matrix)
+    css, subjects = _CSS, ""
+    if matrix is not None:
+        from .fsl.matrix_views import CSS, matrix_html
+
+        css += CSS
+        subjects = f"<h2>Subject matrix</h2>{matrix_html(matrix)}"
     timed = _timed(records)
     if timed:
         plots = (
@@ -273,11 +286,11 @@ def render_html(status: BatchStatus, records: Sequence[TaskRecord]) -> str:
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body>"
+        f"<style>{css}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f"<p><code>{html.escape(status.path)}</code> · report made {made}</p>"
         f'<div class="cards" id="summary">{_cards(data["summary"])}</div>'
-        f"{plots}"
+        f"{subjects}{plots}"
         f"<h2>Failures ({len(failures)})</h2>{_failures_table(failures)}"
         "</body></html>\n"
     )

@@ -39,6 +39,7 @@ def test_public_api_is_pinned() -> None:
             "failures",
             "forget",
             "list_batches",
+            "matrix",
             "nodes",
             "report",
             "resume_node",

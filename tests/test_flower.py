@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.redis_server import RedisServer, free_port
 
@@ -178,3 +184,115 @@ def test_the_grafana_dashboard_uses_metrics_flower_exports(
         wait_for(lambda: used <= served(), "every metric the dashboard queries")
         # runtime buckets fit 3-5 minute registrations
         assert 'le="300.0"' in fetch(base + "/metrics")
+
+
+def fetch_as(url: str, user_password: str | None) -> tuple[int, str]:
+    """GET with HTTP basic auth (None: without); (status, body), 401 included."""
+    assert url.startswith("http://127.0.0.1:")
+    request = urllib.request.Request(url)  # noqa: S310 - loopback http only, checked above
+    if user_password:
+        token = base64.b64encode(user_password.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_flower_throughput_page_during_a_batch(
+    tmp_path: Path,
+    workers: Callable[..., Worker],
+    settings: Settings,
+    run_tag: str,
+    browser: webdriver.Chrome,  # noqa: F811
+) -> None:
+    env = settings_env(settings, run_tag)
+    # Given an 8-subject demo study (64 registrations), two nodes and Flower with a password
+    res = tbss_queue("demo", str(tmp_path / "study"), "--subjects", "8", "--seconds", "1", env=env)
+    assert res.returncode == 0, res.stderr
+    w1, w2 = workers("w1", 2), workers("w2", 2)
+    auth = "lab:" + os.urandom(6).hex()
+    with flower(env, tmp_path, "--basic-auth", auth) as base:
+        page = base + "/throughput"
+        # the page is behind the same password as Flower's own pages
+        assert fetch_as(page, None)[0] == 401 and fetch_as(base + "/workers", None)[0] == 401
+        assert fetch_as(page, "lab:wrong")[0] == 401
+        wait_for_task_events(w1, w2)
+        # When the batch runs
+        batch = api.submit(tmp_path / "study" / "FA" / ".commands", settings=settings)
+
+        def figures() -> dict[str, Any]:
+            status, body = fetch_as(page + "?json=1", auth)
+            assert status == 200
+            return dict(json.loads(body))
+
+        wait_for(
+            lambda: figures()["total"] >= 24 and len(figures()["nodes"]) == 2,
+            "a third of the batch finished on both nodes",
+            timeout=120,
+        )
+        # Then Flower's Workers page links to it, and it draws overall and per-node lines
+        user, password = auth.split(":")
+        browser.get(base.replace("://", f"://{user}:{password}@") + "/workers")
+        browser.find_element(By.ID, "nav-throughput").click()
+        WebDriverWait(browser, 30).until(lambda d: d.current_url.endswith("/throughput"))
+        series = {
+            e.get_attribute("data-node")
+            for e in browser.find_elements(By.CSS_SELECTOR, "#throughput-chart polyline.series")
+        }
+        assert series == {"all nodes", f"w1@{socket.gethostname()}", f"w2@{socket.gethostname()}"}
+        caption = browser.find_element(By.ID, "throughput-caption").text
+        assert "running batches: " + batch.id in caption, caption
+        chart = browser.find_element(By.CSS_SELECTOR, "#throughput-chart svg").size
+        assert chart["width"] > 600 and chart["height"] > 200
+        screenshot(browser, "flower-throughput")
+        # and when the batch is done, its figures are our records': 64 commands, by node
+        assert api.wait(batch.id, settings=settings, timeout=240).succeeded == 64
+        final = figures()
+        by_node = Counter(r["node"] for r in api.report(batch.id, settings=settings)["timeline"])
+        assert final["total"] == 64
+        assert {n: sum(c) for n, c in final["nodes"].items()} == dict(by_node)
+        rates = final["overall_per_minute"]
+        assert max(rates) > 0 and sum(final["overall"]) == 64
+
+
+def test_flower_rows_after_a_retry_are_one_per_attempt(
+    tmp_path: Path,
+    workers: Callable[..., Worker],
+    settings: Settings,
+    run_tag: str,
+    browser: webdriver.Chrome,  # noqa: F811
+) -> None:
+    env = settings_env(settings, run_tag)
+    # Given a 2-subject demo study whose sub02 image is cut short, a node and Flower
+    res = tbss_queue(
+        "demo", str(tmp_path / "s"), "--subjects", "2", "--seconds", "0", "--broken", "sub02"
+    )
+    assert res.returncode == 0, res.stderr
+    fa = tmp_path / "s" / "FA"
+    w1 = workers("w1", 2)
+    with flower(env, tmp_path) as base:
+        wait_for_task_events(w1)
+        # When its pairs fail, the image is replaced and the batch retried
+        res = tbss_queue("submit", str(fa / ".commands"), "--wait", env=env)
+        assert res.returncode == 1, res.stderr
+        shutil.copy(fa / "sub01_FA.nii.gz", fa / "sub02_FA.nii.gz")
+        res = tbss_queue("retry", "--wait", env=env)
+        assert res.returncode == 0, res.stderr
+        # Then Flower's Tasks page shows each pair by name, one row per attempt: the failed
+        # attempt with its error, the successful one with none
+        browser.get(base + "/tasks")
+        rows_css = "#tasks-table tbody tr"
+        WebDriverWait(browser, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, rows_css)) == 7
+        )
+        rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, rows_css)]
+        pair = [r for r in rows if "sub02_FA→sub01_FA" in r]
+        assert len(pair) == 2, rows
+        [failed] = [r for r in pair if "FAILURE" in r]
+        [succeeded] = [r for r in pair if "SUCCESS" in r]
+        assert "CommandFailed" in failed
+        assert "CommandFailed" not in succeeded and "Failed" not in succeeded
+        assert sum("SUCCESS" in r for r in rows) == 4 and sum("FAILURE" in r for r in rows) == 3
+        screenshot(browser, "flower-tasks-after-retry")

@@ -32,6 +32,7 @@ from .app import (
     time_limit_option,
     wait_option,
 )
+from .fsl import print_matrix
 
 
 @cli.command()
@@ -185,16 +186,26 @@ def run(
 @cli.command()
 @click.argument("batch", required=False)
 @click.option("--watch", is_flag=True, help="Refresh every few seconds until Ctrl-C.")
+@click.option(
+    "--matrix",
+    "show_matrix",
+    is_flag=True,
+    help="Also the subject matrix of a tbss_2_reg -n study: every pair's state and cost.",
+)
 @json_option
 @broker_options
-def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) -> None:
+def status(
+    batch: str | None, watch: bool, show_matrix: bool, as_json: bool, settings: Settings
+) -> None:
     """Counts, throughput, ETA and workers of BATCH (default: the latest).
 
     Example: tbss-queue status --watch
     """
     current = api.status(batch, settings=settings)
+    subjects = api.matrix(current.batch, settings=settings) if show_matrix else None
     if as_json:
-        click.echo(json.dumps(current.to_dict()))
+        extra = {"matrix": subjects.to_dict() if subjects else None} if show_matrix else {}
+        click.echo(json.dumps({**current.to_dict(), **extra}))
         return
     if watch:
         watch_status(lambda: api.status(current.batch, settings=settings), out)
@@ -205,6 +216,8 @@ def status(batch: str | None, watch: bool, as_json: bool, settings: Settings) ->
         out.print(note, highlight=False)
     if current.failed:
         out.print(failures_table(api.failures(current.batch, settings=settings)))
+    if show_matrix:
+        print_matrix(subjects)
 
 
 @cli.command()

@@ -9,13 +9,27 @@ from rich.table import Table
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.fsl.matrix import SubjectMatrix
 
 from .app import (
     broker_options,
     cli,
     err,
     json_option,
+    out,
 )
+
+
+def print_matrix(matrix: SubjectMatrix | None) -> None:
+    """`status --matrix`: the grid, then the summary naming broken subjects."""
+    if matrix is None:
+        err.print("no subject matrix: not a tbss_2_reg -n batch of fsl_reg lines", highlight=False)
+        return
+    from tbss_queue.fsl.matrix_views import matrix_table
+
+    out.print(matrix_table(matrix))
+    for line in matrix.summary:
+        out.print(line, highlight=False)
 
 
 @cli.command()
@@ -35,7 +49,13 @@ from .app import (
     help="CPU time each stand-in registration takes.",
 )
 @click.option("--seed", default=0, show_default=True, help="Random seed of the images.")
-def demo(directory: str, subjects: int, seconds: float, seed: int) -> None:
+@click.option(
+    "--broken",
+    multiple=True,
+    metavar="SUBJECT",
+    help="Cut this subject's FA image short (e.g. sub05): its registrations fail.",
+)
+def demo(directory: str, subjects: int, seconds: float, seed: int, broken: tuple[str, ...]) -> None:
     """Write a synthetic TBSS study: DIRECTORY/FA/*_FA.nii.gz and FA/.commands.
 
     The commands are exactly what `tbss_2_reg -n` writes. Without FSL installed they call a
@@ -47,7 +67,7 @@ def demo(directory: str, subjects: int, seconds: float, seed: int) -> None:
     """
     from tbss_queue.fsl.demo import make_demo
 
-    study = make_demo(directory, subjects=subjects, seconds=seconds, seed=seed)
+    study = make_demo(directory, subjects=subjects, seconds=seconds, seed=seed, broken=broken)
     n = len(study.subjects)
     err.print(
         f"wrote {n} synthetic FA images and {n * n} registrations to {study.commands}",

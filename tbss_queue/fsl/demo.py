@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from tbss_queue.errors import ConfigError
 from .outputs import reg_lines
 
 SHAPE = (40, 48, 40)
+CUT_SHORT_TO = 2000
+"""Bytes a broken subject's FA image keeps: its header reads, its data does not."""
 VOXEL_MM = 2.0
 
 
@@ -46,9 +49,15 @@ class DemoStudy:
 
 
 def make_demo(
-    root: str | os.PathLike[str], subjects: int = 6, seconds: float = 2.0, seed: int = 0
+    root: str | os.PathLike[str],
+    subjects: int = 6,
+    seconds: float = 2.0,
+    seed: int = 0,
+    broken: Sequence[str] = (),
 ) -> DemoStudy:
-    """Write the study under `root` (created; refuses a non-empty FA/)."""
+    """Write the study under `root` (created; refuses a non-empty FA/). The FA images of the
+    `broken` subjects (e.g. "sub05") are cut short, as an interrupted copy leaves them: every
+    registration that reads one fails, which the subject matrix then shows."""
     if subjects < 2:
         raise ConfigError("--subjects must be at least 2")
     if seconds < 0:
@@ -60,11 +69,17 @@ def make_demo(
     fa.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = [f"sub{i + 1:02d}" for i in range(subjects)]
+    unknown = sorted(set(broken) - set(names))
+    if unknown:
+        raise ConfigError(f"--broken {unknown[0]}: not a subject ({names[0]}..{names[-1]})")
     for name in names:
         image, mask = synthetic_fa(rng)
         affine = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
         nib.save(nib.Nifti1Image(image, affine), fa / f"{name}_FA.nii.gz")
         nib.save(nib.Nifti1Image(mask, affine), fa / f"{name}_FA_mask.nii.gz")
+        if name in broken:
+            image_file = fa / f"{name}_FA.nii.gz"
+            image_file.write_bytes(image_file.read_bytes()[:CUT_SHORT_TO])
     fsldir, standin = _fsldir(base, seconds)
     lines = reg_lines(fsldir, [f"{n}_FA" for n in names], targets=None)
     commands = fa / ".commands"

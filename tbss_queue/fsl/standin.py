@@ -29,12 +29,13 @@ def main(argv: list[str]) -> int:
     seconds = _configured_seconds()
     try:
         mov_img, ref_img = _load(moving), _load(reference)
-    except (FileNotFoundError, nib.filebasedimages.ImageFileError) as exc:
+        mov_data, ref_data = mov_img.get_fdata(), ref_img.get_fdata()
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         # like fsl_reg: complain, leave no .msf content, still exit 0 (success is in the outputs)
         print(f"Image Exception : {exc}", file=sys.stderr)
         return 0
     Path(f"{out}.log").write_text(f"stand-in fsl_reg {' '.join(argv)}\n")
-    matrix, residual = _fit(mov_img.get_fdata(), ref_img.get_fdata(), seconds)
+    matrix, residual = _fit(mov_data, ref_data, seconds)
     np.savetxt(f"{out}.mat", matrix, fmt="%.6f")
     warp = nib.Nifti1Image(residual.astype(np.float32), ref_img.affine)
     nib.save(warp, f"{out}_warp.nii.gz")

@@ -1,0 +1,187 @@
+"""A Throughput page inside the Flower that `tbss-queue flower` starts.
+
+Flower 2 dropped 1.x's monitor graphs. This adds one page to Flower's own tornado application,
+before it is built: a route in `flower.urls.handlers` (so `--url_prefix` applies to it), a
+handler derived from Flower's (so `--basic_auth` and `--auth` guard it as every other page),
+and a template loader that adds "Throughput" to Flower's navigation bar. The chart is inline
+SVG drawn here from `throughput.throughput` (our records in Redis): nothing is fetched from
+anywhere, and the page reloads itself every `refresh` seconds.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import redis
+from tornado import template, web
+
+from .batches import BatchStore
+from .throughput import Throughput, throughput
+
+NAV_ITEM = """
+        <li class="nav-item">
+          <a class="nav-link{% if active_tab == 'throughput' %} active{% end %}"
+            id="nav-throughput" href="{{ reverse_url('throughput') }}"
+            {% if active_tab == 'throughput' %}aria-current="page"{% end %}>Throughput</a>
+        </li>
+"""
+
+PAGE = """{% extends "base.html" %}
+{% block title %}Throughput · Flower{% end %}
+{% block navbar %}{% module Template("navbar.html", active_tab="throughput") %}{% end %}
+{% block container %}
+<div class="page-section" id="throughput-page">
+  <header class="page-header mb-2"><div>
+    <p class="page-eyebrow">Commands finished per minute</p>
+    <p class="page-description" id="throughput-caption">{{ caption }}</p>
+  </div></header>
+  <div id="throughput-chart">{% raw chart %}</div>
+  <table class="table table-sm" id="throughput-nodes" style="max-width: 50em">
+    <thead><tr><th>node</th><th>commands</th><th>per minute, last bin</th>
+      <th>per minute, shown period</th></tr></thead>
+    <tbody>{% for row in rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% end %}</tr>
+    {% end %}</tbody>
+  </table>
+  <p class="text-body-secondary">From tbss-queue's records in Redis (each batch's end times
+    and the node of each command's last attempt), not from Flower's own task list.</p>
+</div>
+{% end %}
+{% block extra_scripts %}
+{% if refresh %}<script>setTimeout(function () { location.reload(); }, {{ refresh }} * 1000);
+</script>{% end %}
+{% end %}
+"""
+
+COLOURS = ("#1565c0", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#ad1457", "#5d4037")
+
+
+class PagesLoader(template.Loader):
+    """Flower's templates, with our navigation entry and our page added."""
+
+    def _create_template(self, name: str) -> template.Template:
+        if name == "tbssq_throughput.html":
+            return template.Template(PAGE, name=name, loader=self)
+        if name == "navbar.html":
+            text = (Path(self.root) / name).read_text()
+            at = text.index("</ul>")  # the end of Flower's Workers / Tasks / Broker list
+            return template.Template(text[:at] + NAV_ITEM + text[at:], name=name, loader=self)
+        return super()._create_template(name)
+
+
+def _handler(client: redis.Redis) -> type[web.RequestHandler]:
+    """The page's handler: Flower's BaseHandler gives it Flower's authentication."""
+    from flower.views import BaseHandler
+
+    class ThroughputPage(BaseHandler):
+        @web.authenticated
+        def get(self) -> None:
+            minutes = float(self.get_argument("minutes", "60"))
+            refresh = int(self.get_argument("refresh", "10"))
+            data = throughput(BatchStore(client), minutes=minutes)
+            if self.get_argument("json", ""):
+                self.write(data.to_dict())
+                return
+            self.render(
+                "tbssq_throughput.html",
+                caption=caption(data),
+                chart=chart_svg(data),
+                rows=node_rows(data),
+                refresh=refresh,
+            )
+
+    return ThroughputPage
+
+
+def install(client: redis.Redis) -> None:
+    """Add the page to Flower's routes and navigation; call before Flower starts."""
+    from flower import urls
+
+    if not any(getattr(h, "name", None) == "throughput" for h in urls.handlers):
+        # before the last route, Flower's catch-all 404
+        urls.handlers.insert(-1, web.url(r"/throughput", _handler(client), name="throughput"))
+    urls.settings["template_loader"] = PagesLoader(urls.settings["template_path"])
+
+
+def caption(t: Throughput) -> str:
+    which = ", ".join(t.batches) or "none"
+    if not t.batches:
+        return "No batch on this broker yet."
+    state = "running batches" if t.live else "no batch is running; the latest batch"
+    return (
+        f"{state}: {which} · {t.total} commands finished in the period shown · "
+        f"bins of {t.bin_seconds} s · updated {time.strftime('%H:%M:%S')}"
+    )
+
+
+def node_rows(t: Throughput) -> list[tuple[str, ...]]:
+    span_min = max(len(t.overall) * t.bin_seconds / 60.0, 1e-9)
+    rows = [("all nodes", t.overall), *((n, c) for n, c in t.nodes.items())]
+    return [
+        (name, str(sum(c)), f"{t.per_minute(c)[-1]:.1f}" if c else "0", f"{sum(c) / span_min:.1f}")
+        for name, c in rows
+    ]
+
+
+def _nice_max(value: float) -> float:
+    for step in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000):
+        if value <= step:
+            return float(step)
+    return float(value)
+
+
+def chart_svg(t: Throughput, width: int = 960, height: int = 360) -> str:
+    """Lines of commands per minute: overall (thick) and one per node, with a legend."""
+    if not t.overall:
+        return '<p id="throughput-empty">No command has finished yet: nothing to plot.</p>'
+    left, right, top, bottom = 56, 190, 16, 40
+    w, h = width - left - right, height - top - bottom
+    series: list[tuple[str, list[float], str, float]] = [
+        ("all nodes", t.per_minute(t.overall), "#212121", 3.0)
+    ]
+    for i, (node, counts) in enumerate(t.nodes.items()):
+        series.append((node, t.per_minute(counts), COLOURS[i % len(COLOURS)], 1.8))
+    top_value = _nice_max(max(max(s[1]) for s in series))
+    n = len(t.overall)
+
+    def x(i: int) -> float:
+        return left + (w * (i + 0.5) / n)
+
+    def y(v: float) -> float:
+        return top + h - h * v / top_value
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="commands per minute" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#bbb"/>',
+    ]
+    for k in range(5):
+        v = top_value * k / 4
+        parts.append(
+            f'<line x1="{left}" x2="{left + w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
+        )
+    for i in range(0, n, max(1, n // 8)):
+        end = t.start + (i + 1) * t.bin_seconds
+        label = time.strftime("%H:%M:%S", time.localtime(end))
+        parts.append(f'<text x="{x(i):.1f}" y="{top + h + 16}" text-anchor="middle">{label}</text>')
+    parts.append(
+        f'<text x="14" y="{top + h / 2}" transform="rotate(-90 14 {top + h / 2})" '
+        'text-anchor="middle">commands / minute</text>'
+    )
+    for k, (name, values, colour, stroke) in enumerate(series):
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        parts.append(
+            f'<polyline class="series" data-node="{html.escape(name)}" points="{points}" '
+            f'fill="none" stroke="{colour}" stroke-width="{stroke}"/>'
+        )
+        ly = top + 14 + 18 * k
+        parts.append(
+            f'<line x1="{left + w + 12}" x2="{left + w + 36}" y1="{ly - 4}" y2="{ly - 4}" '
+            f'stroke="{colour}" stroke-width="{stroke}"/>'
+            f'<text x="{left + w + 42}" y="{ly}">{html.escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
