@@ -4,7 +4,9 @@ from .api import (
     cancel,
     failures,
     forget,
+    joblog,
     list_batches,
+    logs,
     nodes,
     report,
     resume_node,
@@ -16,6 +18,7 @@ from .api import (
 )
 from .config import Settings
 from .errors import TbssQueueError
+from .logfiles import CommandLog
 from .models import Batch, BatchStatus, NodeInfo, NodeStatus, TaskRecord
 
 __version__ = "0.1.0"
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "BatchStatus",
+    "CommandLog",
     "NodeInfo",
     "NodeStatus",
     "Settings",
@@ -32,7 +36,9 @@ __all__ = [
     "cancel",
     "failures",
     "forget",
+    "joblog",
     "list_batches",
+    "logs",
     "nodes",
     "report",
     "resume_node",
