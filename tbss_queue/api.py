@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shlex
 import time
@@ -524,7 +525,9 @@ def logs(
     bid = store.resolve_id(batch_id)
     ref = parse_ref(command)
     what = f"line {ref}" if isinstance(ref, int) else f"pair {ref[0]}→{ref[1]}"
-    found = find_commands(store.task_specs(bid).items(), ref)
+    # a chunk of the batch's commands at a time: a million need not be held to find one
+    specs = store.r.hscan_iter(batch_key(bid, "cmd"), count=CHUNK)
+    found = find_commands(((t, json.loads(v)) for t, v in specs), ref)
     if not found:
         raise ConfigError(f"batch {bid} has no command at {what}")
     if len(found) > 1:

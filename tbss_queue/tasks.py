@@ -269,7 +269,8 @@ def _execute(
                 _hand_back_fault(task, store, settings, batch_id, task_id, node, token, refused)
         else:  # fsl_sub's -l logs, or ours: never both
             stem = log_stem(line, attempt, fields.argv)
-            outputs, log_error = open_attempt_logs(cwd, batch_id, stem, roots)
+            # the real path, as the policy judged it against the --roots (symlinks resolved)
+            outputs, log_error = open_attempt_logs(os.path.realpath(cwd), batch_id, stem, roots)
             for opened in outputs or ():
                 files.enter_context(opened)
         log.info(

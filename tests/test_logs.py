@@ -15,6 +15,7 @@ from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import ConfigError
 from tbss_queue.logfiles import log_stem, parse_ref
+from tbss_queue.paths import PathMap
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 
@@ -173,6 +174,31 @@ def test_a_node_that_cannot_write_the_logs_runs_the_command_and_says_why(
     assert "log files not written in" in shown.stderr and "is not followed" in shown.stderr
     [failed] = api.failures(batch.batch, settings=settings)
     assert failed.exit_code == 3
+
+
+def test_logs_are_written_in_a_study_the_worker_reaches_through_a_symlink_into_its_root(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a study submitted as /study (a --path-map), which the worker maps to /linked, a
+    # symlink to /real, its --root
+    (tmp_path / "say.py").write_text(SAY)
+    fa = tmp_path / "real" / "FA"
+    fa.mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    mapped = ("--path-map", f"/study={tmp_path / 'linked'}")
+    workers("w1", 1, "--allow-any", "--root", str(tmp_path / "real"), *mapped)
+    # When its batch runs
+    cmds = write_commands(fa / ".commands", [say(tmp_path, "a")])
+    submitted = api.submit(
+        cmds, path_map=PathMap.parse([f"{tmp_path / 'real'}=/study"]), settings=settings
+    )
+    batch = api.wait(submitted.id, settings=settings, timeout=60)
+    # Then the logs are there (where the policy judged the study to be: symlinks resolved)
+    assert batch.succeeded == 1
+    assert (fa / ".tbss-queue" / "logs" / batch.batch / "1.1.out").exists()
+    # and `logs` reads them where submit saw the study
+    shown = tbss_queue("logs", batch.batch, "1", env=settings_env(settings, run_tag))
+    assert (shown.returncode, shown.stdout) == (0, "stdout of a\n"), shown.stderr
 
 
 def test_fsl_sub_l_logs_stay_where_fsl_sub_puts_them_and_logs_reads_them(
