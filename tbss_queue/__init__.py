@@ -4,7 +4,9 @@ from .api import (
     cancel,
     failures,
     forget,
+    joblog,
     list_batches,
+    logs,
     matrix,
     nodes,
     report,
@@ -17,6 +19,7 @@ from .api import (
 )
 from .config import Settings
 from .errors import TbssQueueError
+from .logfiles import CommandLog
 from .models import Batch, BatchStatus, NodeInfo, NodeStatus, TaskRecord
 
 __version__ = "0.1.0"
@@ -24,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "BatchStatus",
+    "CommandLog",
     "NodeInfo",
     "NodeStatus",
     "Settings",
@@ -33,7 +37,9 @@ __all__ = [
     "cancel",
     "failures",
     "forget",
+    "joblog",
     "list_batches",
+    "logs",
     "matrix",
     "nodes",
     "report",

@@ -8,7 +8,9 @@ status(batch.id).to_dict()
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -29,6 +31,7 @@ from .batches import (
     BatchStore,
     Staging,
     TaskSpec,
+    batch_key,
     new_batch_id,
     new_submission_id,
     task_id_for,
@@ -37,12 +40,21 @@ from .broker import broker_full, connect, replicated
 from .commands import Command, parse_commands_file
 from .config import Settings
 from .done import DoneMarker, done_marker
-from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError
+from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, LogNotFound
 from .fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
+from .logfiles import (
+    CommandLog,
+    batch_log_dir,
+    find_commands,
+    fsl_sub_paths,
+    log_stem,
+    parse_ref,
+    write_joblog,
+)
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
-from .publish import HARD_LIMIT_MARGIN, build_messages, send_options, task_kwargs
+from .publish import HARD_LIMIT_MARGIN, build_messages, label, send_options, task_kwargs
 from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
@@ -92,6 +104,7 @@ def submit(
     options = {
         "path": resolved,
         "cwd": workdir,
+        "submit_cwd": local_workdir,  # where `logs` finds the log files the workers wrote
         "time_limit": time_limit or settings.time_limit,  # one per batch, in its messages
         "retries": retries,
         "done_if_exists": done_if_exists,
@@ -500,3 +513,85 @@ def _poll_status(batch_id: str, settings: Settings) -> BatchStatus:
             return status(batch_id, settings=settings)
         except (BrokerUnavailable, redis.ConnectionError, redis.TimeoutError):
             time.sleep(1.0)
+
+
+def logs(
+    batch_id: str | None,
+    command: int | str,
+    *,
+    attempt: int | None = None,
+    settings: Settings | None = None,
+) -> CommandLog:
+    """Where one attempt (default: the last) of one command left its stdout and stderr.
+
+    `command` is a line of the commands file or an fsl_reg pair (`sub05→sub01`, `sub05,sub01`).
+    Raises ConfigError when it names no command, or several, or an attempt that never was;
+    LogNotFound when the command has not started yet. The files may still be missing (a node
+    that could not write them, a study mounted elsewhere): `missing` says why, and the
+    record's tails are there for the last attempt.
+    """
+    _, store = _store(settings)
+    bid = store.resolve_id(batch_id)
+    ref = parse_ref(command)
+    what = f"line {ref}" if isinstance(ref, int) else f"pair {ref[0]}→{ref[1]}"
+    # a chunk of the batch's commands at a time: a million need not be held to find one
+    specs = store.r.hscan_iter(batch_key(bid, "cmd"), count=CHUNK)
+    found = find_commands(((t, json.loads(v)) for t, v in specs), ref)
+    if not found:
+        raise ConfigError(f"batch {bid} has no command at {what}")
+    if len(found) > 1:
+        lines = ", ".join(str(s["line"]) for _, s in sorted(found, key=lambda f: f[1]["line"]))
+        raise ConfigError(f"{what} names {len(found)} commands of batch {bid} (lines {lines})")
+    [(tid, spec)] = found
+    argv, line = tuple(spec["argv"]), int(spec["line"])
+    attempts = int(store.r.hget(batch_key(bid, "attempts"), tid) or 0)
+    state = store.states_of(bid, [tid]).get(tid, "?")
+    if attempts == 0:
+        raise LogNotFound(f"batch {bid}, {what}: not started yet ({state}), no output")
+    n = attempts if attempt is None else attempt
+    if not 1 <= n <= attempts:
+        raise ConfigError(f"batch {bid}, {what}: --attempt {n}: there were {attempts} attempt(s)")
+    meta = store.meta(bid)
+    where = str(meta.get("submit_cwd") or meta["cwd"])
+    record = store.results(bid, [tid]).get(tid, {})
+    last = record if record.get("attempt") == n else {}
+    paths = fsl_sub_paths(meta, bid, tid, line, argv, where)
+    if paths is not None and n != attempts:
+        raise ConfigError(
+            f"batch {bid}, {what}: fsl_sub's logs (-l) keep the last attempt only ({attempts})"
+        )
+    if paths is None:
+        stem = os.path.join(where, batch_log_dir(bid), log_stem(line, n, argv))
+        paths = (f"{stem}.out", f"{stem}.err")
+    missing = last.get("log_error")
+    if missing is None and not (os.path.exists(paths[0]) and os.path.exists(paths[1])):
+        node = f" by {last['node']}" if last.get("node") else ""
+        missing = (
+            f"{paths[0]} and .err not found here (written{node} in the batch's directory "
+            f"{meta['cwd']}: is it mounted at {where} on this machine?)"
+        )
+    return CommandLog(
+        batch=bid,
+        task_id=tid,
+        line=line,
+        command=shlex.join(argv),
+        label=label(argv),
+        state=state,
+        attempt=n,
+        attempts=attempts,
+        stdout=paths[0],
+        stderr=paths[1],
+        node=last.get("node"),
+        missing=missing,
+        stdout_tail=last.get("stdout_tail", ""),
+        stderr_tail=last.get("stderr_tail", ""),
+    )
+
+
+def joblog(
+    batch_id: str | None, path: str | os.PathLike[str], *, settings: Settings | None = None
+) -> int:
+    """Write a GNU parallel `--joblog` of a batch (one line per command that ran, its last
+    attempt) to `path`, for tools that read one; returns the number of lines below the header."""
+    _, store = _store(settings)
+    return write_joblog(_ran(store, store.resolve_id(batch_id)), path)

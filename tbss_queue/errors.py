@@ -50,3 +50,9 @@ class EmbeddedRedisError(TbssQueueError):
     """Raised when the private redis-server of `tbss-queue run` cannot be started."""
 
     exit_code = EXIT_BROKER
+
+
+class LogNotFound(TbssQueueError):
+    """Raised when a command has no output to show: it has not started yet."""
+
+    exit_code = EXIT_FAILED

@@ -36,6 +36,7 @@ from .done import done_marker, remove_stale
 from .fields import RefusedField, check_fields, log_names, open_logs
 from .fsl.jobs import with_fsl_sub_env
 from .guard import uptime
+from .logfiles import attempt_of, log_stem, open_attempt_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
 from .preflight import CAUSE_REFUSED, fault, node_fault
@@ -255,8 +256,9 @@ def _execute(
     if rules.max_time_limit:
         time_limit = min(time_limit, rules.max_time_limit)
     names = log_names(fields)
+    line, attempt = patiently(lambda: attempt_of(store, batch_id, task_id), patience)
     with contextlib.ExitStack() as files:
-        outputs = None
+        outputs, log_error = None, None
         if fields.log_dir is not None and names is not None:
             try:
                 outputs = open_logs(cwd, fields.log_dir, names, roots)
@@ -265,6 +267,12 @@ def _execute(
             except (RefusedField, OSError) as exc:
                 refused = fault(CAUSE_REFUSED, f"log files: {exc}", None)
                 _hand_back_fault(task, store, settings, batch_id, task_id, node, token, refused)
+        else:  # fsl_sub's -l logs, or ours: never both
+            stem = log_stem(line, attempt, fields.argv)
+            # the real path, as the policy judged it against the --roots (symlinks resolved)
+            outputs, log_error = open_attempt_logs(os.path.realpath(cwd), batch_id, stem, roots)
+            for opened in outputs or ():
+                files.enter_context(opened)
         log.info(
             "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
         )
@@ -308,8 +316,11 @@ def _execute(
         "slot": getattr(current_process(), "index", 0),
         "argv": argv,
         "cwd": cwd,
-        "attempt": task.request.retries + 1,
+        # the claim's count: every attempt, in any worker, has its own number and log files
+        "attempt": attempt,
     }
+    if log_error is not None:
+        record["log_error"] = log_error
     if result.ok:
         outcome = record_end(SUCCEEDED, record)
         _log_outcome(outcome, task_id, batch_id)

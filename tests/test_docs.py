@@ -29,6 +29,7 @@ def test_public_api_is_pinned() -> None:
         [
             "Batch",
             "BatchStatus",
+            "CommandLog",
             "NodeInfo",
             "NodeStatus",
             "Settings",
@@ -38,7 +39,9 @@ def test_public_api_is_pinned() -> None:
             "cancel",
             "failures",
             "forget",
+            "joblog",
             "list_batches",
+            "logs",
             "matrix",
             "nodes",
             "report",

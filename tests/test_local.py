@@ -105,7 +105,8 @@ def test_run_with_a_broker_uses_it_and_starts_no_redis(
     assert res.returncode == 0, res.stderr
     after = {p.pid for p in psutil.process_iter() if p.name() == "redis-server"}
     assert after == before
-    assert not (tmp_path / ".tbss-queue").exists()
+    # no private Redis's data or lock there: only the commands' logs
+    assert [p.name for p in (tmp_path / ".tbss-queue").iterdir()] == ["logs"]
     assert len(list(tmp_path.glob("out*"))) == 5
 
 

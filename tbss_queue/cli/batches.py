@@ -271,14 +271,26 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
     type=click.Path(dir_okay=False, writable=True),
     help="Write the HTML report here [default: report-BATCH.html].",
 )
+@click.option(
+    "--joblog",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write a GNU parallel --joblog of BATCH here instead (also the HTML with -o).",
+)
 @json_option
 @broker_options
-def report(batch: str | None, output: str | None, as_json: bool, settings: Settings) -> None:
+def report(
+    batch: str | None, output: str | None, joblog: str | None, as_json: bool, settings: Settings
+) -> None:
     """Write one self-contained HTML report of BATCH: summary, throughput, a timeline of every
     command per worker slot, durations and failures (with --json: the same data, no file).
 
     Example: tbss-queue report 1a2b3c4d -o report.html
     """
+    if joblog:
+        rows = api.joblog(batch, joblog, settings=settings)
+        err.print(f"wrote {joblog} ({rows} commands)", highlight=False)
+        if not output and not as_json:
+            return
     if as_json:
         click.echo(json.dumps(api.report(batch, settings=settings)))
         return

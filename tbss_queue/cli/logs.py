@@ -1,0 +1,78 @@
+"""The `logs` verb: one attempt's stdout or stderr, one command away."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.errors import EXIT_FAILED
+from tbss_queue.logfiles import copy_to
+
+from .app import broker_options, cli, err, json_option
+
+
+@cli.command()
+@click.argument("batch")
+@click.argument("command", metavar="LINE|PAIR")
+@click.option(
+    "--attempt",
+    type=click.IntRange(min=1),
+    help="Show this attempt (1 = the first) [default: the last].",
+)
+@click.option("--stderr", "stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("--path", "path_only", is_flag=True, help="Print the log file's path only.")
+@json_option
+@broker_options
+def logs(
+    batch: str,
+    command: str,
+    attempt: int | None,
+    stderr: bool,
+    path_only: bool,
+    as_json: bool,
+    settings: Settings,
+) -> None:
+    """Print the stdout (or --stderr) of a command of BATCH, by its LINE in the commands file
+    or, for fsl_reg, its PAIR (sub05→sub01 or sub05,sub01).
+
+    Every attempt's output is kept in the batch's directory, in
+    .tbss-queue/logs/BATCH/LINE.ATTEMPT[.IN_to_REF].out and .err (with fsl_sub's -l: where
+    fsl_sub puts them). Exit 1 when there is nothing to show.
+
+    Example: tbss-queue logs 1a2b3c4d sub05,sub01 --stderr
+    """
+    found = api.logs(batch, command, attempt=attempt, settings=settings)
+    stream = "err" if stderr else "out"
+    if as_json:
+        click.echo(json.dumps(found.to_dict()))
+        return
+    if path_only:
+        click.echo(found.path(stream))
+        return
+    on = f" on {found.node}" if found.node else ""
+    err.print(
+        f"batch {found.batch}, line {found.line} ({found.label}), {found.state}: "
+        f"attempt {found.attempt} of {found.attempts}{on}: {found.path(stream)}",
+        highlight=False,
+        markup=False,
+    )
+    out = click.get_binary_stream("stdout")
+    if found.missing is None:
+        copy_to(found.path(stream), out)
+        out.flush()
+        return
+    tail = found.stderr_tail if stderr else found.stdout_tail
+    if not (found.stdout_tail or found.stderr_tail):
+        err.print(f"tbss-queue: error: no log: {found.missing}", highlight=False, markup=False)
+        sys.exit(EXIT_FAILED)
+    err.print(
+        f"warning: {found.missing}; showing the end kept in the record instead",
+        highlight=False,
+        markup=False,
+    )
+    out.write(tail.encode("utf-8", "replace"))
+    out.flush()

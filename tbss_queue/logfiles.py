@@ -1,0 +1,261 @@
+"""Every attempt's stdout and stderr in files, one command away; a GNU parallel joblog.
+
+The worker streams a command's output straight into two files in the batch's log directory,
+`<cwd>/.tbss-queue/logs/<batch>/` (cwd: the directory the commands ran in, FA/ for TBSS, the
+one holding the commands file unless `submit --cwd`), named by line and attempt, with the pair
+for fsl_reg: `12.1.out`, `12.1.err`, `7.2.sub05_FA_to_sub01_FA.err`. Only the tails stay in
+the record, as before. A batch given a log directory by fsl_sub's `-l` keeps fsl_sub's names
+there instead (one file per task, the last attempt's), never both.
+
+The directory lies under the command's cwd, which the worker has already checked against its
+`--root`s: the files are opened with `fields.open_logs` (no symlink followed below the anchor).
+A node that cannot write them still runs the command, with the output in temporary files as
+before; its record says why (`log_error`) and `tbss-queue logs` shows the record's tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import IO, Any, BinaryIO
+
+from .batches import BatchStore, batch_key
+from .errors import ConfigError
+from .fields import RefusedField, TaskFields, log_paths, open_logs
+from .fsl.outputs import parse_fsl_reg
+from .models import TaskRecord
+from .publish import task_kwargs, with_line
+
+log = logging.getLogger(__name__)
+
+LOG_DIR = os.path.join(".tbss-queue", "logs")
+"""Where a batch's logs go, relative to its working directory (then one folder per batch)."""
+
+STREAMS = ("out", "err")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_NAME_PART = 80  # bytes of each subject name kept in a file name (NAME_MAX is 255)
+_PAIR = re.compile(r"\s*(.+?)\s*(?:→|->|,)\s*(.+?)\s*")
+
+
+def batch_log_dir(batch_id: str) -> str:
+    """The batch's log directory relative to its working directory."""
+    return os.path.join(LOG_DIR, batch_id)
+
+
+def _safe(name: str) -> str:
+    return _UNSAFE.sub("_", os.path.basename(name))[:_NAME_PART] or "_"
+
+
+def log_stem(line: int, attempt: int, argv: Sequence[str]) -> str:
+    """`<line>.<attempt>`, then `.<in>_to_<ref>` for an fsl_reg pair: the log files' name
+    without `.out`/`.err`, which a person finds with ls by line, attempt or subject."""
+    stem = f"{line}.{attempt}"
+    reg = parse_fsl_reg(argv)
+    if reg is not None:
+        stem += f".{_safe(reg.input)}_to_{_safe(reg.reference)}"
+    return stem
+
+
+def attempt_of(store: BatchStore, batch_id: str, task_id: str) -> tuple[int, int]:
+    """(line, attempt) of a command its runner has just claimed: the claim counts attempts
+    (lua/claim.lua), so every attempt of a command, in any worker, has a number of its own."""
+    pipe = store.r.pipeline(transaction=False)
+    pipe.hget(batch_key(batch_id, "cmd"), task_id)
+    pipe.hget(batch_key(batch_id, "attempts"), task_id)
+    spec, attempts = pipe.execute()
+    line = int(_json(spec).get("line", 0)) if spec else 0
+    return line, int(attempts or 1)
+
+
+def _json(raw: str) -> dict[str, Any]:
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else {}
+
+
+def open_attempt_logs(
+    cwd: str, batch_id: str, stem: str, roots: Sequence[str] = ()
+) -> tuple[tuple[BinaryIO, BinaryIO] | None, str | None]:
+    """The two log files of one attempt, opened for writing, or (None, why not): a node that
+    cannot write them (read-only mount, another user's folder, a planted symlink) still runs
+    the command, so that logging never costs a result."""
+    try:
+        files = open_logs(cwd, batch_log_dir(batch_id), (f"{stem}.out", f"{stem}.err"), roots)
+    except (RefusedField, OSError) as exc:
+        where = os.path.join(cwd, batch_log_dir(batch_id))
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning("batch %s: no log files for %s in %s: %s", batch_id, stem, where, reason)
+        return None, f"log files not written in {where}: {reason}"
+    return files, None
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandLog:
+    """Where one attempt of one command left its stdout and stderr (`tbss_queue.logs`)."""
+
+    batch: str
+    task_id: str
+    line: int
+    command: str
+    label: str
+    state: str
+    attempt: int
+    """The attempt shown (1 = the first time a worker took the command)."""
+    attempts: int
+    """Attempts started so far."""
+    stdout: str
+    stderr: str
+    node: str | None = None
+    """The node of the last attempt, when that is the one shown."""
+    missing: str | None = None
+    """Why the files are not there (None when they are)."""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    """The record's tails (last attempt only): what there is when the files are missing."""
+
+    def path(self, stream: str = "out") -> str:
+        return self.stderr if stream == "err" else self.stdout
+
+    def read(self, stream: str = "out") -> bytes:
+        """The whole file (for a notebook; the CLI streams it)."""
+        with open(self.path(stream), "rb") as f:
+            return f.read()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_ref(ref: str | int) -> int | tuple[str, str]:
+    """A line number, or an fsl_reg pair given as `sub05→sub01`, `sub05->sub01` or
+    `sub05,sub01` (moving, reference)."""
+    if isinstance(ref, int) or str(ref).strip().isdecimal():
+        return int(ref)
+    m = _PAIR.fullmatch(str(ref))
+    if not m:
+        raise ConfigError(
+            f"{ref!r}: expected a line number or an fsl_reg pair (MOVING→REF or MOVING,REF)"
+        )
+    return m.group(1), m.group(2)
+
+
+def _names(path: str) -> set[str]:
+    """What a subject may be called: its image's base name, less a trailing `_FA`."""
+    base = os.path.basename(path)
+    return {base, base[:-3]} if base.endswith("_FA") else {base}
+
+
+def find_commands(
+    specs: Iterable[tuple[str, dict[str, Any]]], ref: int | tuple[str, str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The commands (task id, spec) that a line number or a pair names."""
+    found = []
+    for task_id, spec in specs:
+        if isinstance(ref, int):
+            if spec.get("line") == ref:
+                found.append((task_id, spec))
+            continue
+        reg = parse_fsl_reg(spec.get("argv", ()))
+        if reg and ref[0] in _names(reg.input) and ref[1] in _names(reg.reference):
+            found.append((task_id, spec))
+    return found
+
+
+def fsl_sub_paths(
+    meta: dict[str, Any], batch_id: str, task_id: str, line: int, argv: Sequence[str], cwd: str
+) -> tuple[str, str] | None:
+    """Where fsl_sub's `-l` (or the plugin) had the worker write a task's logs, if it did."""
+    kwargs = with_line(task_kwargs(meta), line)
+    if not kwargs.get("log_dir"):
+        return None
+    fields = TaskFields(
+        batch_id,
+        task_id,
+        tuple(argv),
+        cwd,
+        log_dir=kwargs["log_dir"],
+        job_name=kwargs.get("job_name"),
+        line=kwargs.get("line"),
+        job_id=kwargs.get("job_id"),
+        job_tasks=kwargs.get("job_tasks"),
+    )
+    return log_paths(fields)
+
+
+def copy_to(path: str, out: IO[bytes], chunk: int = 1 << 16) -> None:
+    """Copy a file to `out` a chunk at a time (a log may be larger than memory)."""
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            out.write(data)
+
+
+# -- GNU parallel's --joblog ---------------------------------------------------------------------
+
+JOBLOG_HEADER = (
+    "Seq",
+    "Host",
+    "Starttime",
+    "JobRuntime",
+    "Send",
+    "Receive",
+    "Exitval",
+    "Signal",
+    "Command",
+)
+
+
+def joblog_row(r: TaskRecord) -> str | None:
+    """One joblog line for a command's last attempt, as GNU parallel writes it (Seq: the line
+    of the commands file; Host: the node). A failure without an exit code (time limit, signal,
+    fsl_reg's missing outputs, lost) has Exitval -1, as GNU parallel gives a timed-out job, so
+    that every failure has a non-zero Exitval; None for a command that never started."""
+    if r.started is None or r.ended is None:
+        return None
+    code = r.exit_code
+    signal = -code if code is not None and code < 0 else 0
+    exitval = code if code is not None and code >= 0 else 0
+    if r.state == "failed" and exitval == 0:
+        exitval = -1
+    command = " ".join(r.text.split())  # one line, no tab: the last column is the command
+    fields = (
+        str(r.line),
+        r.node or ":",
+        f"{r.started:.3f}",
+        f"{r.ended - r.started:10.3f}",
+        "0",
+        "0",
+        str(exitval),
+        str(signal),
+        command,
+    )
+    return "\t".join(fields)
+
+
+def joblog_lines(records: Iterable[TaskRecord]) -> Iterator[str]:
+    """The joblog: its header, then one line per command that ran, in order of start."""
+    yield "\t".join(JOBLOG_HEADER)
+    rows = [(r.started or 0.0, r.line, joblog_row(r)) for r in records]
+    for _, _, row in sorted(rows, key=lambda x: (x[0], x[1])):
+        if row is not None:
+            yield row
+
+
+def write_joblog(records: Iterable[TaskRecord], path: str | os.PathLike[str]) -> int:
+    """Write the joblog to `path` (replaced whole); returns the number of commands in it."""
+    n = -1
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for n, text in enumerate(joblog_lines(records)):  # noqa: B007
+                f.write(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return n
