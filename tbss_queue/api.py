@@ -468,9 +468,10 @@ def report(
     store = _store(settings)[1]
     records = _ran(store, current.batch)
     subjects = _matrix(store, current)
+    data = report_data(current, records, subjects)
     if path is not None:
-        Path(path).write_text(render_html(current, records, subjects), encoding="utf-8")
-    return report_data(current, records, subjects)
+        Path(path).write_text(render_html(current, records, subjects, data), encoding="utf-8")
+    return data
 
 
 def write_commands(records: list[TaskRecord], path: str | os.PathLike[str]) -> None:

@@ -13,7 +13,7 @@ import io
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from matplotlib import rc_context
@@ -76,7 +76,7 @@ def report_data(
 ) -> dict[str, Any]:
     """What the report shows, as plain data (what `report --json` prints); `matrix`: the
     subject matrix of a `tbss_2_reg -n` study (fsl/matrix.py), None for other batches."""
-    timed = _timed(records)
+    timed = sorted(_timed(records), key=lambda r: r.started)
     durations = sorted(r.duration for r in timed)
     slots = {r.row for r in timed}
     makespan = max(r.ended for r in timed) - min(r.started for r in timed) if timed else 0.0
@@ -103,7 +103,18 @@ def report_data(
     }
     return {
         "summary": summary,
-        "timeline": [asdict(r) for r in sorted(timed, key=lambda r: r.started)],
+        # plain dicts: dataclasses.asdict deep-copies, 13 s for 200,000 runs
+        "timeline": [
+            {
+                "line": r.line,
+                "node": r.node,
+                "slot": r.slot,
+                "state": r.state,
+                "started": r.started,
+                "ended": r.ended,
+            }
+            for r in timed
+        ],  # fmt: skip
         "failures": [r.to_dict() for r in records if r.state == "failed"],
         "matrix": matrix.to_dict() if matrix is not None else None,
     }
@@ -117,9 +128,8 @@ def _svg(fig: Figure) -> str:
     return text[text.index("<svg") :]
 
 
-def timeline_svg(records: Sequence[TaskRecord]) -> str:
+def timeline_svg(timed: Sequence[_Run]) -> str:
     """A Gantt chart: one row per worker slot, one bar per command; gaps are idle time."""
-    timed = _timed(records)
     rows = sorted({(r.node, r.slot) for r in timed})
     t0 = min(r.started for r in timed)
     span = max(r.ended for r in timed) - t0
@@ -144,9 +154,8 @@ def timeline_svg(records: Sequence[TaskRecord]) -> str:
     return _svg(fig)
 
 
-def throughput_svg(records: Sequence[TaskRecord]) -> str:
+def throughput_svg(timed: Sequence[_Run]) -> str:
     """Commands finished per minute over time, and the overall average."""
-    timed = _timed(records)
     t0 = min(r.started for r in timed)
     span = max(max(r.ended for r in timed) - t0, 1.0)
     scale, unit = _unit(span)
@@ -168,9 +177,8 @@ def throughput_svg(records: Sequence[TaskRecord]) -> str:
     return _svg(fig)
 
 
-def durations_svg(records: Sequence[TaskRecord]) -> str:
+def durations_svg(timed: Sequence[_Run]) -> str:
     """How long commands took, succeeded and failed stacked."""
-    timed = _timed(records)
     longest = max(r.duration for r in timed)
     scale, unit = _unit(longest)
     groups = {
@@ -261,10 +269,14 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
 
 
 def render_html(
-    status: BatchStatus, records: Sequence[TaskRecord], matrix: SubjectMatrix | None = None
+    status: BatchStatus,
+    records: Sequence[TaskRecord],
+    matrix: SubjectMatrix | None = None,
+    data: dict[str, Any] | None = None,
 ) -> str:
-    """The whole report: no scripts, no fonts or images fetched from anywhere."""
-    data = report_data(status, records, matrix)
+    """The whole report: no scripts, no fonts or images fetched from anywhere. `data`:
+    `report_data` of the same arguments, when the caller has it already."""
+    data = data or report_data(status, records, matrix)
     css, subjects = _CSS, ""
     if matrix is not None:
         from .fsl.matrix_views import CSS, matrix_html
@@ -274,9 +286,9 @@ def render_html(
     timed = _timed(records)
     if timed:
         plots = (
-            f'<h2>Throughput</h2><div id="throughput">{throughput_svg(records)}</div>'
-            f'<h2>Timeline</h2><div id="timeline">{timeline_svg(records)}</div>'
-            f'<h2>Durations</h2><div id="durations">{durations_svg(records)}</div>'
+            f'<h2>Throughput</h2><div id="throughput">{throughput_svg(timed)}</div>'
+            f'<h2>Timeline</h2><div id="timeline">{timeline_svg(timed)}</div>'
+            f'<h2>Durations</h2><div id="durations">{durations_svg(timed)}</div>'
         )
     else:
         plots = "<p>No command has finished yet: nothing to plot.</p>"
