@@ -24,6 +24,8 @@ from tbss_queue.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import find_redis_server, free_port
 from tbss_queue.slurm import PilotJob
 
+from .conftest import tbss_queue
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "worker"
 
@@ -270,8 +272,43 @@ def test_sbatch_script_starts_one_worker_per_node_with_the_right_drain_time(tmp_
     assert subprocess.run(["bash", str(script)], env=env).returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
     # 1 h wall time - 5 min expected duration - 60 s start-up = 3240 s
-    assert calls == ["worker --concurrency 4 --name slurm4242 --stop-after 3240s --grace 120"] * 2
+    assert calls == ["worker --concurrency 4 --name slurm4242 --stop-after 3240s --grace 0"] * 2
+    # memory for one command per CPU; no --signal, which would reach the commands themselves
+    assert "#SBATCH --mem-per-cpu=2G\n" in res.stdout
+    assert "#SBATCH --signal" not in res.stdout
     # and without a broker it refuses to start anything
     env.pop("TBSS_QUEUE_BROKER")
     res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "TBSS_QUEUE_BROKER" in res.stderr
+
+
+def test_slurm_script_memory_defaults_to_the_fnirt_figure_and_is_checked() -> None:
+    # Given the default: doctor's rule of thumb for one FNIRT, per CPU
+    from tbss_queue.doctor import GB_PER_FNIRT
+    from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
+
+    assert DEFAULT_MEM_PER_CPU == f"{GB_PER_FNIRT:g}G"
+    # When a user asks for another size, or a wrong one
+    base = ("slurm-script", "--nodes", "1", "--time", "02:00:00")
+    ok = tbss_queue(*base, "--mem-per-cpu", "1500m")
+    bad = tbss_queue(*base, "--mem-per-cpu", "2 GB")
+    # Then
+    assert ok.returncode == 0 and "#SBATCH --mem-per-cpu=1500M\n" in ok.stdout
+    assert bad.returncode == 2 and "--mem-per-cpu '2 GB'" in bad.stderr and "2G" in bad.stderr
+
+
+def test_slurm_script_too_short_names_the_expected_default_and_the_way_out() -> None:
+    # When: a 4-minute pilot job with the default --expected (10 minutes)
+    res = tbss_queue("slurm-script", "--nodes", "1", "--time", "00:04:00")
+    # Then: one line that says which default is in the way and what to change
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    msg = res.stderr
+    assert "--time 00:04:00 (240 s)" in msg and "--expected 600 s (the default)" in msg
+    assert "longer than 660 s" in msg and "--expected shorter than 180 s" in msg
+    # and with that advice taken it works
+    assert (
+        tbss_queue(
+            "slurm-script", "--nodes", "1", "--time", "00:04:00", "--expected", "2m"
+        ).returncode
+        == 0
+    )
