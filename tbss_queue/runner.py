@@ -33,6 +33,14 @@ TAIL_BYTES = 64 * 1024
 KILL_GRACE = 2.0
 """Seconds between SIGTERM and SIGKILL when a command's process group is stopped."""
 
+SHARED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+"""Signals that reach a command and its worker together (Slurm's scancel under
+proctrack/linuxproc signals every process of the job; Ctrl-C the whole foreground group)."""
+
+SHARED_WAIT = 1.0
+"""Seconds a command killed by one of SHARED_SIGNALS waits for its worker's own stop request
+before it counts as a failure: whichever process the sender signalled first."""
+
 # causes of failure, also used as task states by the bookkeeping
 CAUSE_EXIT = "exit"
 CAUSE_SIGNAL = "signal"
@@ -213,9 +221,11 @@ def run_command(
             # is their subreaper, so they are among its descendants
             kill_strays(keep=before | guard.pids())
             guard.ended(proc.pid)
+        code = proc.returncode
+        if stopped is None and stop is not None and code is not None and -code in SHARED_SIGNALS:
+            stopped = _stop_noted(stop, wake_fd)
         ended = time.time()
         stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
-    code = proc.returncode
 
     def outcome(cause: str | None = None, message: str = "") -> RunResult:
         return RunResult(code, started, ended, stdout, stderr, cause, message)
@@ -230,6 +240,19 @@ def run_command(
     if code != 0:
         return outcome(CAUSE_EXIT, f"exit code {code}" + last_line(stderr))
     return outcome()
+
+
+def _stop_noted(stop: Callable[[], Stop | None], wake_fd: int | None) -> Stop | None:
+    """The stop request that arrives within SHARED_WAIT of the command's death, if any: the
+    command was killed by the signal that is stopping its worker too, so it is stopped (handed
+    back), not failed."""
+    deadline = time.monotonic() + SHARED_WAIT
+    while (stopped := stop()) is None and (left := deadline - time.monotonic()) > 0:
+        if wake_fd is None:
+            time.sleep(min(left, 0.05))
+        else:
+            select.select([wake_fd], [], [], left)
+    return stopped
 
 
 def _spawn(

@@ -13,6 +13,21 @@ from .errors import ConfigError
 START_MARGIN = 60
 """Seconds allowed for a node to start Python and connect before it takes commands."""
 
+DEFAULT_EXPECTED = 600
+"""Seconds one command may take (`slurm-script --expected`, default 10m): a registration
+takes 3-5 minutes, so a node stops taking commands this long before its wall time ends."""
+
+DEFAULT_MEM_PER_CPU = "2G"
+"""Memory Slurm reserves per CPU, i.e. per running command. FNIRT on 1 mm FA is quoted at 1-2 GB
+(doctor.GB_PER_FNIRT): the upper figure, because a pilot job that outgrows its allocation is
+killed by Slurm's memory enforcement as a whole, every node's running commands with it, while
+0.5 GB more per CPU costs nothing on most nodes."""
+
+PILOT_GRACE = 0
+"""The pilot's `worker --grace`. A pilot job is only ever signalled by `scancel` or its wall time,
+and Slurm then SIGKILLs everything KillWait seconds later (30 s by default): far too soon for a
+registration to finish, so the worker hands its commands back at once instead of waiting."""
+
 
 def parse_walltime(text: str) -> int:
     """Slurm's [D-]HH:MM:SS, HH:MM:SS, MM:SS or minutes -> seconds."""
@@ -29,24 +44,36 @@ def parse_walltime(text: str) -> int:
     return (days or 0) * 86400 + h * 3600 + mi * 60 + s
 
 
+def check_memory(text: str) -> str:
+    """Slurm's memory size: a whole number with an optional K, M, G or T (megabytes if none)."""
+    if re.fullmatch(r"[1-9]\d*[KMGT]?", text.strip(), re.IGNORECASE) is None:
+        raise ConfigError(f"--mem-per-cpu {text!r}: expected a size like 2G or 1500M")
+    return text.strip().upper()
+
+
 @dataclass(frozen=True)
 class PilotJob:
     nodes: int
     time: str
     cpus_per_node: int = 1
     partition: str | None = None
-    expected: int = 600  # seconds one command may take to finish after the last start
+    expected: int = DEFAULT_EXPECTED  # seconds one command may take to finish after the last start
+    mem_per_cpu: str = DEFAULT_MEM_PER_CPU
     job_name: str = "tbss-queue"
-    grace: int = 120
 
     def render(self) -> str:
         wall = parse_walltime(self.time)
         stop_after = wall - self.expected - START_MARGIN
         if stop_after <= 0:
+            default = " (the default)" if self.expected == DEFAULT_EXPECTED else ""
             raise ConfigError(
-                f"--time {self.time} ({wall} s) leaves no time to work: it must exceed the "
-                f"expected command duration ({self.expected} s) plus {START_MARGIN} s"
+                f"--time {self.time} ({wall} s) leaves no time to work: a node stops taking "
+                f"commands --expected {self.expected} s{default} plus {START_MARGIN} s of "
+                f"start-up before the end. Give --time longer than "
+                f"{self.expected + START_MARGIN} s, or an --expected shorter than "
+                f"{max(wall - START_MARGIN, 0)} s if no command takes that long"
             )
+        mem = check_memory(self.mem_per_cpu)
         args = [
             f"--nodes {self.nodes}",
             f"--time {self.time}",
@@ -54,20 +81,20 @@ class PilotJob:
         ]
         if self.partition:
             args.append(f"--partition {shlex.quote(self.partition)}")
-        args.append(f"--expected {self.expected}s")
+        args += [f"--expected {self.expected}s", f"--mem-per-cpu {mem}"]
         template = Template(files("tbss_queue").joinpath("templates/slurm.sbatch").read_text())
         return template.substitute(
             args=" ".join(args),
             job_name=self.job_name,
             nodes=self.nodes,
             cpus=self.cpus_per_node,
+            mem=mem,
             time=self.time,
             wall=wall,
             expected=self.expected,
             margin=START_MARGIN,
             stop_after=stop_after,
-            grace=self.grace,
-            signal_at=self.grace + 30,
+            grace=PILOT_GRACE,
             drain=f"{self.expected + START_MARGIN} s",
             partition_line=f"#SBATCH --partition={self.partition}\n" if self.partition else "",
         )

@@ -200,6 +200,8 @@ def _later(seconds: float, then: Callable[[float], None]) -> None:
 
 def _hand_back(grace: float) -> None:
     """The grace period is over: Celery's cold shutdown cancels what still runs."""
+    if not worker_state.active_requests:  # nothing runs (a drained node): warm shutdown ends
+        return
     log.warning("grace period of %.0f s over: handing running commands back to the queue", grace)
     os.kill(os.getpid(), signal.SIGQUIT)
 

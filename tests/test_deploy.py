@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,12 +19,14 @@ import pytest
 import yaml
 
 from tbss_queue import api
-from tbss_queue.config import Settings
+from tbss_queue.config import Settings, cpu_count
 from tbss_queue.fsl.demo import make_demo
 from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import find_redis_server, free_port
 from tbss_queue.slurm import PilotJob
+
+from .conftest import Worker, settings_env, tbss_queue
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "worker"
@@ -43,16 +47,67 @@ def compose_config(env: dict[str, str]) -> dict:
     return yaml.safe_load(res.stdout)
 
 
-def test_compose_file_validates_with_the_example_env() -> None:
+def _compose_with_example_env(**passwords: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is not installed (apt-get install docker-compose)"
-    res = subprocess.run(
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_PASSWORD", "FLOWER_AUTH")}
+    return subprocess.run(
         [exe, "--env-file", ".env.example", "config", "-q"],
         cwd=REPO,
         capture_output=True,
         text=True,
+        env={**env, **passwords},
     )
+
+
+def test_compose_file_validates_with_the_example_env_once_passwords_are_set() -> None:
+    res = _compose_with_example_env(REDIS_PASSWORD="0f3a9c", FLOWER_AUTH="admin:7be21d")  # noqa: S106
     assert res.returncode == 0, res.stderr
+
+
+def test_compose_refuses_the_unedited_example_env() -> None:
+    # Given: .env.example copied as it is (its passwords are empty)
+    res = _compose_with_example_env()
+    # Then: compose stops and names what to set
+    assert res.returncode != 0 and "set REDIS_PASSWORD in .env" in res.stderr
+
+
+def _stub(bindir: Path, name: str) -> None:
+    bindir.mkdir(exist_ok=True)
+    (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*"\n')
+    (bindir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("password", ["change-me", "change-me-too"])
+def test_compose_redis_and_the_image_refuse_the_change_me_placeholder(
+    tmp_path: Path, password: str
+) -> None:
+    # Given: the services as compose resolves them, with .env's placeholder for a password
+    cfg = compose_config(
+        {"REDIS_PASSWORD": password, "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
+    )["services"]
+    _stub(tmp_path / "bin", "docker-entrypoint.sh")
+    _stub(tmp_path / "bin", "tbss-queue")
+
+    def start(service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """The container's entrypoint + command, here, with its environment."""
+        env = {k: str(v) for k, v in (cfg[service].get("environment") or {}).items()}
+        path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+        argv = [a.replace("$$", "$") for a in argv]  # compose's escape for a literal $
+        return subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": path})
+
+    redis = [*cfg["redis"]["entrypoint"], *cfg["redis"]["command"]]
+    image = ["sh", str(WORKER / "entrypoint.sh"), *cfg["worker"]["command"]]
+    # When / Then: Redis refuses (so nothing that waits for it starts), and so does the image
+    for res in (start("redis", redis), start("worker", image), start("flower", image)):
+        assert res.returncode != 0 and "change-me placeholder" in res.stderr, res
+        assert res.stdout == ""
+    # and a real password goes through to the programs
+    cfg["redis"]["environment"]["REDISCLI_AUTH"] = "0f3a9c"
+    cfg["worker"]["environment"]["TBSS_QUEUE_BROKER"] = "redis://:0f3a9c@redis:6379/0"
+    ok = start("redis", redis)
+    assert ok.stdout.startswith("docker-entrypoint.sh redis-server /usr/local/etc/redis"), ok
+    assert start("worker", image).stdout.startswith("tbss-queue worker --concurrency")
 
 
 def test_compose_refuses_to_start_without_a_redis_password() -> None:
@@ -270,8 +325,119 @@ def test_sbatch_script_starts_one_worker_per_node_with_the_right_drain_time(tmp_
     assert subprocess.run(["bash", str(script)], env=env).returncode == 0
     calls = (tmp_path / "calls").read_text().splitlines()
     # 1 h wall time - 5 min expected duration - 60 s start-up = 3240 s
-    assert calls == ["worker --concurrency 4 --name slurm4242 --stop-after 3240s --grace 120"] * 2
+    assert calls == ["worker --concurrency 4 --name slurm4242 --stop-after 3240s --grace 0"] * 2
+    # memory for one command per CPU; no --signal, which would reach the commands themselves
+    assert "#SBATCH --mem-per-cpu=2G\n" in res.stdout
+    assert "#SBATCH --signal" not in res.stdout
     # and without a broker it refuses to start anything
     env.pop("TBSS_QUEUE_BROKER")
     res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "TBSS_QUEUE_BROKER" in res.stderr
+
+
+def test_slurm_script_memory_defaults_to_the_fnirt_figure_and_is_checked() -> None:
+    # Given the default: doctor's rule of thumb for one FNIRT, per CPU
+    from tbss_queue.doctor import GB_PER_FNIRT
+    from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
+
+    assert DEFAULT_MEM_PER_CPU == f"{GB_PER_FNIRT:g}G"
+    # When a user asks for another size, or a wrong one
+    base = ("slurm-script", "--nodes", "1", "--time", "02:00:00")
+    ok = tbss_queue(*base, "--mem-per-cpu", "1500m")
+    bad = tbss_queue(*base, "--mem-per-cpu", "2 GB")
+    # Then
+    assert ok.returncode == 0 and "#SBATCH --mem-per-cpu=1500M\n" in ok.stdout
+    assert bad.returncode == 2 and "--mem-per-cpu '2 GB'" in bad.stderr and "2G" in bad.stderr
+
+
+def test_slurm_script_too_short_names_the_expected_default_and_the_way_out() -> None:
+    # When: a 4-minute pilot job with the default --expected (10 minutes)
+    res = tbss_queue("slurm-script", "--nodes", "1", "--time", "00:04:00")
+    # Then: one line that says which default is in the way and what to change
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    msg = res.stderr
+    assert "--time 00:04:00 (240 s)" in msg and "--expected 600 s (the default)" in msg
+    assert "longer than 660 s" in msg and "--expected shorter than 180 s" in msg
+    # and with that advice taken it works
+    assert (
+        tbss_queue(
+            "slurm-script", "--nodes", "1", "--time", "00:04:00", "--expected", "2m"
+        ).returncode
+        == 0
+    )
+
+
+def test_systemd_unit_starts_when_its_optional_variables_are_unset(
+    tmp_path: Path, settings: Settings, run_tag: str
+) -> None:
+    """The ExecStart line as systemd runs it, with a worker.env that sets only the broker."""
+    unit = (WORKER / "tbss-queue-worker@.service").read_text()
+    exec_start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    assert "$" not in exec_start  # no variable that could expand to an empty argument
+    argv = exec_start.removeprefix("ExecStart=").replace("%i", "w1").split()
+    assert argv[0].endswith("/tbss-queue")
+    env = {k: v for k, v in settings_env(settings, run_tag).items() if "CONCURRENCY" not in k}
+    for concurrency in (None, "3"):
+        extra = {"TBSS_QUEUE_CONCURRENCY": concurrency} if concurrency else {}
+        log = tmp_path / f"worker-{concurrency}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tbss_queue", *argv[1:]],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**env, **extra},
+                start_new_session=True,
+            )
+        try:
+            w = Worker("w1", proc, log).wait_ready()
+            expected = concurrency or str(cpu_count())
+            assert f"concurrency: {expected} (prefork)" in w.log.read_text()
+        finally:
+            Worker("w1", proc, log).stop()
+            kill_tagged(run_tag)
+
+
+def test_readme_passes_no_secret_on_a_command_line() -> None:
+    """Every shell line in the README: a password may be in an environment assignment or a
+    file, never in a program's arguments (`ps` shows those to every user)."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S)
+    url_with_password = re.compile(r"://[^/@\s]*:[^/@\s]+@")
+    offenders = []
+    for line in (ln for b in blocks for ln in b.splitlines()):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # a line of a quoted string that goes on
+            words = line.split(" #")[0].split()
+        if words[:1] == ["export"]:
+            words = words[1:]
+        while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VAR=value prefixes
+            words = words[1:]
+        args = " ".join(words)
+        if url_with_password.search(args) or re.search(r"--requirepass|--basic-auth \S+:", args):
+            offenders.append(line)
+    assert offenders == []
+
+
+def test_scripts_test_says_how_to_install_missing_system_packages(tmp_path: Path) -> None:
+    # Given: a user who is not root, on a machine with none of the suite's programs on PATH
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "id").write_text("#!/bin/sh\necho 1000\n")
+    (bindir / "id").chmod(0o755)
+    # When: the check that ./scripts/test runs first
+    res = subprocess.run(
+        ["/bin/bash", str(REPO / "scripts" / "system-packages")],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bindir)},
+    )
+    # Then: it stops, with the exact command to run
+    assert res.returncode == 1
+    assert "sudo apt-get install -y " in res.stderr and "docker-compose" in res.stderr
+    # and ./scripts/test runs it before anything else; .ci/run calls ./scripts/test itself
+    assert (
+        "./scripts/system-packages"
+        in (REPO / "scripts" / "test").read_text().split("pip install")[0]
+    )
+    assert (REPO / ".ci" / "run").read_text().rstrip().endswith("\n./scripts/test")

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tbss_queue.config import Settings
@@ -100,11 +99,16 @@ def test_run_with_a_broker_uses_it_and_starts_no_redis(
 ) -> None:
     workers("w1")
     cmds = write_commands(tmp_path / "cmds", [f"touch out{i}" for i in range(5)])
-    before = {p.pid for p in psutil.process_iter() if p.name() == "redis-server"}
-    res = tbss_queue("run", str(cmds), env=settings_env(settings, run_tag))
+    # a redis-server first on PATH that only notes it was started: this run's, and no other
+    # process's on the machine
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "redis-server").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/redis-started\n')
+    (bindir / "redis-server").chmod(0o755)
+    env = settings_env(settings, run_tag)
+    res = tbss_queue("run", str(cmds), env={**env, "PATH": f"{bindir}:{env['PATH']}"})
     assert res.returncode == 0, res.stderr
-    after = {p.pid for p in psutil.process_iter() if p.name() == "redis-server"}
-    assert after == before
+    assert not (tmp_path / "redis-started").exists()
     # no private Redis's data or lock there: only the commands' logs
     assert [p.name for p in (tmp_path / ".tbss-queue").iterdir()] == ["logs"]
     assert len(list(tmp_path.glob("out*"))) == 5

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from tbss_queue.runner import TAIL_BYTES, run_command
+from tbss_queue.runner import SHARED_WAIT, TAIL_BYTES, Stop, run_command
 
 JOB = str(Path(__file__).parent / "bin" / "job.py")
 
@@ -86,3 +89,49 @@ def _alive(pid: int) -> bool:
             return False
         time.sleep(0.1)
     return os.path.exists(f"/proc/{pid}")
+
+
+def _sigterm_the_command_then(after: float, then: Callable[[], None], tmp_path: Path) -> None:
+    """Background: SIGTERM the command once it wrote its pid, then `then()` after `after` s."""
+
+    def act() -> None:
+        pidfile = tmp_path / "pid"
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            time.sleep(0.02)
+        os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+        time.sleep(after)
+        then()
+
+    threading.Thread(target=act, daemon=True).start()
+
+
+def test_a_command_killed_by_the_signal_that_stops_its_worker_is_stopped_not_failed(
+    tmp_path: Path,
+) -> None:
+    # Given: a running command, and its worker told to stop a moment after the command was
+    # SIGTERMed (scancel under Slurm's proctrack/linuxproc signals both, in either order)
+    told: list[bool] = []
+    _sigterm_the_command_then(0.3, lambda: told.append(True), tmp_path)
+    # When: the command dies of that SIGTERM
+    r = run_command(
+        [sys.executable, JOB, "x", "--sleep", "30", "--pidfile", str(tmp_path / "pid")],
+        str(tmp_path),
+        stop=lambda: Stop("the worker is stopping") if told else None,
+    )
+    # Then: it was stopped (to be handed back), not failed
+    assert r.cause == "stopped" and "the worker is stopping" in r.message
+
+
+def test_a_command_killed_by_sigterm_alone_fails(tmp_path: Path) -> None:
+    # Given: a running command whose worker is never told to stop
+    _sigterm_the_command_then(0, lambda: None, tmp_path)
+    # When: someone SIGTERMs the command
+    began = time.monotonic()
+    r = run_command(
+        [sys.executable, JOB, "x", "--sleep", "30", "--pidfile", str(tmp_path / "pid")],
+        str(tmp_path),
+        stop=lambda: None,
+    )
+    # Then: it failed by that signal, after waiting SHARED_WAIT for a stop that never came
+    assert r.cause == "signal" and "SIGTERM" in r.message
+    assert SHARED_WAIT <= time.monotonic() - began < 10

@@ -15,6 +15,7 @@ from tbss_queue.errors import EXIT_FAILED, EXIT_OK
 from tbss_queue.paths import PathMap
 from tbss_queue.policy import Policy
 from tbss_queue.progress import fmt_duration
+from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
 
 from .app import (
     broker_options,
@@ -30,7 +31,8 @@ from .app import (
     "-c",
     "--concurrency",
     type=click.IntRange(min=1),
-    help="Commands run at once on this node [default: CPU count].",
+    envvar="TBSS_QUEUE_CONCURRENCY",
+    help="Commands run at once on this node [env TBSS_QUEUE_CONCURRENCY; default: CPU count].",
 )
 @click.option("-n", "--name", help="Node name (name or name@host) [default: tbss@HOSTNAME].")
 @click.option(
@@ -79,7 +81,9 @@ from .app import (
     "--root",
     multiple=True,
     metavar="DIR",
-    help="Only run commands whose directory lies under DIR. Repeatable; recommended.",
+    envvar="TBSS_QUEUE_STUDY_ROOT",
+    help="Only run commands whose directory lies under DIR. Repeatable; recommended "
+    "[env TBSS_QUEUE_STUDY_ROOT, space-separated].",
 )
 @click.option(
     "--max-time-limit",
@@ -226,10 +230,22 @@ def flower(
     show_default=True,
     metavar="DURATION",
     help="How long one command takes at most: the worker stops taking new ones "
-    "this long before the wall time ends.",
+    "this long (plus a minute of start-up) before the wall time ends.",
+)
+@click.option(
+    "--mem-per-cpu",
+    default=DEFAULT_MEM_PER_CPU,
+    show_default=True,
+    metavar="SIZE",
+    help="Memory per CPU, i.e. per running command (FNIRT needs 1-2 GB).",
 )
 def slurm_script(
-    nodes: int, walltime: str, cpus_per_node: int, partition: str | None, expected: str
+    nodes: int,
+    walltime: str,
+    cpus_per_node: int,
+    partition: str | None,
+    expected: str,
+    mem_per_cpu: str,
 ) -> None:
     """Print an sbatch script that runs one worker per node for the allocation.
 
@@ -244,6 +260,7 @@ def slurm_script(
         cpus_per_node=cpus_per_node,
         partition=partition,
         expected=int(parse_duration(expected, "--expected")),
+        mem_per_cpu=mem_per_cpu,
     )
     click.echo(job.render(), nl=False)
 
