@@ -41,7 +41,7 @@ class Health(threading.Thread):
                 log.warning("node health check failed; retrying", exc_info=True)
 
     def beat(self) -> None:
-        self.store.alive(self.node)
+        self.store.alive(self.node, stopping=self.draining)
         why = self.store.quarantined(self.node).get(self.node)
         path = why.get("path") if why else None
         if why and path and os.path.exists(path):
