@@ -338,22 +338,23 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
         if batch_id is None:
             raise
         raise lost_or_not_found(store.r, batch_id, None, exc) from None
-    current = compute(bid, store.snapshot(bid), _fleet(store, settings))
+    snap = store.snapshot(bid)
+    current = compute(bid, snap, _fleet(store, settings, snap["now"]))
     facts = store.node_facts([n.node for n in current.nodes])
     warning = fsl_version_warning(facts)
     return replace(current, warnings=(warning,)) if warning else current
 
 
-def _fleet(store: BatchStore, settings: Settings) -> Fleet:
-    """The nodes' health now: heartbeats, stop marks, quarantine (three reads)."""
+def _fleet(store: BatchStore, settings: Settings, now: float | None = None) -> Fleet:
+    """The nodes' health at Redis time `now` (default: asked): heartbeats, stop marks,
+    quarantine, in three reads."""
     pipe = store.r.pipeline(transaction=False)
-    pipe.time()
     pipe.zrange(ALIVE, 0, -1, withscores=True)
     pipe.hgetall(STOPPING)
     pipe.hgetall(QUARANTINE)
-    (seconds, micros), beats, stopping, quarantine = pipe.execute()
+    beats, stopping, quarantine = pipe.execute()
     return Fleet(
-        now=float(seconds) + float(micros) / 1e6,
+        now=store.redis_time() if now is None else now,
         lost_after=settings.lost_after,
         heartbeats={str(n): float(t) for n, t in beats},
         stopping={str(n): float(t) for n, t in stopping.items()},
