@@ -101,7 +101,10 @@ def report_data(status: BatchStatus, records: Sequence[TaskRecord]) -> dict[str,
         "eta_seconds": status.eta_seconds,
         "requeued": status.requeued,
         "lost": status.lost,
-        "node_health": [n.to_dict() for n in status.nodes],
+        # each node's state when the report was made (not its heartbeat's age, which ticks)
+        "node_health": [
+            {k: v for k, v in n.to_dict().items() if k != "heartbeat_age"} for n in status.nodes
+        ],
     }
     return {
         "summary": summary,
