@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,10 @@ from .batches import (
     CHUNK,
     FAILED,
     NODES,
+    QUARANTINE,
     QUEUED,
     SKIPPED,
+    STOPPING,
     BatchStore,
     Staging,
     TaskSpec,
@@ -55,7 +58,7 @@ from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
 from .publish import HARD_LIMIT_MARGIN, build_messages, label, send_options, task_kwargs
-from .status import compute, fsl_version_warning
+from .status import Fleet, compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
 _OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
@@ -115,13 +118,18 @@ def submit(
         "job_tasks": job_tasks,
     }
 
+    tally: Counter[str] = Counter()  # of the last plan: commands changed, skipped
+
     def plan(batch_id: str) -> Iterator[list[TaskSpec]]:
         """The changes to batch `batch_id`, a chunk of the file at a time."""
+        tally.clear()
         for chunk in parsed.chunks(CHUNK):
             markers = [done_marker(c.argv, local_workdir, done_if_exists) for c in chunk]
             if path_map:
                 chunk = [replace(c, argv=tuple(path_map.argv(c.argv))) for c in chunk]
-            yield _plan(store, batch_id, chunk, [c.key(workdir) for c in chunk], markers)
+            changes = _plan(store, batch_id, chunk, [c.key(workdir) for c in chunk], markers)
+            tally.update(changed=len(changes), skipped=sum(c.state == SKIPPED for c in changes))
+            yield changes
 
     for _ in range(10):
         # another submit of this file may commit first: then plan again against its batch
@@ -156,8 +164,9 @@ def submit(
         now,
         parsed.count,
         queued,
-        parsed.count - queued,
+        tally[SKIPPED],
         warnings,
+        unchanged=parsed.count - tally["changed"],
     )
 
 
@@ -192,8 +201,8 @@ def _plan(
 
 
 def _check_time_limit(time_limit: float | None, settings: Settings) -> None:
-    if time_limit is not None and not 0 < time_limit + HARD_LIMIT_MARGIN < (
-        settings.visibility_timeout
+    if time_limit is not None and not (
+        0 < time_limit and time_limit + HARD_LIMIT_MARGIN < settings.visibility_timeout
     ):
         raise ConfigError(
             f"--time-limit {time_limit:g} s must be positive and below the visibility timeout "
@@ -281,13 +290,18 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
     return Batch(bid, meta["path"], meta["cwd"], time.time(), queued, queued, 0)
 
 
-def cancel(batch_id: str | None = None, *, settings: Settings | None = None) -> BatchStatus:
+def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:
     """Drop a batch's queued commands and kill its running ones with their whole process tree.
+
+    The batch must be named (an id or a unique prefix): there is no "latest" default for
+    something that kills running commands.
 
     Nothing is revoked: the records say `cancelled`; a running command's runner sees it at its
     next lease renewal (within one heartbeat) and kills the command's tree; a queued message is
     dropped by the claim. `retry` then queues every cancelled command again.
     """
+    if not batch_id:
+        raise ConfigError("cancel: name the batch (see `tbss-queue batches`)")
     settings, store = _store(settings)
     bid = store.resolve_id(batch_id)
     store.cancel(bid)
@@ -320,42 +334,67 @@ def workdir_for(path: str | os.PathLike[str], cwd: str | os.PathLike[str] | None
 
 
 def status(batch_id: str | None = None, *, settings: Settings | None = None) -> BatchStatus:
-    """Counts, throughput and ETA of a batch (default: the latest). Constant cost in batch size."""
-    _, store = _store(settings)
+    """Counts, throughput and ETA of a batch (default: the latest), node health, requeues.
+
+    Constant cost in batch size. An ended batch's rates and times are those at its end."""
+    settings, store = _store(settings)
     try:
         bid = store.resolve_id(batch_id)
     except BatchNotFound as exc:
         if batch_id is None:
             raise
         raise lost_or_not_found(store.r, batch_id, None, exc) from None
-    current = compute(bid, store.snapshot(bid))
+    snap = store.snapshot(bid)
+    current = compute(bid, snap, _fleet(store, settings, snap["now"]))
     facts = store.node_facts([n.node for n in current.nodes])
-    quarantine = store.quarantined()
-    if quarantine:
-        current = replace(
-            current,
-            nodes=tuple(
-                replace(n, quarantined=quarantine[n.node]["message"]) if n.node in quarantine else n
-                for n in current.nodes
-            ),
-        )
     warning = fsl_version_warning(facts)
     return replace(current, warnings=(warning,)) if warning else current
 
 
+def _fleet(store: BatchStore, settings: Settings, now: float | None = None) -> Fleet:
+    """The nodes' health at Redis time `now` (default: asked): heartbeats, stop marks,
+    quarantine, in three reads."""
+    pipe = store.r.pipeline(transaction=False)
+    pipe.zrange(ALIVE, 0, -1, withscores=True)
+    pipe.hgetall(STOPPING)
+    pipe.hgetall(QUARANTINE)
+    beats, stopping, quarantine = pipe.execute()
+    return Fleet(
+        now=store.redis_time() if now is None else now,
+        lost_after=settings.lost_after,
+        heartbeats={str(n): float(t) for n, t in beats},
+        stopping={str(n): float(t) for n, t in stopping.items()},
+        quarantine={str(n): json.loads(v)["message"] for n, v in quarantine.items()},
+    )
+
+
 def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
-    """Every worker node that ever announced itself: online or not, quarantined or not."""
+    """Every worker node that ever announced itself: its health (online, stopping, stopped,
+    lost, quarantined), and the commands it runs now, by their labels."""
     settings, store = _store(settings)
-    seen = dict(store.r.zrange(ALIVE, 0, -1, withscores=True))
-    names = sorted(set(store.r.hkeys(NODES)) | set(seen))
-    now, quarantine, facts = store.redis_time(), store.quarantined(), store.node_facts(names)
+    fleet = _fleet(store, settings)
+    names = sorted(set(store.r.hkeys(NODES)) | set(fleet.heartbeats) | set(fleet.stopping))
+    facts = store.node_facts(names)
+    running: dict[str, list[str]] = {}
+    by_batch: dict[str, list[tuple[str, str]]] = {}
+    for member_, record in store.running().items():
+        batch_id, task_id = member_.split("|", 1)
+        by_batch.setdefault(batch_id, []).append((task_id, record["node"]))
+    for batch_id, pairs in by_batch.items():
+        specs = store.task_specs(batch_id, [t for t, _ in pairs])
+        for task_id, node in pairs:
+            argv = specs.get(task_id, {}).get("argv")
+            running.setdefault(node, []).append(label(argv) if argv else task_id)
     return [
         NodeInfo(
             node=n,
-            online=n in seen and now - float(seen[n]) < settings.lost_after,
-            last_seen=float(seen[n]) if n in seen else None,
-            quarantined=quarantine[n]["message"] if n in quarantine else None,
+            online=n in fleet.online(),
+            last_seen=fleet.heartbeats.get(n),
+            quarantined=fleet.quarantine.get(n),
             facts=facts.get(n, {}),
+            state=fleet.state(n, len(running.get(n, ()))),
+            heartbeat_age=None if fleet.age(n) is None else round(fleet.age(n) or 0.0, 1),
+            running=tuple(sorted(running.get(n, ()))),
         )
         for n in names
     ]
@@ -370,8 +409,9 @@ def resume_node(node: str, *, settings: Settings | None = None) -> bool:
 
 def list_batches(*, settings: Settings | None = None) -> list[BatchStatus]:
     """Every batch on the broker, oldest first, with its counts."""
-    _, store = _store(settings)
-    return [compute(b, store.snapshot(b)) for b in store.batch_ids()]
+    settings, store = _store(settings)
+    fleet = _fleet(store, settings)
+    return [compute(b, store.snapshot(b), fleet) for b in store.batch_ids()]
 
 
 def tasks(

@@ -13,11 +13,13 @@ Keys (prefix tbssq:), for batch B:
   b:B:result          HASH  task id -> JSON record of its last attempt
   b:B:ended           ZSET  task id -> end time (throughput, ETA)
   b:B:nodes           HASH  "node|field" -> value (per-node counters)
-  b:B:attempts        HASH  task id -> attempts started; "lost:"+id -> lost-worker requeues
+  b:B:attempts        HASH  task id -> attempts started; "lost:"+id -> lost-worker requeues;
+                            "requeued", "lost": the batch's totals of both (status)
   b:B:refusals        HASH  task id -> JSON {node: {cause, message}}: nodes that could not start it
   running             HASH  "B|task" -> JSON {node, token, started, pid, attempt} (global)
   lease:B|task        STRING the owning runner's token, expiring: renewed only by that runner
   alive               ZSET  node -> Redis time it last said it was up
+  stopping            HASH  node -> Redis time it began to stop (SIGTERM, --stop-after)
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
   index               HASH  command key -> B: latest batch of a command (its task id there is
                             task_id_for(B, key))
@@ -55,6 +57,7 @@ FILES = PREFIX + "files"
 NODES = PREFIX + "nodes"
 HELD = PREFIX + "held"
 ALIVE = PREFIX + "alive"
+STOPPING = PREFIX + "stopping"
 QUARANTINE = PREFIX + "quarantine"
 ACTIVE = PREFIX + "active"
 PENDING = PREFIX + "pending"
@@ -574,13 +577,25 @@ class BatchStore:
 
     # -- nodes ----------------------------------------------------------------------------------
 
-    def alive(self, node: str) -> None:
-        """Say this node is up (Redis's clock: hosts' clocks may disagree)."""
-        self._run("alive", [ALIVE], [node])
+    def alive(self, node: str, *, stopping: bool = False) -> None:
+        """Say this node is up (Redis's clock: hosts' clocks may disagree), and whether it is
+        stopping (up, taking no new command)."""
+        self._run("alive", [ALIVE, STOPPING], [node, int(stopping)])
 
     def gone(self, node: str) -> None:
-        """This node is stopping: it no longer counts as taking commands."""
-        self.r.zrem(ALIVE, node)
+        """This node is stopping: it no longer counts as taking commands (nor beats)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(ALIVE, node)
+        pipe.hset(STOPPING, node, self.redis_time())
+        pipe.execute()
+
+    def heartbeats(self) -> dict[str, float]:
+        """node -> Redis time of its last heartbeat (of nodes beating or lost, not stopped)."""
+        return {str(n): float(t) for n, t in self.r.zrange(ALIVE, 0, -1, withscores=True)}
+
+    def stopping(self) -> dict[str, float]:
+        """node -> Redis time it began to stop."""
+        return {str(n): float(t) for n, t in self.r.hgetall(STOPPING).items()}
 
     def live_nodes(self, window: float) -> list[str]:
         now = self.redis_time()
@@ -655,8 +670,10 @@ class BatchStore:
         raise BatchNotFound(f"batch prefix {batch_id!r} is ambiguous: {', '.join(matches)}")
 
     def snapshot(self, batch_id: str, window: float = 600.0) -> dict[str, Any]:
-        """Everything `status` needs, in two round trips of a fixed number of commands; times
-        are Redis's, like those the workers record."""
+        """Everything `status` needs, in a fixed number of commands; times are Redis's, like
+        those the workers record. `recent` counts the commands that ended in the `window`
+        before `until`: now while the batch runs, its last command's end once it has ended
+        (so that an ended batch's figures stay as they were at its end)."""
         now = self.redis_time()
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(batch_key(batch_id))
@@ -664,16 +681,27 @@ class BatchStore:
         pipe.hgetall(batch_key(batch_id, "nodes"))
         pipe.zcount(batch_key(batch_id, "ended"), now - window, "+inf")
         pipe.hexists(PENDING, batch_id)
-        meta, counts, nodes, recent, applying = pipe.execute()
+        pipe.hmget(batch_key(batch_id, "attempts"), ["requeued", "lost"])
+        meta, counts, nodes, recent, applying, (requeued, lost) = pipe.execute()
         if not meta or "committed" not in meta:
             raise BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
+        counts = {k: int(v) for k, v in counts.items()}
+        until = now
+        busy = counts.get(QUEUED, 0) + counts.get(RUNNING_STATE, 0)
+        last = meta.get("last_ended")
+        if not busy and not applying and last:  # ended: frozen at its last command's end
+            until = float(last)
+            recent = self.r.zcount(batch_key(batch_id, "ended"), until - window, until)
         return {
             "meta": {k: _dec(v) for k, v in meta.items()},
-            "counts": {k: int(v) for k, v in counts.items()},
+            "counts": counts,
             "nodes": nodes,
             "recent": int(recent),
             "applying": bool(applying),
+            "requeued": int(requeued or 0),
+            "lost": int(lost or 0),
             "now": now,
+            "until": until,
             "window": window,
         }
 

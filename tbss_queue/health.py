@@ -26,11 +26,13 @@ class Health(threading.Thread):
         self.consumer: Any = None
         self.stopped = threading.Event()
         self.draining = False
+        # a beat under way when the node is told to stop must not undo its stop mark
+        self._beating = threading.RLock()
 
     def stop(self) -> None:
         """Stop beating, and say at once that this node takes no more commands."""
         self.stopped.set()
-        with contextlib.suppress(Exception):
+        with self._beating, contextlib.suppress(Exception):
             self.store.gone(self.node)
 
     def run(self) -> None:
@@ -41,7 +43,10 @@ class Health(threading.Thread):
                 log.warning("node health check failed; retrying", exc_info=True)
 
     def beat(self) -> None:
-        self.store.alive(self.node)
+        with self._beating:
+            if self.stopped.is_set():
+                return
+            self.store.alive(self.node, stopping=self.draining)
         why = self.store.quarantined(self.node).get(self.node)
         path = why.get("path") if why else None
         if why and path and os.path.exists(path):

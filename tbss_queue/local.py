@@ -29,7 +29,7 @@ from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
-from .models import BatchStatus, TaskRecord
+from .models import Batch, BatchStatus, TaskRecord
 from .procs import TAG_VAR, kill_tagged
 from .recovery import reconcile
 from .redis_server import RedisServer
@@ -70,13 +70,18 @@ def run(
     time_limit: float | None = None,
     settings: Settings | None = None,
     on_update: Callable[[BatchStatus], None] | None = None,
+    on_submitted: Callable[[Batch], None] | None = None,
 ) -> RunResult:
-    """Run a commands file to the end on this machine (or on the configured broker's workers)."""
+    """Run a commands file to the end on this machine (or on the configured broker's workers:
+    then `on_submitted` hears of the batch before the wait, so that a caller can say where it
+    went and what Ctrl-C leaves running)."""
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
     if settings.broker_explicit:
         batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=settings)
+        if on_submitted is not None:
+            on_submitted(batch)
         final = api.wait(batch.id, settings=settings, on_update=on_update)
         failed = api.failures(batch.id, settings=settings)
         return RunResult(final, failed, False, None, time.monotonic() - started)

@@ -17,24 +17,55 @@ class Batch:
     submitted: float
     total: int
     queued: int
-    skipped: int
+    skipped: int  # not queued: their outputs exist, or they are live in another batch
     warnings: tuple[str, ...] = ()
+    unchanged: int = 0  # a resubmission: already queued, running or succeeded in this batch
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "warnings": list(self.warnings)}
 
 
+ONLINE, STOPPING, STOPPED, LOST, QUARANTINED = (
+    "online",
+    "stopping",
+    "stopped",
+    "lost",
+    "quarantined",
+)
+"""A node's health: beating and taking commands; beating (or finishing its commands) but
+taking no new one; stopped cleanly; no heartbeat for LOST_AFTER; taking none for a fault."""
+
+
+def node_state(
+    heartbeat_age: float | None,
+    lost_after: float,
+    stopping: bool,
+    quarantined: bool,
+    running: int = 0,
+) -> str:
+    """One definition of a node's health, for status, --watch, the report and `nodes`."""
+    beating = heartbeat_age is not None and heartbeat_age < lost_after
+    if stopping:
+        return STOPPING if beating or running else STOPPED
+    if not beating:
+        return LOST
+    return QUARANTINED if quarantined else ONLINE
+
+
 @dataclass(frozen=True)
 class NodeStatus:
-    """What one worker node did for a batch."""
+    """What one worker node did for a batch, and its health now."""
 
     node: str
     running: int
     succeeded: int
     failed: int
     busy_seconds: float
-    last_seen: float | None
+    last_seen: float | None  # Redis time of its last claim or finish in this batch
     quarantined: str | None = None  # why this node takes no commands, if it takes none
+    state: str = ""  # node_state(): online, stopping, stopped, lost, quarantined
+    heartbeat_age: float | None = None  # seconds since its last heartbeat (None: never)
+    requeued: int = 0  # its commands of this batch that went back to the queue
 
     @property
     def per_hour(self) -> float:
@@ -55,6 +86,9 @@ class NodeInfo:
     last_seen: float | None  # Redis time of its last heartbeat
     quarantined: str | None  # why it takes no commands (None: it takes them)
     facts: dict[str, Any] = field(default_factory=dict)
+    state: str = ONLINE  # node_state(): online, stopping, stopped, lost, quarantined
+    heartbeat_age: float | None = None  # seconds since its last heartbeat (Redis's clock)
+    running: tuple[str, ...] = ()  # labels of the commands it runs now (any batch)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,8 +109,8 @@ class BatchStatus:
     failed: int
     skipped: int
     cancelled: int
-    rate_recent: float  # commands finished per minute, last `window` seconds
-    rate_overall: float  # per minute since the first command started
+    rate_recent: float  # commands finished per minute in the 10 minutes before `as_of`
+    rate_overall: float  # per minute from the first start to `as_of`
     eta_seconds: float | None
     first_started: float | None
     last_ended: float | None
@@ -84,6 +118,15 @@ class BatchStatus:
     warnings: tuple[str, ...] = field(default=())
     applying: bool = False
     """A committed submission is still being applied (its commands are about to be queued)."""
+    as_of: float | None = None
+    """Redis time the rates are measured at: now while the batch runs, its last command's end
+    once it has ended (so an ended batch's figures never change)."""
+    ended_at: float | None = None  # Redis time a worker's reaper saw the batch end
+    requeued: int = 0  # times one of its commands went back to the queue (lost or handed back)
+    lost: int = 0  # of which because its node was lost (no lease renewal)
+    workers_online: int = 0  # nodes with a recent heartbeat (taking commands or not)
+    no_worker_for: float | None = None
+    """With no worker online: seconds since any was last heard from (or since submission)."""
 
     @property
     def finished(self) -> int:
@@ -97,12 +140,20 @@ class BatchStatus:
     def ok(self) -> bool:
         return self.done and self.failed == 0
 
+    @property
+    def elapsed_seconds(self) -> float | None:
+        """From the first command's start to `as_of` (the end, once ended)."""
+        if self.first_started is None or self.as_of is None:
+            return None
+        return max(0.0, self.as_of - self.first_started)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["nodes"] = [n.to_dict() for n in self.nodes]
         d["warnings"] = list(self.warnings)
         d["done"] = self.done
         d["finished"] = self.finished
+        d["elapsed_seconds"] = self.elapsed_seconds
         return d
 
 

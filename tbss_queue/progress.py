@@ -1,17 +1,22 @@
-"""Rendering batch status for people: a live progress bar, tables, durations."""
+"""Rendering batch status for people: a live progress bar, tables, durations.
+
+Every figure comes from `BatchStatus` (status.py's one definition of rates and ETA); this
+module only words and lays them out.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
-from .models import BatchStatus, TaskRecord
+from .models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -31,93 +36,198 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """plural(1, 'command') -> '1 command'; plural(2, 'command') -> '2 commands'."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def clock(ts: float | None) -> str:
+    """A Redis (Unix) time as this machine's local HH:MM:SS."""
+    return "?" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def submitted_line(b: Batch) -> str:
+    """What a submission did: queued, left as they were (a resubmission), skipped."""
+    parts = [f"{plural(b.queued, 'command')} queued"]
+    if b.unchanged:
+        parts.append(f"{b.unchanged:,} already queued, running or done there")
+    if b.skipped:
+        parts.append(f"{b.skipped:,} skipped")
+    return f"batch {b.id}: " + ", ".join(parts)
+
+
+def left_watching(batch_id: str) -> str:
+    """What Ctrl-C on a watch or a wait means: the batch goes on without us."""
+    return f"stopped watching; batch {batch_id} continues (tbss-queue status {batch_id})"
+
+
+def speed(s: BatchStatus) -> str:
+    """Throughput and ETA; once a batch has ended, its figures at its end (they stay put)."""
+    if s.done and s.last_ended is not None:
+        return (
+            f"ended {clock(s.last_ended)} after {fmt_duration(s.elapsed_seconds)}: "
+            f"{s.rate_overall:.1f}/min overall, {s.rate_recent:.1f}/min in its last 10 min"
+        )
+    if s.done:
+        return "ended"
+    return (
+        f"{s.rate_recent:.1f}/min (last 10 min), {s.rate_overall:.1f}/min overall"
+        f" | ETA {fmt_duration(s.eta_seconds)}"
+    )
+
+
 def summary_line(s: BatchStatus) -> str:
     return (
         f"batch {s.batch}: {s.succeeded} succeeded, {s.failed} failed, {s.running} running, "
         f"{s.queued} queued, {s.skipped} skipped"
         + (f", {s.cancelled} cancelled" if s.cancelled else "")
-        + f" of {s.total} | {s.rate_recent:.1f}/min (10 min), {s.rate_overall:.1f}/min overall"
-        + f" | ETA {fmt_duration(s.eta_seconds) if not s.done else 'done'}"
+        + f" of {s.total}"
+        + (f", {plural(s.requeued, 'requeue')}" if s.requeued else "")
+        + f" | {speed(s)}"
     )
 
 
-_NUMERIC = ("running", "succeeded", "failed", "cmds/hour", "last seen")
+def notes(s: BatchStatus) -> list[str]:
+    """Lines that need a person's attention: no worker, lost and quarantined nodes."""
+    lines = []
+    if not s.done and s.no_worker_for is not None:
+        lines.append(
+            f"no worker online for {fmt_duration(s.no_worker_for)}: nothing runs until one "
+            "starts (tbss-queue worker; see tbss-queue nodes)"
+        )
+    for n in s.nodes:
+        if n.state == LOST:
+            heard = (
+                f"no heartbeat for {fmt_duration(n.heartbeat_age)}"
+                if n.heartbeat_age is not None
+                else "no heartbeat"
+            )
+            verb = "goes" if n.running == 1 else "go"
+            running = (
+                f"; its {plural(n.running, 'running command')} {verb} back to the queue "
+                "when their leases lapse"
+                if n.running
+                else ""
+            )
+            lines.append(f"{n.node} lost: {heard}{running}")
+        elif n.quarantined:
+            lines.append(
+                f"{n.node} quarantined: {n.quarantined} "
+                f"(fix it, then: tbss-queue nodes resume {n.node})"
+            )
+    if s.requeued:
+        lost = f", {s.lost} because a node was lost" if s.lost else ""
+        lines.append(f"requeued {plural(s.requeued, 'time')}{lost}")
+    return lines
 
 
-def node_notes(s: BatchStatus) -> list[str]:
-    """One line per quarantined node: why, and how to let it back in (printed unwrapped)."""
-    return [
-        f"{n.node} quarantined: {n.quarantined} (fix it, then: tbss-queue nodes resume {n.node})"
-        for n in s.nodes
-        if n.quarantined
-    ]
+node_notes = notes  # the name older callers use
+
+_NUMERIC = ("running", "succeeded", "failed", "requeued", "cmds/hour", "heartbeat")
+
+
+def _heartbeat(n: NodeStatus) -> str:
+    return "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
 
 
 def status_table(s: BatchStatus) -> Group:
-    """The per-state counts and one row per worker node."""
+    """The per-state counts, speed, and one row per worker node with its health."""
     counts = Table(title=f"batch {s.batch}  ({s.path})", title_justify="left", box=None)
-    for col in ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled"):
+    columns = ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
+    for col in columns:
         counts.add_column(col, justify="right")
-    counts.add_row(
-        *(
-            str(getattr(s, c))
-            for c in ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
-        )
-    )
-    speed = (
-        f"throughput {s.rate_recent:.1f}/min (last 10 min), {s.rate_overall:.1f}/min overall"
-        f" | ETA {'done' if s.done else fmt_duration(s.eta_seconds)}"
-    )
+    counts.add_row(*(str(getattr(s, c)) for c in columns))
     nodes = Table(box=None, title="workers", title_justify="left")
-    for col in ("node", "running", "succeeded", "failed", "cmds/hour", "last seen", "state"):
+    for col in ("node", "state", *_NUMERIC):
         nodes.add_column(col, justify="right" if col in _NUMERIC else "left")
-    now = time.time()
     for n in s.nodes:
-        seen = f"{fmt_duration(now - n.last_seen)} ago" if n.last_seen else "-"
         nodes.add_row(
             n.node,
+            n.state or "-",
             str(n.running),
             str(n.succeeded),
             str(n.failed),
+            str(n.requeued),
             f"{n.per_hour:.0f}",
-            seen,
-            "quarantined" if n.quarantined else "",
+            _heartbeat(n),
         )
-    return Group(counts, speed, nodes)
+    parts: list[RenderableType] = [counts, Text(f"throughput {speed(s)}")]
+    if s.nodes:
+        parts.append(nodes)
+    return Group(*parts)
 
 
-def watch(fetch: Callable[[], BatchStatus], console: Console, interval: float = 3.0) -> None:
-    """A live dashboard of a batch, redrawn every `interval` seconds until Ctrl-C."""
-    with Live(console=console, auto_refresh=False, screen=False) as live:
-        while True:
-            current = fetch()
-            bar = ProgressBar(total=max(current.total, 1), completed=current.finished, width=60)
-            done = f"{current.finished}/{current.total} finished"
-            live.update(Group(bar, done, status_table(current)), refresh=True)
-            time.sleep(interval)
+def watch_screen(s: BatchStatus, width: int) -> Group:
+    """One frame of `status --watch`: when, how to leave, a bar beside its figures, the table."""
+    head = Text(f"batch {s.batch} · updated at {time.strftime('%H:%M:%S')} · Ctrl-C to leave")
+    share = 100 * s.finished // max(s.total, 1)
+    figures = f"{s.finished}/{s.total} finished ({share}%)"
+    bar = Table.grid(padding=(0, 2))
+    bar.add_column(width=max(10, min(60, width - len(figures) - 4)))
+    bar.add_column(no_wrap=True)
+    bar.add_row(ProgressBar(total=max(s.total, 1), completed=s.finished), figures)
+    return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)))
+
+
+def watch(
+    fetch: Callable[[], BatchStatus], console: Console, interval: float = 3.0
+) -> BatchStatus | None:
+    """A live dashboard redrawn every `interval` seconds until Ctrl-C; returns the last status
+    shown (leaving is not an error: the batch goes on)."""
+    last: BatchStatus | None = None
+    try:
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                last = fetch()
+                live.update(watch_screen(last, console.width), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return last
 
 
 SHOWN_CHARS = 2000
-"""The most of one command a terminal table shows (a line may be megabytes long)."""
+"""The most of one command the failures list shows (a line may be megabytes long)."""
 
 
 def _capped(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"… ({len(text):,} chars)"
 
 
-def failures_table(records: list[TaskRecord]) -> Table:
-    table = Table(box=None, title="failed commands", title_justify="left")
-    for col in ("line", "cause", "exit", "node", "command", "stderr (last line)"):
-        table.add_column(col, overflow="fold")
+def failures_text(records: Sequence[TaskRecord]) -> str:
+    """The failed commands, each as a heading line, its command line whole and the last line of
+    its stderr: never wrapped or split mid-word (a terminal wraps long lines by itself, a pipe
+    keeps them whole)."""
+    lines = [f"failed commands ({len(records)}):"]
     for r in records:
+        exit_code = "" if r.exit_code is None else f" {r.exit_code}"
+        lines.append(f"line {r.line}: {r.cause or 'failed'}{exit_code} on {r.node or '-'}")
+        lines.append(f"  {_capped(r.text)}")
+        if r.ran_text:
+            lines.append(f"  ran: {_capped(r.ran_text)}")
         last = r.stderr_tail.strip().splitlines()[-1:] or [r.message]
+        if last[0]:
+            lines.append(f"  stderr: {last[0][:200]}")
+    return "\n".join(lines)
+
+
+
+
+def batches_table(items: Sequence[BatchStatus]) -> Table:
+    """`batches`: one row per batch with a header: when submitted, the file, counts, speed."""
+    table = Table(box=None)
+    for col in ("batch", "submitted", "file", "total", "done", "failed", "left", "per min", ""):
+        table.add_column(col, justify="right" if col in ("total", "done", "failed") else "left")
+    for b in items:
         table.add_row(
-            str(r.line),
-            r.cause or "-",
-            "-" if r.exit_code is None else str(r.exit_code),
-            r.node or "-",
-            _capped(r.text) + (f"\nran: {_capped(r.ran_text)}" if r.ran_text else ""),
-            last[0][:200],
+            b.batch,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(b.submitted)),
+            b.path,
+            str(b.total),
+            str(b.finished),
+            str(b.failed),
+            str(b.queued + b.running),
+            f"{b.rate_overall:.1f}",
+            "ended" if b.done else f"ETA {fmt_duration(b.eta_seconds)}",
         )
     return table
 
@@ -137,6 +247,7 @@ class LiveProgress:
             transient=False,
         )
         self._task: TaskID | None = None
+        self.last: BatchStatus | None = None
 
     def __enter__(self) -> Callable[[BatchStatus], None]:
         self.progress.start()
@@ -146,10 +257,13 @@ class LiveProgress:
         self.progress.stop()
 
     def update(self, s: BatchStatus) -> None:
+        self.last = s
         detail = (
             f"ok {s.succeeded}  failed {s.failed}  running {s.running}  "
             f"{s.rate_recent:.1f}/min  ETA {fmt_duration(s.eta_seconds)}"
         )
+        if not s.done and s.no_worker_for is not None:
+            detail += f"  | no worker online for {fmt_duration(s.no_worker_for)}"
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
         self.progress.update(self._task, completed=s.finished, total=s.total, detail=detail)

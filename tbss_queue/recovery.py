@@ -23,7 +23,14 @@ from kombu import serialization
 
 from .batches import CHUNK, PENDING, QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
 from .config import Settings
-from .publish import REF_HEADER, build_messages, new_message_id, send_options, task_kwargs
+from .publish import (
+    REF_HEADER,
+    build_messages,
+    label,
+    new_message_id,
+    send_options,
+    task_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +129,18 @@ def requeue_lost(
             count_loss=not everything,
             ignore_heartbeat=everything,
         )
-        if outcome == "requeued":
-            republish(app, store, settings, batch_id, task_id)
+        if outcome in ("requeued", "lost"):
+            argv = store.task_specs(batch_id, [task_id]).get(task_id, {}).get("argv")
             log.warning(
-                "requeued task %s of batch %s: its node %s stopped answering",
-                task_id,
+                "%s %s (batch %s, command %s): its node %s stopped answering",
+                "requeued" if outcome == "requeued" else "failed as lost after repeated losses:",
+                label(argv) if argv else "?",
                 batch_id,
+                task_id,
                 record["node"],
             )
+        if outcome == "requeued":
+            republish(app, store, settings, batch_id, task_id)
         if outcome in counts:
             counts[outcome] += 1
     return counts

@@ -79,7 +79,8 @@ def report_data(
     timed = sorted(_timed(records), key=lambda r: r.started)
     durations = sorted(r.duration for r in timed)
     slots = {r.row for r in timed}
-    makespan = max(r.ended for r in timed) - min(r.started for r in timed) if timed else 0.0
+    # wall time and rate: status's one definition (first start to the end, frozen once ended)
+    makespan = status.elapsed_seconds or 0.0
     busy = sum(durations)
     summary = {
         "batch": status.batch,
@@ -99,7 +100,15 @@ def report_data(
         "max_seconds": round(durations[-1], 3) if durations else None,
         # share of slot time spent running commands: 1.0 means no slot was ever idle
         "utilisation": round(busy / (makespan * len(slots)), 4) if makespan and slots else None,
-        "per_minute": round(60 * len(timed) / makespan, 3) if makespan else None,
+        "per_minute": status.rate_overall if makespan else None,
+        "per_minute_recent": status.rate_recent,
+        "eta_seconds": status.eta_seconds,
+        "requeued": status.requeued,
+        "lost": status.lost,
+        # each node's state when the report was made (not its heartbeat's age, which ticks)
+        "node_health": [
+            {k: v for k, v in n.to_dict().items() if k != "heartbeat_age"} for n in status.nodes
+        ],
     }
     return {
         "summary": summary,

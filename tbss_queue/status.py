@@ -1,33 +1,80 @@
-"""From the counters of a batch to counts, throughput and ETA (a pure function, no Redis)."""
+"""From the counters of a batch to counts, throughput and ETA (a pure function, no Redis).
+
+One definition of the figures, used by status, batches, --watch, the report and the API:
+- rate_overall: commands finished (succeeded or failed) per minute, from the first command's
+  start to `as_of`;
+- rate_recent: commands that ended in the 10 minutes before `as_of`, per minute of that window
+  (or of the time since the first start, when shorter);
+- ETA: what is queued or running, at the recent rate (the overall one while fewer than
+  MIN_RECENT ended recently);
+- `as_of` is now while the batch runs and its last command's end once it has ended: an ended
+  batch's figures are frozen there.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from .models import BatchStatus, NodeStatus
+from .models import BatchStatus, NodeStatus, node_state
 
 MIN_RECENT = 3
 """Fewer commands than this in the recent window: the ETA uses the overall rate instead."""
 
 
-def compute(batch_id: str, snap: dict[str, Any]) -> BatchStatus:
+@dataclass(frozen=True)
+class Fleet:
+    """The worker nodes' health as Redis sees it now (heartbeats and stop marks)."""
+
+    now: float
+    lost_after: float
+    heartbeats: dict[str, float] = field(default_factory=dict)  # node -> last heartbeat
+    stopping: dict[str, float] = field(default_factory=dict)  # node -> when it began to stop
+    quarantine: dict[str, str] = field(default_factory=dict)  # node -> why
+
+    def state(self, node: str, running: int = 0) -> str:
+        return node_state(
+            self.age(node), self.lost_after, node in self.stopping, node in self.quarantine, running
+        )
+
+    def age(self, node: str) -> float | None:
+        beat = self.heartbeats.get(node)
+        return None if beat is None else max(0.0, self.now - beat)
+
+    def online(self) -> list[str]:
+        return sorted(n for n in self.heartbeats if (self.age(n) or 0.0) < self.lost_after)
+
+    def silent_for(self, since: float) -> float:
+        """Seconds since any node was last heard from (`since` if none ever was later)."""
+        last = max([since, *self.heartbeats.values(), *self.stopping.values()])
+        return max(0.0, self.now - last)
+
+
+def compute(batch_id: str, snap: dict[str, Any], fleet: Fleet | None = None) -> BatchStatus:
     meta, counts = snap["meta"], snap["counts"]
-    now, window = snap["now"], snap["window"]
+    until, window = snap.get("until", snap["now"]), snap["window"]
     first = meta.get("first_started")
     last = meta.get("last_ended")
     finished_runs = counts.get("succeeded", 0) + counts.get("failed", 0)
-    elapsed = (now - float(first)) if first else 0.0
+    elapsed = (until - float(first)) if first else 0.0
     rate_overall = 60.0 * finished_runs / elapsed if elapsed > 0 else 0.0
     span = min(window, elapsed) if elapsed > 0 else window
     rate_recent = 60.0 * snap["recent"] / span if span > 0 else 0.0
     remaining = counts.get("queued", 0) + counts.get("running", 0)
     rate = rate_recent if snap["recent"] >= MIN_RECENT else rate_overall
     eta = 60.0 * remaining / rate if remaining and rate > 0 else (0.0 if not remaining else None)
+    nodes = _nodes(snap["nodes"], fleet)
+    online = fleet.online() if fleet else []
+    submitted = float(meta.get("submitted", 0.0))
+    silent = None
+    if fleet is not None and not online:
+        silent = round(fleet.silent_for(float(meta.get("last_submitted") or submitted)), 1)
+    ended_at = meta.get("ended_at")
     return BatchStatus(
         batch=batch_id,
         path=str(meta.get("path", "")),
         cwd=str(meta.get("cwd", "")),
-        submitted=float(meta.get("submitted", 0.0)),
+        submitted=submitted,
         total=int(meta.get("total", 0)),
         queued=counts.get("queued", 0),
         running=counts.get("running", 0),
@@ -40,8 +87,14 @@ def compute(batch_id: str, snap: dict[str, Any]) -> BatchStatus:
         eta_seconds=round(eta, 1) if eta is not None else None,
         first_started=float(first) if first else None,
         last_ended=float(last) if last else None,
-        nodes=_nodes(snap["nodes"]),
+        nodes=nodes,
         applying=bool(snap.get("applying")),
+        as_of=until,
+        ended_at=float(ended_at) if ended_at else None,
+        requeued=int(snap.get("requeued", 0)),
+        lost=int(snap.get("lost", 0)),
+        workers_online=len(online),
+        no_worker_for=silent,
     )
 
 
@@ -59,19 +112,33 @@ def fsl_version_warning(facts: dict[str, dict[str, Any]]) -> str | None:
     )
 
 
-def _nodes(raw: dict[str, str]) -> tuple[NodeStatus, ...]:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _nodes(raw: dict[str, str], fleet: Fleet | None) -> tuple[NodeStatus, ...]:
     by_node: dict[str, dict[str, str]] = {}
     for key, value in raw.items():
         node, _, fld = key.rpartition("|")
         by_node.setdefault(node, {})[fld] = value
-    return tuple(
-        NodeStatus(
-            node=node,
-            running=max(0, int(f.get("running", 0))),
-            succeeded=int(f.get("succeeded", 0)),
-            failed=int(f.get("failed", 0)),
-            busy_seconds=float(f.get("busy", 0.0)),
-            last_seen=float(f["seen"]) if "seen" in f else None,
+    if fleet is not None:  # nodes online that have not worked on this batch are shown too
+        for node in fleet.online():
+            by_node.setdefault(node, {})
+    out = []
+    for node, f in sorted(by_node.items()):
+        running = max(0, int(f.get("running", 0)))
+        out.append(
+            NodeStatus(
+                node=node,
+                running=running,
+                succeeded=int(f.get("succeeded", 0)),
+                failed=int(f.get("failed", 0)),
+                busy_seconds=float(f.get("busy", 0.0)),
+                last_seen=float(f["seen"]) if "seen" in f else None,
+                quarantined=fleet.quarantine.get(node) if fleet else None,
+                state=fleet.state(node, running) if fleet else "",
+                heartbeat_age=_rounded(fleet.age(node)) if fleet else None,
+                requeued=int(f.get("requeued", 0)),
+            )
         )
-        for node, f in sorted(by_node.items())
-    )
+    return tuple(out)

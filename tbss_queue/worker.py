@@ -11,11 +11,13 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from celery.exceptions import SecurityWarning
 from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 from celery.worker.consumer import consumer as celery_consumer
@@ -129,6 +131,8 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     rules = NodeRules(options.path_map, options.policy, options.max_time_limit)
     register(app, settings, rules)
     app.conf.worker_consumer = f"{__name__}:Consumer"
+    app.Worker = _with_our_banner(app.Worker)
+    _warn_if_root()
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
     store = BatchStore(connect(settings, check=False))
@@ -185,6 +189,30 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         "--without-gossip",
     ]
     app.worker_main(argv=argv)
+
+
+def _with_our_banner(base: Any) -> Any:
+    """Celery's worker, whose banner says what task events are here: off until a Flower asks
+    (app.py), not "enable -E"."""
+
+    class Worker(base):
+        def startup_info(self, artlines: bool = True) -> str:
+            return str(super().startup_info(artlines)).replace(
+                "OFF (enable -E to monitor tasks in this worker)",
+                "off until a Flower asks for them (tbss-queue flower)",
+            )
+
+    return Worker
+
+
+def _warn_if_root() -> None:
+    """One line instead of Celery's paragraph (it fits JSON-only workers too)."""
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        log.warning(
+            "running as root: every command runs as root too; run workers as an unprivileged "
+            "user (the files in worker/ do)"
+        )
 
 
 def _refuse_message(

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 
 import pytest
 
@@ -21,11 +22,57 @@ from .conftest import Worker, settings_env, write_commands
 from .test_reliability import job
 
 
+class Tmux:
+    """`tbss-queue ARGS` (a shell line) in a detached 200x50 tmux session, read off its screen."""
+
+    def __init__(self, settings: Settings, run_tag: str, args: str) -> None:
+        if shutil.which("tmux") is None:
+            pytest.fail("tmux is not installed (apt-get install tmux)")
+        self.session = f"tbssq-{uuid.uuid4().hex[:8]}"
+        env = settings_env(settings, run_tag)
+        exports = " ".join(
+            f"{k}={shlex.quote(v)}"
+            for k, v in env.items()
+            if k.startswith(("TBSS_QUEUE_", "PYTHON"))
+        )
+        self.command = f"export {exports}; {shlex.quote(sys.executable)} -m tbss_queue {args}"
+
+    def __enter__(self) -> Tmux:
+        subprocess.run(
+            ["tmux", "new-session", "-d", "-s", self.session, "-x", "200", "-y", "50"], check=True
+        )
+        subprocess.run(["tmux", "set-option", "-t", self.session, "remain-on-exit", "on"])
+        self.keys(f"clear; {self.command}", "Enter")
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], check=False)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.session, *keys], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", self.session], capture_output=True, text=True
+        ).stdout
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> str:
+        """The screen once `pattern` (a regular expression) is on it."""
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if re.search(pattern, screen) or re.search(pattern, screen.replace("\n", "")):
+                return screen
+            time.sleep(0.5)
+        raise AssertionError(f"{pattern!r} not on screen:\n{screen}")
+
+
 def test_status_watch_shows_counts_and_eta(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
 ) -> None:
-    if shutil.which("tmux") is None:
-        pytest.fail("tmux is not installed (apt-get install tmux)")
     workers("w1", 1)
     batch = api.submit(
         write_commands(
@@ -33,34 +80,37 @@ def test_status_watch_shows_counts_and_eta(
         ),
         settings=settings,
     )
-    session = f"watch-{uuid.uuid4().hex[:8]}"
-    env = settings_env(settings, run_tag)
-    command = (
-        " ".join(
-            f"{k}={shlex.quote(v)}"
-            for k, v in env.items()
-            if k.startswith(("TBSS_QUEUE_", "PYTHON"))
-        )
-        + f" {shlex.quote(sys.executable)} -m tbss_queue status --watch {batch.id}"
-    )
-    subprocess.run(
-        ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", command], check=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = subprocess.run(
-                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
-            ).stdout
-            if re.search(r"ETA \d+(m\d+)?s", screen) and re.search(
-                r"\b[1-9]\d*/30 finished", screen
-            ):
-                break
-            time.sleep(1)
-        assert re.search(r"ETA \d+(m\d+)?s", screen), screen
+    with Tmux(settings, run_tag, f"status --watch {batch.id}") as term:
+        screen = term.wait_for(r"(?s)(?=.*ETA \d+(m\d+)?s)(?=.*\b[1-9]\d*/30 finished)")
         for column in ("total", "queued", "running", "succeeded", "failed", "w1@"):
             assert column in screen, screen
-        assert re.search(r"\b[1-9]\d*/30 finished", screen), screen
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+def test_status_watch_follows_the_latest_batch_and_ctrl_c_leaves_it_running(
+    tmp_path: Path, settings: Settings, run_tag: str
+) -> None:
+    # Given a batch, and `status --watch` with no batch named
+    first = api.submit(write_commands(tmp_path / "a", ["true a1", "true a2"]), settings=settings)
+    rc = tmp_path / "rc"
+    with Tmux(settings, run_tag, f"status --watch; echo rc=$? > {rc}") as term:
+        screen = term.wait_for(f"batch {first.id} · updated at")
+        # Then it says when it was drawn and how to leave, with the bar clear of its figures
+        assert re.search(rf"batch {first.id} · updated at \d\d:\d\d:\d\d · Ctrl-C to leave", screen)
+        assert re.search(r"━\s{2,}0/2 finished \(0%\)", screen), screen
+        assert "no worker online for" in screen
+        # When a newer batch is submitted, the watch moves on to it
+        second = api.submit(write_commands(tmp_path / "b", ["true b1"]), settings=settings)
+        screen = term.wait_for(f"batch {second.id} · updated at")
+        assert "0/1 finished" in screen
+        # and Ctrl-C leaves: exit 0, the batch continues
+        term.keys("C-c")
+        screen = term.wait_for("stopped watching")
+        assert f"stopped watching; batch {second.id} continues (tbss-queue status {second.id})" in (
+            screen.replace("\n", "")
+        )
+        assert "interrupted" not in screen
+        deadline = time.monotonic() + 10
+        while not rc.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert rc.read_text().strip() == "rc=0"
+    assert api.status(second.id, settings=settings).queued == 1

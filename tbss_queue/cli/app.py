@@ -26,7 +26,8 @@ Examples:
   tbss-queue status --watch
 """
 
-out = Console(soft_wrap=True)
+# piped output (| less, > file, grep) is never wrapped at 80 columns: a line stays a line
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 4096)
 err = Console(stderr=True, soft_wrap=True)
 
 

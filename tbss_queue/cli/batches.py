@@ -10,14 +10,19 @@ import click
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.errors import EXIT_FAILED, EXIT_OK
+from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
+from tbss_queue.models import Batch
 from tbss_queue.paths import PathMap
 from tbss_queue.progress import (
     LiveProgress,
-    failures_table,
+    batches_table,
+    failures_text,
     fmt_duration,
-    node_notes,
+    left_watching,
+    notes,
+    plural,
     status_table,
+    submitted_line,
     summary_line,
 )
 from tbss_queue.progress import watch as watch_status
@@ -94,20 +99,21 @@ def submit(
     if as_json and not wait:
         click.echo(json.dumps(batch.to_dict()))
     else:
-        err.print(
-            f"batch {batch.id}: {batch.queued} commands queued, {batch.skipped} skipped "
-            f"(broker {settings.display_broker})",
-            highlight=False,
-        )
-        if not wait:
+        err.print(f"{submitted_line(batch)} (broker {settings.display_broker})", highlight=False)
+        if not as_json:  # the id on stdout, also with --wait: B=$(tbss-queue submit --wait ...)
             click.echo(batch.id)
     if wait:
         sys.exit(_wait_and_report(batch.id, settings, as_json))
 
 
 def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
-    with LiveProgress(err) as update:
-        final = api.wait(batch_id, settings=settings, on_update=update)
+    """Progress until the batch ends; Ctrl-C leaves the batch running and exits 0."""
+    try:
+        with LiveProgress(err) as update:
+            final = api.wait(batch_id, settings=settings, on_update=update)
+    except KeyboardInterrupt:
+        err.print(left_watching(batch_id), highlight=False)
+        return EXIT_OK
     if as_json:
         click.echo(json.dumps(final.to_dict()))
     else:
@@ -118,7 +124,7 @@ def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
 def _print_final(final: Any, settings: Settings) -> None:
     err.print(summary_line(final), highlight=False)
     if final.failed:
-        err.print(failures_table(api.failures(final.batch, settings=settings)))
+        err.print(failures_text(api.failures(final.batch, settings=settings)), highlight=False)
 
 
 @cli.command()
@@ -151,15 +157,34 @@ def run(
     """
     from tbss_queue.local import run as run_local
 
-    with LiveProgress(err) as update:
-        result = run_local(
-            file,
-            cwd=cwd,
-            concurrency=concurrency,
-            time_limit=time_limit,
-            settings=settings,
-            on_update=update,
+    sent: list[Batch] = []
+
+    def on_submitted(batch: Batch) -> None:  # only with a broker: say where the batch went
+        err.print(
+            f"a broker is configured (--broker / TBSS_QUEUE_BROKER): batch sent to "
+            f"{settings.display_broker}, run by its workers; nothing starts on this machine"
+            + (" (-c is ignored)" if concurrency else ""),
+            highlight=False,
         )
+        err.print(submitted_line(batch), highlight=False)
+        sent.append(batch)
+
+    try:
+        with LiveProgress(err) as update:
+            result = run_local(
+                file,
+                cwd=cwd,
+                concurrency=concurrency,
+                time_limit=time_limit,
+                settings=settings,
+                on_update=update,
+                on_submitted=on_submitted,
+            )
+    except KeyboardInterrupt:
+        if not sent:  # the local batch stops with its workers: main says how to resume
+            raise
+        err.print(left_watching(sent[0].id), highlight=False)
+        sys.exit(EXIT_OK)
     final = result.status
     if as_json:
         click.echo(
@@ -174,7 +199,7 @@ def run(
     else:
         err.print(summary_line(final), highlight=False)
         if result.failures:
-            err.print(failures_table(result.failures))
+            err.print(failures_text(result.failures), highlight=False)
         err.print(
             f"wall time {fmt_duration(result.wall_seconds)}"
             + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
@@ -197,7 +222,9 @@ def run(
 def status(
     batch: str | None, watch: bool, show_matrix: bool, as_json: bool, settings: Settings
 ) -> None:
-    """Counts, throughput, ETA and workers of BATCH (default: the latest).
+    """Counts, throughput, ETA, requeues and worker health of BATCH (default: the latest).
+
+    With --watch and no BATCH, the dashboard follows the latest batch as new ones come.
 
     Example: tbss-queue status --watch
     """
@@ -208,14 +235,16 @@ def status(
         click.echo(json.dumps({**current.to_dict(), **extra}))
         return
     if watch:
-        watch_status(lambda: api.status(current.batch, settings=settings), out)
+        last = watch_status(lambda: api.status(batch, settings=settings), out)
+        err.print(left_watching((last or current).batch), highlight=False)
+        return
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
     out.print(status_table(current))
-    for note in node_notes(current):
+    for note in notes(current):
         out.print(note, highlight=False)
     if current.failed:
-        out.print(failures_table(api.failures(current.batch, settings=settings)))
+        out.print(failures_text(api.failures(current.batch, settings=settings)), highlight=False)
     if show_matrix:
         print_matrix(subjects)
 
@@ -234,8 +263,8 @@ def batches(as_json: bool, settings: Settings) -> None:
         return
     if not items:
         err.print("no batches yet")
-    for b in items:
-        out.print(summary_line(b), highlight=False)
+        return
+    out.print(batches_table(items))
 
 
 @cli.command()
@@ -256,11 +285,13 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
     records = api.failures(batch, settings=settings)
     if write_to:
         api.write_commands(records, write_to)
-        err.print(f"wrote {len(records)} failed commands to {write_to}", highlight=False)
+        err.print(f"wrote {plural(len(records), 'failed command')} to {write_to}", highlight=False)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records]))
+    elif records:
+        out.print(failures_text(records), highlight=False)
     else:
-        out.print(failures_table(records))
+        err.print("no failed commands", highlight=False)
 
 
 @cli.command()
@@ -296,7 +327,7 @@ def report(
         return
     target = output or f"report-{api.status(batch, settings=settings).batch}.html"
     data = api.report(batch, path=target, settings=settings)
-    err.print(f"wrote {target} ({data['summary']['total']} commands)", highlight=False)
+    err.print(f"wrote {target} ({plural(data['summary']['total'], 'command')})", highlight=False)
 
 
 @cli.command()
@@ -309,23 +340,51 @@ def retry(batch: str | None, wait: bool, settings: Settings) -> None:
     Example: tbss-queue retry 1a2b3c4d --wait
     """
     again = api.retry(batch, settings=settings)
-    err.print(f"batch {again.id}: {again.queued} commands queued again", highlight=False)
+    err.print(f"batch {again.id}: {plural(again.queued, 'command')} queued again", highlight=False)
     if wait:
         sys.exit(_wait_and_report(again.id, settings, False))
 
 
 @cli.command()
 @click.argument("batch", required=False)
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needs BATCH).")
 @broker_options
 def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
     """Drop the queued commands of BATCH and kill its running ones (with their children).
 
+    Asks first, naming the batch (the latest one when BATCH is not given); without a terminal
+    it needs --yes and BATCH.
+
     Example: tbss-queue cancel 1a2b3c4d --yes
     """
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"cancel batch {batch or '(latest)'}?", abort=True)
-    final = api.cancel(batch, settings=settings)
+    target = api.status(batch, settings=settings)
+    if yes and batch is None:
+        raise ConfigError(
+            f"cancel --yes: name the batch (the latest is {target.batch}: "
+            f"tbss-queue cancel {target.batch} --yes)"
+        )
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"cancel asks before it kills anything and there is no terminal to ask on: "
+                f"pass the batch and --yes (tbss-queue cancel {target.batch} --yes)"
+            )
+        latest = " (the latest batch)" if batch is None else ""
+        question = (
+            f"cancel batch {target.batch}{latest}, {target.path}: drop "
+            f"{target.queued} queued and kill {target.running} running?"
+        )
+        try:
+            agreed = click.confirm(question, default=False, err=True)
+        except click.Abort:
+            agreed = False
+        if not agreed:
+            err.print(
+                f"not cancelled; batch {target.batch} continues (tbss-queue status {target.batch})",
+                highlight=False,
+            )
+            return
+    final = api.cancel(target.batch, settings=settings)
     err.print(summary_line(final), highlight=False)
 
 

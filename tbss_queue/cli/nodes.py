@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import click
 from rich.table import Table
@@ -134,7 +133,8 @@ def worker(
 @broker_options
 @click.pass_context
 def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
-    """List worker nodes: online or lost, quarantined (and why), FSL version.
+    """List worker nodes: online, stopping, stopped, lost or quarantined (and why), their last
+    heartbeat, the commands they run now and their FSL version.
 
     Example: tbss-queue nodes
     """
@@ -145,14 +145,16 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     if as_json:
         click.echo(json.dumps([n.to_dict() for n in items]))
         return
+    if not items:
+        err.print("no worker has connected to this broker yet (start one: tbss-queue worker)")
+        return
     table = Table(box=None)
-    for col in ("node", "state", "last seen", "FSL", "why"):
+    for col in ("node", "state", "heartbeat", "running", "FSL", "why"):
         table.add_column(col)
     for n in items:
-        state = "quarantined" if n.quarantined else ("online" if n.online else "lost")
-        seen = f"{fmt_duration(max(0.0, time.time() - n.last_seen))} ago" if n.last_seen else "-"
+        seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
-        table.add_row(n.node, state, seen, fsl, n.quarantined or "")
+        table.add_row(n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
     out.print(table)
 
 
@@ -204,7 +206,9 @@ def flower(
     Example: tbss-queue flower --port 5555
     """
     from tbss_queue.flower import FlowerOptions, run_flower
+    from tbss_queue.ports import check_port_free
 
+    check_port_free(address, port)
     run_flower(
         settings,
         FlowerOptions(

@@ -6,6 +6,8 @@
 -- ARGV: cid member token limit count_loss ignore_lease
 -- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
 -- command was no longer running: cancelled, or already taken).
+-- Counts every requeue in attempts ('requeued', and 'lost' for lost runners) and per node
+-- (nodes 'NODE|requeued'), for status.
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
 if not rec then return 'gone' end
 local r = cjson.decode(rec)
@@ -17,7 +19,10 @@ redis.call('HINCRBY', KEYS[3], r['node'] .. '|running', -1)
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old ~= 'running' then return 'gone' end
 local lost = 0
-if ARGV[5] == '1' then lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1) end
+if ARGV[5] == '1' then
+  lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1)
+  redis.call('HINCRBY', KEYS[6], 'lost', 1)
+end
 local new = 'queued'
 if lost >= tonumber(ARGV[4]) then new = 'failed' end
 redis.call('HSET', KEYS[1], ARGV[1], new)
@@ -35,4 +40,6 @@ if new == 'failed' then
   redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
   return 'lost'
 end
+redis.call('HINCRBY', KEYS[6], 'requeued', 1)
+redis.call('HINCRBY', KEYS[3], r['node'] .. '|requeued', 1)
 return 'requeued'
