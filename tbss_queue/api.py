@@ -83,8 +83,11 @@ def submit(
     job_id: int | None = None,
     job_tasks: int | None = None,
     settings: Settings | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
+
+    `on_progress(staged, total)` is called as the file is staged, a chunk at a time.
 
     Submitting the same file again (same path and working directory) resumes its batch: only
     commands that are new, failed or cancelled are queued; queued, running and succeeded ones
@@ -128,8 +131,14 @@ def submit(
             if path_map:
                 chunk = [replace(c, argv=tuple(path_map.argv(c.argv))) for c in chunk]
             changes = _plan(store, batch_id, chunk, [c.key(workdir) for c in chunk], markers)
-            tally.update(changed=len(changes), skipped=sum(c.state == SKIPPED for c in changes))
+            tally.update(
+                read=len(chunk),
+                changed=len(changes),
+                skipped=sum(c.state == SKIPPED for c in changes),
+            )
             yield changes
+            if on_progress is not None:
+                on_progress(tally["read"], parsed.count)
 
     for _ in range(10):
         # another submit of this file may commit first: then plan again against its batch
@@ -139,7 +148,7 @@ def submit(
         meta: dict[str, Any] = {"id": batch_id, **options, "last_submitted": now}
         if owner is None:
             meta["submitted"] = now
-        queued = _enqueue(
+        queued, warning = _enqueue(
             store, settings, batch_id, meta, plan(batch_id), file_key, after, owner or "",
             merge=owner is not None,
         )  # fmt: skip
@@ -153,10 +162,11 @@ def submit(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
     )
-    persisted = persistence_warning(store.r)
-    if persisted:
-        warnings += (persisted,)
-
+    if warning:
+        warnings += (warning,)
+    with contextlib.suppress(redis.RedisError):  # the batch is committed: report it anyway
+        if persisted := persistence_warning(store.r):
+            warnings += (persisted,)
     return Batch(
         batch_id,
         resolved,
@@ -222,13 +232,14 @@ def _enqueue(
     file_owner: str = "*",
     *,
     merge: bool,
-) -> int:
+) -> tuple[int, str | None]:
     """Stage the changes (and their messages) a part at a time, commit them in one
     constant-time step, then apply them in bounded steps; returns how many commands were
-    queued, or -1 when another submit of the same file committed first (nothing of this one is
-    visible then). On any error before the commit nothing is visible and the staging is
-    removed; after it, the submission is applied whole (by a worker's reaper if this process
-    dies). Only one part is held in memory at a time."""
+    queued (-1 when another submit of the same file committed first: nothing of this one is
+    visible then), and a warning if the broker failed after the commit. On any error before
+    the commit nothing is visible and the staging is removed; after it, the submission is
+    applied whole (by a worker's reaper if this process dies). Only one part is held in
+    memory at a time."""
     app = make_app(settings)
     kwargs, options = task_kwargs(meta), send_options(settings.time_limit, meta)
     mode = "merge" if merge else "new"
@@ -248,7 +259,7 @@ def _enqueue(
         staging = Staging(batch_id, sid, mode, n_parts if merge else 0, queue, n_messages)
         if after:
             store.hold(staging, file_key, after)
-            return n_messages
+            return n_messages, None
         committed = store.commit(staging, file_key, file_owner=file_owner)
     except BaseException as exc:
         # staged keys expire on their own if Redis can't be told now; the first error counts
@@ -261,9 +272,17 @@ def _enqueue(
         store.discard(staging)
         if committed == -3:  # an earlier submission of this batch is half applied: finish it
             store.apply(batch_id)
-        return -1
-    store.apply(batch_id)
-    return n_messages
+        return -1, None
+    try:
+        store.apply(batch_id)
+    except redis.RedisError as exc:
+        # committed: the batch is whole and will be queued whole, by the workers' reapers;
+        # the user gets its id, not a broker error
+        return n_messages, (
+            f"the broker failed while this batch was being queued ({type(exc).__name__}: {exc}); "
+            "it is committed whole, and the workers queue the rest"
+        )
+    return n_messages, None
 
 
 def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> Batch:
@@ -278,7 +297,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
         TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), "", expect=states[t]) for t in again
     ]
     store.apply(bid)  # a submission still being applied first: it may requeue some of them
-    queued = _enqueue(
+    queued, warning = _enqueue(
         store,
         settings,
         bid,
@@ -287,7 +306,8 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
         f"{meta['cwd']}|{meta['path']}",
         merge=True,
     )
-    return Batch(bid, meta["path"], meta["cwd"], time.time(), queued, queued, 0)
+    warnings = (warning,) if warning else ()
+    return Batch(bid, meta["path"], meta["cwd"], time.time(), queued, queued, 0, warnings)
 
 
 def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:

@@ -210,8 +210,6 @@ def failures_text(records: Sequence[TaskRecord]) -> str:
     return "\n".join(lines)
 
 
-
-
 def batches_table(items: Sequence[BatchStatus]) -> Table:
     """`batches`: one row per batch with a header: when submitted, the file, counts, speed."""
     table = Table(box=None)
@@ -267,3 +265,44 @@ class LiveProgress:
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
         self.progress.update(self._task, completed=s.finished, total=s.total, detail=detail)
+
+
+PROGRESS_LINES_FROM = 50_000
+"""Commands from which `submit` shows its staging progress when stderr is not a terminal."""
+
+
+class StagingProgress:
+    """How far `submit` is through a large file: a bar on a terminal, else a line at each
+    tenth (for files of PROGRESS_LINES_FROM commands or more), so a log shows it is working."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._shown = 0
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, staged: int, total: int) -> None:
+        if self.console.is_terminal:
+            if self.progress is None or self._task is None:
+                self.progress = Progress(
+                    TextColumn("staging"), BarColumn(), TaskProgressColumn(),
+                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} commands"),
+                    console=self.console, transient=True,
+                )  # fmt: skip
+                self.progress.start()
+                self._task = self.progress.add_task("staging", total=total)
+            self.progress.update(self._task, completed=staged)
+            return
+        tenth = 10 * staged // total if total >= PROGRESS_LINES_FROM else 0
+        if tenth > self._shown:
+            self._shown = tenth
+            self.console.print(
+                f"staged {staged:,} of {total:,} commands ({10 * tenth}%)", highlight=False
+            )

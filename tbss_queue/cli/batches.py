@@ -15,6 +15,7 @@ from tbss_queue.models import Batch
 from tbss_queue.paths import PathMap
 from tbss_queue.progress import (
     LiveProgress,
+    StagingProgress,
     batches_table,
     failures_text,
     fmt_duration,
@@ -85,15 +86,17 @@ def submit(
 
     Example: tbss-queue submit FA/.commands --wait
     """
-    batch = api.submit(
-        file,
-        cwd=cwd,
-        time_limit=time_limit,
-        retries=retries,
-        done_if_exists=done_if_exists,
-        path_map=PathMap.parse(path_map),
-        settings=settings,
-    )
+    with StagingProgress(err) as progress:
+        batch = api.submit(
+            file,
+            cwd=cwd,
+            time_limit=time_limit,
+            retries=retries,
+            done_if_exists=done_if_exists,
+            path_map=PathMap.parse(path_map),
+            settings=settings,
+            on_progress=progress,
+        )
     for warning in batch.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if as_json and not wait:
