@@ -40,6 +40,7 @@ from .logfiles import attempt_of, log_stem, open_attempt_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
 from .preflight import CAUSE_REFUSED, fault, node_fault
+from .publish import label
 from .recovery import republish
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def _execute(
         # failure of the command, and perhaps not ours any more
         result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
     if result.cause == runner.CAUSE_STOPPED:
-        _stopped(task, store, settings, batch_id, task_id, token, result)
+        _stopped(task, store, settings, batch_id, task_id, token, result, label(fields.argv))
     if result.ok and marker is not None and not marker.done():
         # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
         result = replace(
@@ -323,7 +324,7 @@ def _execute(
         record["log_error"] = log_error
     if result.ok:
         outcome = record_end(SUCCEEDED, record)
-        _log_outcome(outcome, task_id, batch_id)
+        _log_outcome(outcome, label(fields.argv), task_id, batch_id)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
     if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
         if store.hand_back(batch_id, task_id, token) == "requeued":
@@ -333,7 +334,7 @@ def _execute(
             )
         raise Ignore()
     outcome = record_end(FAILED, record)
-    _log_outcome(outcome, task_id, batch_id)
+    _log_outcome(outcome, label(fields.argv), task_id, batch_id)
     raise CommandFailed(result.message)
 
 
@@ -396,9 +397,10 @@ def _stopped(
     task_id: str,
     token: str,
     result: runner.RunResult,
+    name: str,
 ) -> None:
     """The command was stopped from outside; its tree is dead. Record nothing. Always raises."""
-    log.warning("command %s of batch %s %s", task_id, batch_id, result.message)
+    log.warning("%s (command %s of batch %s) %s", name, task_id, batch_id, result.message)
     with contextlib.suppress(redis.RedisError):
         # cancelled: this releases the lease; the worker stopping: the command goes back to the
         # front of the queue; lease lost: refused (not ours), as it must be
@@ -429,9 +431,12 @@ def refuse(
     store.finish(batch_id, task_id, node, token, FAILED, {**refused.to_dict(), "node": node})
 
 
-def _log_outcome(outcome: str, task_id: str, batch_id: str) -> None:
+def _log_outcome(outcome: str, name: str, task_id: str, batch_id: str) -> None:
     if outcome not in ("ok", "cancelled"):
-        log.warning("outcome of %s (batch %s) not recorded: %s", task_id, batch_id, outcome)
+        log.warning(
+            "outcome of %s (command %s of batch %s) not recorded: %s",
+            name, task_id, batch_id, outcome,
+        )  # fmt: skip
 
 
 def register(app: Celery, settings: Settings, rules: NodeRules | None = None) -> None:
