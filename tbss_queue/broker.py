@@ -87,26 +87,30 @@ def connect(
     if check and settings.uses_sentinel:
         _check_sentinel(settings, client)
     elif check:
-        try:
-            client.ping()
-        except redis.AuthenticationError as exc:
-            raise BrokerUnavailable(
-                f"broker {settings.display_broker} refused the credentials: {exc}"
-            ) from None
-        except redis.ResponseError as exc:
-            if "NOAUTH" in str(exc) or "auth" in str(exc).lower():
-                raise BrokerUnavailable(
-                    f"broker {settings.display_broker} needs a password: {exc}"
-                ) from None
-            raise
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            hint = ""
-            if settings.uses_tls and not settings.tls_cert and "EOF" in str(exc):
-                hint = " (does Redis ask for a client certificate? give --tls-cert/--tls-key)"
-            raise BrokerUnavailable(
-                f"cannot reach broker {settings.display_broker}: {exc}{hint}"
-            ) from None
+        hint = ""
+        if settings.uses_tls and not settings.tls_cert:
+            hint = " (does Redis ask for a client certificate? give --tls-cert/--tls-key)"
+        _ping(client, f"broker {settings.display_broker}", "the credentials", "", hint)
     return client
+
+
+def _ping(client: redis.Redis, who: str, credentials: str, password_hint: str, eof: str) -> None:
+    """PING, with every way it can fail as one line naming `who`: refused credentials, a
+    missing password (`password_hint` says where to give it), or no connection (`eof`: a
+    hint for a connection closed at once, as by a TLS server wanting a certificate)."""
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(f"{who} refused {credentials}: {exc}") from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "auth" in str(exc).lower():
+            raise BrokerUnavailable(f"{who} needs a password: {password_hint or exc}") from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        if isinstance(exc, redis.sentinel.MasterNotFoundError):
+            raise  # the caller says what the Sentinels see
+        hint = eof if "EOF" in str(exc) else ""
+        raise BrokerUnavailable(f"cannot reach {who}: {exc}{hint}") from None
 
 
 @lru_cache(maxsize=8)
@@ -198,25 +202,18 @@ def _check_sentinel(settings: Settings, client: redis.Redis) -> None:
             f"{', '.join(known) or 'none'}); set --sentinel-master / TBSS_QUEUE_SENTINEL_MASTER"
         )
     try:
-        client.ping()
+        _ping(
+            client,
+            f"master {name!r} of {shown}",
+            "the URL's credentials",
+            "put it in the URL, sentinel://:PASSWORD@host:26379",
+            "",
+        )
     except redis.sentinel.MasterNotFoundError:
         raise BrokerUnavailable(
             f"the Sentinels of {shown} see master {name!r} down and have not promoted a "
             "replica (yet)"
         ) from None
-    except redis.AuthenticationError as exc:
-        raise BrokerUnavailable(
-            f"master {name!r} of {shown} refused the URL's credentials: {exc}"
-        ) from None
-    except redis.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "auth" in str(exc).lower():
-            raise BrokerUnavailable(
-                f"master {name!r} of {shown} needs a password: put it in the URL, "
-                "sentinel://:PASSWORD@host:26379"
-            ) from None
-        raise
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach master {name!r} of {shown}: {exc}") from None
 
 
 REPLICA_WAIT_MS = 1000
