@@ -200,7 +200,7 @@ def test_retry_requeues_exactly_the_failed_commands(
     flag.touch()
     res = tbss_queue("retry", "--wait", env=env)
     assert res.returncode == 0, res.stderr
-    assert "1 commands queued again" in res.stderr
+    assert "1 command queued again" in res.stderr
     assert ran(log) == Counter(["0", "1", "2", "x"])
 
 
