@@ -15,6 +15,7 @@ Results go to stdout as markdown; docs/benchmarks.md keeps them with the machine
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -27,7 +28,14 @@ from typing import Any
 
 from tbss_queue import api
 from tbss_queue.app import make_app
-from tbss_queue.batches import BatchStore
+from tbss_queue.batches import (
+    CHUNK,
+    QUARANTINE,
+    BatchStore,
+    _task_keys,
+    batch_key,
+    run_line,
+)
 from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.recovery import keep_tidy, missing_messages, republish_orphans
@@ -58,6 +66,36 @@ def submit_process(path: Path, url: str) -> tuple[float, float]:
     if status != 0:
         raise RuntimeError(f"submit failed: {proc.stderr.read().decode() if proc.stderr else ''}")
     return wall, usage.ru_maxrss / 1024.0
+
+
+def as_if_run(store: BatchStore, batch: str, nodes: int) -> None:
+    """Claim and finish every queued command of `batch` with claim.lua and finish.lua, as
+    `nodes` one-slot workers back to back would (3-5 s each, 1 in 50 failing), pipelined."""
+    specs = store.task_specs(batch)
+    claim, finish = store._scripts["claim"], store._scripts["finish"]
+    clock = [1.7e9] * nodes
+    ids = list(specs)
+    for start in range(0, len(ids), CHUNK):
+        pipe = store.r.pipeline(transaction=False)
+        part = ids[start : start + CHUNK]
+        for i, tid in enumerate(part, start):
+            node, token = f"w{i % nodes}@bench", f"t{i}"
+            keys = [*_task_keys(batch, tid), batch_key(batch, "attempts")]
+            keys += [batch_key(batch), QUARANTINE]
+            claim(keys=keys, args=[tid, f"{batch}|{tid}", node, token, 60000, 1, ""], client=pipe)
+            began = clock[i % nodes]
+            clock[i % nodes] = ended = began + 3 + (i % 7) / 3
+            state = "failed" if i % 50 == 0 else "succeeded"
+            record = {"exit_code": 0 if state == "succeeded" else 1, "started": began,
+                      "ended": ended, "duration": ended - began, "node": node, "slot": 1,
+                      "line": specs[tid]["line"], "stdout_tail": "", "stderr_tail": "",
+                      "cause": None if state == "succeeded" else "exit", "message": ""}  # fmt: skip
+            keys = [*_task_keys(batch, tid), batch_key(batch, "result")]
+            keys += [batch_key(batch, "ended"), batch_key(batch)]
+            keys += [batch_key(batch, "runs"), batch_key(batch, "failed")]
+            args = [tid, f"{batch}|{tid}", node, token, state, json.dumps(record)]
+            finish(keys=keys, args=[*args, ended - began, run_line(record)], client=pipe)
+        pipe.execute()
 
 
 def one_size(workdir: Path, n: int) -> dict[str, str]:
@@ -99,10 +137,12 @@ def one_size(workdir: Path, n: int) -> dict[str, str]:
                 keep_tidy(store, settings),
             ),
         )
+        # every command claimed and finished through the workers' own scripts (nothing runs:
+        # the report's input, a million recorded attempts, is what matters here)
+        as_if_run(store, batch, nodes=16)
         start = time.perf_counter()
         api.report(batch, path=workdir / f"report-{n}.html", settings=settings)
-        out["report s"] = f"{time.perf_counter() - start:.1f}"
-        api.cancel(batch, settings=settings)
+        out["report s (all ran)"] = f"{time.perf_counter() - start:.1f}"
         keep_tidy(store, settings)
         timed("forget", lambda: api.forget(batch, settings=settings))
     finally:

@@ -14,7 +14,7 @@ import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from .batches import (
     batch_key,
     new_batch_id,
     new_submission_id,
+    run_line,
     task_id_for,
 )
 from .broker import broker_full, connect, replicated
@@ -492,7 +493,15 @@ def _records(
 def failures(batch_id: str | None = None, *, settings: Settings | None = None) -> list[TaskRecord]:
     """The failed commands of a batch, with cause, exit code, node and stderr tail."""
     _, store = _store(settings)
-    return [r for r in _ran(store, store.resolve_id(batch_id)) if r.state == FAILED]
+    return _failed(store, store.resolve_id(batch_id))
+
+
+def _failed(store: BatchStore, batch_id: str) -> list[TaskRecord]:
+    """Read from the batch's set of failed commands: the cost grows with the failures."""
+    ids = store.failed_ids(batch_id)
+    specs, states = store.task_specs(batch_id, ids), store.states_of(batch_id, ids)
+    failed = [t for t in ids if states.get(t) == FAILED and t in specs]
+    return _records(store, batch_id, specs, states, store.results(batch_id, failed), failed)
 
 
 def matrix(
@@ -520,17 +529,27 @@ def report(
     path: str | os.PathLike[str] | None = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """A batch's summary, timeline (node, slot, start, end of every command) and failures;
-    with `path`, also written there as a self-contained HTML report with plots."""
-    from .report import render_html, report_data  # matplotlib: loaded only for reports
+    """A batch's summary, timeline (node, slot, start, end of every recorded attempt) and
+    failures; with `path`, also written there as a self-contained HTML report with plots.
+    Reads the batch's run log and its failed commands, not every command's record."""
+    from .report import Runs, render_html, report_data  # matplotlib: loaded only for reports
 
     current = status(batch_id, settings=settings)
     store = _store(settings)[1]
-    records = _ran(store, current.batch)
+    lines = store.runs(current.batch)
+    if not lines and current.succeeded + current.failed:  # recorded before the run log existed
+        lines = [
+            f"{run_line(asdict(r))}\t{r.state}"
+            for r in _ran(store, current.batch)
+            if r.started is not None and r.ended is not None
+        ]
+    runs = Runs.parse(lines)
+    failed = _failed(store, current.batch)
     subjects = _matrix(store, current)
-    data = report_data(current, records, subjects)
+    data = report_data(current, runs, failed, subjects)
     if path is not None:
-        Path(path).write_text(render_html(current, records, subjects, data), encoding="utf-8")
+        html = render_html(current, runs, failed, subjects, data)
+        Path(path).write_text(html, encoding="utf-8")
     return data
 
 

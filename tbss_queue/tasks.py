@@ -319,6 +319,7 @@ def _execute(
         "cwd": cwd,
         # the claim's count: every attempt, in any worker, has its own number and log files
         "attempt": attempt,
+        "line": line,
     }
     if log_error is not None:
         record["log_error"] = log_error

@@ -12,6 +12,7 @@ from selenium.webdriver.common.by import By
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.report import RASTERIZE_ABOVE, Runs, timeline_svg
 
 from .browser import browser, screenshot  # noqa: F401 - the fixture
 from .conftest import Worker, settings_env, tbss_queue, write_commands
@@ -70,3 +71,47 @@ def test_report_of_a_batch_that_has_not_started(tmp_path: Path, settings: Settin
     out = tmp_path / "r.html"
     api.report(batch.id, path=out, settings=settings)
     assert "nothing to plot" in out.read_text()
+
+
+def test_the_report_shows_every_attempt_and_only_the_failures_that_stand(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a command that fails, is fixed and retried, beside one that keeps failing
+    flag = tmp_path / "fixed"
+    cmds = write_commands(tmp_path / "cmds", [f"test -e {flag}", "false", "true"])
+    workers("w1", 2)
+    batch = api.submit(cmds, settings=settings)
+    assert api.wait(batch.id, settings=settings, timeout=90).failed == 2
+    flag.touch()
+    api.retry(batch.id, settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=90)
+    assert (final.succeeded, final.failed) == (2, 1)
+    # Then the timeline holds each attempt (line 1 twice: failed, then succeeded) ...
+    data = api.report(batch.id, settings=settings)
+    attempts = [(r["line"], r["state"]) for r in data["timeline"]]
+    assert sorted(attempts) == [
+        (1, "failed"),
+        (1, "succeeded"),
+        (2, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
+    ]
+    # ... and the failures are the one command failed now, as `failures` says
+    assert [f["line"] for f in data["failures"]] == [2]
+    assert [r.line for r in api.failures(batch.id, settings=settings)] == [2]
+
+
+def test_a_timeline_of_many_attempts_is_drawn_as_an_image() -> None:
+    # Given more attempts than SVG bars would carry (a 1,000-subject study's worth is 1e6)
+    n = RASTERIZE_ABOVE + 1
+    lines = [
+        f"{i}\tw{i % 8}@h\t{i // 8 % 2}\t{1000.0 + i * 0.01:.3f}\t{1003.0 + i * 0.01:.3f}\t"
+        + ("failed" if i % 97 == 0 else "succeeded")
+        for i in range(n)
+    ]
+    runs = Runs.parse(lines)
+    assert len(runs) == n and len(runs.rows) == 16
+    # When the timeline is drawn, it is one embedded image on 16 labelled rows
+    svg = timeline_svg(runs)
+    assert svg.count("<image") == 1
+    assert all(f"w{k}@h #{s}" in svg for k in range(8) for s in (0, 1))

@@ -23,7 +23,7 @@ from .images import image_exists, imglob
 from .outputs import FslReg, parse_fsl_reg, read_msf, reg_done
 
 MAX_CELLS = 40_000
-"""Batches with more commands than this (200 subjects) get no matrix: it would not be read."""
+"""Matrices of more cells than this (200 subjects) are not made: they would not be read."""
 BROKEN_SHARE = 0.8
 """A subject is named broken when at least this share of its finished pairs failed, both as
 moving image and as reference."""
@@ -116,6 +116,8 @@ def subject_matrix(records: Sequence[TaskRecord], cwd: str) -> SubjectMatrix | N
     if os.path.isdir(cwd):  # pairs done before this batch (`plan` leaves them out)
         names |= set(imglob(Path(cwd)))
     subjects = tuple(sorted(names))
+    if len(subjects) ** 2 > MAX_CELLS:  # a few references for many subjects: too wide to read
+        return None
     cells = tuple(tuple(_cell(g, f, pairs.get((g, f)), cwd) for f in subjects) for g in subjects)
     counts = tuple(_counts(i, s, cells) for i, s in enumerate(subjects))
     broken = tuple(c.subject for c in counts if _broken(c))

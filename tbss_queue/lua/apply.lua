@@ -3,7 +3,7 @@
 -- command that started or finished meanwhile is left alone (its extra message is dropped by the
 -- claim). Then its messages, at most `limit` per call, in file order. Any number of callers may
 -- drive it (the submitter, or a reaper when the submitter died): each step happens once.
--- KEYS: pending state counts cmd meta s_msgs queue s_cmd s_state s_expect
+-- KEYS: pending state counts cmd meta s_msgs queue s_cmd s_state s_expect failed
 --       (the s_* chunk keys are those of chunk `step`)
 -- ARGV: batch_id sid step limit
 -- Returns 'more', 'done', or 'stale' (the pending record is not at `step`: read it again).
@@ -20,6 +20,7 @@ if p['next'] < p['chunks'] then
     local expect = redis.call('HGET', KEYS[10], st[i]) or ''
     if (old or '') == expect then
       if old then redis.call('HINCRBY', KEYS[3], old, -1) end
+      if old == 'failed' then redis.call('SREM', KEYS[11], st[i]) end
       redis.call('HSET', KEYS[2], st[i], st[i + 1])
       redis.call('HINCRBY', KEYS[3], st[i + 1], 1)
     end

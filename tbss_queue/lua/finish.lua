@@ -1,6 +1,9 @@
 -- finish: record the outcome of an attempt, for the lease's owner only.
--- KEYS: state counts nodes running lease result ended meta
--- ARGV: cid member node token new_state record_json duration
+-- Each recorded attempt is also one line of the batch's run log (what the report reads: line,
+-- node, slot, start, end and state, without decoding a record), and a failed command joins the
+-- batch's failed set (what `failures` reads).
+-- KEYS: state counts nodes running lease result ended meta runs failed
+-- ARGV: cid member node token new_state record_json duration run_line
 -- Returns 'ok'; 'not-owner' (the lease was lost: nothing is recorded); or the state the command
 -- was in when it was no longer running (cancelled meanwhile: it stays cancelled).
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
@@ -21,4 +24,6 @@ redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[5], 1)
 redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3] .. '|busy', ARGV[7])
 redis.call('HSET', KEYS[8], 'last_ended', now)
+redis.call('RPUSH', KEYS[9], ARGV[8] .. '\t' .. ARGV[5])
+if ARGV[5] == 'failed' then redis.call('SADD', KEYS[10], ARGV[1]) end
 return 'ok'

@@ -3,7 +3,7 @@
 -- queue unfailed and the node is quarantined, unless every node that is taking commands has now
 -- refused it: then the fault is the command's, it fails with each node's reason, and those nodes
 -- are let out of quarantine.
--- KEYS: state counts nodes running lease result ended refusals alive quarantine
+-- KEYS: state counts nodes running lease result ended refusals alive quarantine failed
 -- ARGV: cid member node token reason_json live_window_seconds
 -- Returns 'requeued', 'failed' or 'not-owner'.
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
@@ -45,6 +45,7 @@ local msg = reason['message'] .. ' - refused by every node taking commands (' ..
   table.concat(parts, '; ') .. ')'
 redis.call('HSET', KEYS[1], ARGV[1], 'failed')
 redis.call('HINCRBY', KEYS[2], 'failed', 1)
+redis.call('SADD', KEYS[11], ARGV[1])
 redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], message=msg,
   node=ARGV[3], exit_code=cjson.null, started=now, ended=now, duration=0, stdout_tail='',
   stderr_tail=msg, refusals=refused}))

@@ -2,7 +2,7 @@
 -- as `lost` once its runners were lost `limit` times. Used by an owner handing its command back
 -- (shutdown, node fault) and by the reaper for a lapsed lease. Only that runner's own lease is
 -- released, so two reapers can't both requeue.
--- KEYS: state counts nodes running lease attempts result ended
+-- KEYS: state counts nodes running lease attempts result ended failed
 -- ARGV: cid member token limit count_loss ignore_lease
 -- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
 -- command was no longer running: cancelled, or already taken).
@@ -37,6 +37,7 @@ if new == 'failed' then
     node=r['node'], exit_code=cjson.null, started=r['started'], ended=now,
     duration=now - r['started'], stdout_tail='', stderr_tail=msg}))
   redis.call('ZADD', KEYS[8], now, ARGV[1])
+  redis.call('SADD', KEYS[9], ARGV[1])
   redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
   return 'lost'
 end
