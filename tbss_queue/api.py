@@ -499,6 +499,9 @@ def failures(batch_id: str | None = None, *, settings: Settings | None = None) -
 def _failed(store: BatchStore, batch_id: str) -> list[TaskRecord]:
     """Read from the batch's set of failed commands: the cost grows with the failures."""
     ids = store.failed_ids(batch_id)
+    if not ids and int(store.r.hget(batch_key(batch_id, "counts"), FAILED) or 0):
+        # failed before the set existed (an upgrade mid-study): read every record once
+        return [r for r in _ran(store, batch_id) if r.state == FAILED]
     specs, states = store.task_specs(batch_id, ids), store.states_of(batch_id, ids)
     failed = [t for t in ids if states.get(t) == FAILED and t in specs]
     return _records(store, batch_id, specs, states, store.results(batch_id, failed), failed)
