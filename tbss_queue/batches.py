@@ -16,6 +16,8 @@ Keys (prefix tbssq:), for batch B:
   b:B:attempts        HASH  task id -> attempts started; "lost:"+id -> lost-worker requeues;
                             "requeued", "lost": the batch's totals of both (status)
   b:B:refusals        HASH  task id -> JSON {node: {cause, message}}: nodes that could not start it
+  b:B:runs            LIST  a line per recorded attempt (RUN_FIELDS): what the report reads
+  b:B:failed          SET   task ids failed now: what `failures` reads
   running             HASH  "B|task" -> JSON {node, token, started, pid, attempt} (global)
   lease:B|task        STRING the owning runner's token, expiring: renewed only by that runner
   alive               ZSET  node -> Redis time it last said it was up
@@ -24,9 +26,14 @@ Keys (prefix tbssq:), for batch B:
   index               HASH  command key -> B: latest batch of a command (its task id there is
                             task_id_for(B, key))
   nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
-  held                HASH  B -> JSON {after, queue, n, file_key}: staged, waiting for batches
+  held                HASH  B -> JSON {after, file_key, staging}: staged, waiting for batches
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
-  b:B:stage:S:*       what submission S writes before its atomic commit (one set per submit)
+  active              SET   batches not ended (something queued, running or being applied)
+  pending             HASH  B -> JSON Staging + step: a committed submission being applied
+  b:B:stage:S:*       what submission S stages before its commit (one set per submit)
+
+An ended batch's keys expire after TBSS_QUEUE_KEEP (lua/end.lua); the workers then drop what
+points to it (BatchStore.drop_references).
 
 A task id here is the command's identity within its batch (stable across attempts); every
 Celery message carries a fresh id of its own (see publish.py).
