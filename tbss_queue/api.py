@@ -290,6 +290,7 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
     """Queue the failed and cancelled commands of a batch again, exactly those."""
     settings, store = _store(settings)
     bid = store.resolve_id(batch_id)
+    store.apply(bid)  # a submission still being applied first: it may requeue some of them
     meta = store.meta(bid)
     states = store.states(bid)
     again = [t for t, s in states.items() if s in (FAILED, CANCELLED)]
@@ -297,7 +298,6 @@ def retry(batch_id: str | None = None, *, settings: Settings | None = None) -> B
     changes = [
         TaskSpec(t, specs[t]["line"], tuple(specs[t]["argv"]), "", expect=states[t]) for t in again
     ]
-    store.apply(bid)  # a submission still being applied first: it may requeue some of them
     queued, warning = _enqueue(
         store,
         settings,

@@ -355,6 +355,12 @@ class BatchStore:
         """Batches with a committed submission still being applied."""
         return [str(b) for b in self.r.hkeys(PENDING)]
 
+    def apply_pending(self) -> None:
+        """Carry out every committed submission still being applied (their submitters may
+        have died): before judging the queue, or tidying."""
+        for batch_id in self.pending():
+            self.apply(batch_id)
+
     def hold(self, staging: Staging, file_key: str, after: Sequence[str]) -> None:
         """Keep a staged submission (no expiry) until every batch in `after` is done."""
         pipe: Any = self.r.pipeline(transaction=True)

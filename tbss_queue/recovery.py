@@ -252,8 +252,7 @@ def reconcile(app: Celery, store: BatchStore, settings: Settings) -> dict[str, i
     Running tasks go back to queued, kombu's unacked messages (their workers are gone) are
     dropped, and every queued task without a message is published again.
     """
-    for batch_id in store.pending():  # staged messages are published, not taken for lost
-        store.apply(batch_id)
+    store.apply_pending()  # staged messages are published, not taken for lost
     counts = requeue_lost(app, store, settings, everything=True)
     store.r.delete(KOMBU_UNACKED, KOMBU_UNACKED_INDEX)
     counts["republished"] = republish_orphans(app, store, settings)
@@ -287,8 +286,7 @@ def release_held(store: BatchStore) -> list[str]:
 def keep_tidy(store: BatchStore, settings: Settings) -> None:
     """Bookkeeping any worker may do: finish applying submissions whose submitter died, start
     the retention time of batches that ended, and drop what points to expired batches."""
-    for batch_id in store.pending():
-        store.apply(batch_id)
+    store.apply_pending()
     for batch_id in store.active():
         if store.end(batch_id, settings.keep):
             log.info("batch %s ended; its records are kept %g s", batch_id, settings.keep)
