@@ -23,8 +23,9 @@ Keys (prefix tbssq:), for batch B:
   alive               ZSET  node -> Redis time it last said it was up
   stopping            HASH  node -> Redis time it began to stop (SIGTERM, --stop-after)
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
-  index               HASH  command key -> B: latest batch of a command (its task id there is
-                            task_id_for(B, key))
+  index:KK            HASH  command key -> B: latest batch of a command (its task id there is
+                            task_id_for(B, key)), in 256 buckets by the key's first 2 hex
+                            digits (index_key)
   nodes               HASH  node name -> JSON facts it announced at start (FSL version...)
   held                HASH  B -> JSON {after, file_key, staging}: staged, waiting for batches
   files               HASH  "cwd|path" -> B: the batch of a commands file (resubmission merges)
@@ -59,7 +60,10 @@ from .errors import BatchNotFound
 PREFIX = "tbssq:"
 BATCHES = PREFIX + "batches"
 RUNNING = PREFIX + "running"
-INDEX = PREFIX + "index"
+LEGACY_INDEX = PREFIX + "index"
+"""The command index as one hash, before it was split into buckets: read and swept while an
+upgraded Redis still holds it."""
+INDEX_DIGITS = 2
 FILES = PREFIX + "files"
 NODES = PREFIX + "nodes"
 HELD = PREFIX + "held"
@@ -84,6 +88,18 @@ UNCOMMITTED_TTL = 24 * 3600
 
 def batch_key(batch_id: str, part: str = "") -> str:
     return f"{PREFIX}b:{batch_id}" + (f":{part}" if part else "")
+
+
+def index_key(command_key: str) -> str:
+    """The bucket of the command index that holds a command. Many small hashes rather than one
+    of a million entries: dropping an ended batch's entries from one huge hash stalled Redis for
+    up to 276 ms a step while it shrank the hash; a bucket holds a 256th of it."""
+    return f"{PREFIX}index:{command_key[:INDEX_DIGITS]}"
+
+
+def index_buckets() -> list[str]:
+    """Every bucket of the command index (most exist once a study has a few thousand commands)."""
+    return [f"{PREFIX}index:{i:0{INDEX_DIGITS}x}" for i in range(16**INDEX_DIGITS)]
 
 
 def member(batch_id: str, task_id: str) -> str:
@@ -276,9 +292,12 @@ class BatchStore:
                 pipe.hincrby(s_counts, state, n)
         # written before the commit: an entry whose task has no state yet (not committed, or
         # never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
-        live = {t.key: batch_id for t in tasks if t.state == QUEUED and t.key}
-        if live:
-            pipe.hset(INDEX, mapping=live)
+        live: dict[str, dict[str, str]] = {}
+        for t in tasks:
+            if t.state == QUEUED and t.key:
+                live.setdefault(index_key(t.key), {})[t.key] = batch_id
+        for bucket, entries in live.items():
+            pipe.hset(bucket, mapping=entries)
         if any(q != staging.queue for q, _ in messages):
             raise ValueError("all messages of a batch must go to one queue")
         if messages:
@@ -378,9 +397,13 @@ class BatchStore:
             out[b] = {**hold, "staging": Staging.from_json(b, hold["staging"])}
         return out
 
-    def discard(self, staging: Staging) -> None:
-        """Remove whatever a failed submit staged (the batch itself is untouched)."""
+    def discard(self, staging: Staging, *, new_batch: bool = False) -> None:
+        """Remove whatever a failed submit staged (the batch itself is untouched), and, for a
+        new batch that never came to be, the index entries that name it (harmless, as they
+        name no task, but kept for ever otherwise)."""
         self.r.unlink(*staging.all_keys())
+        if new_batch:
+            self._sweep_index({staging.batch_id})
 
     def batch_for_file(self, file_key: str) -> str | None:
         """The batch an earlier submission of this file (same path, same cwd) created."""
@@ -403,11 +426,24 @@ class BatchStore:
         if not keys:
             return {}
         found: dict[str, tuple[str, str]] = {}
+        legacy = bool(self.r.exists(LEGACY_INDEX))
         for i in range(0, len(keys), CHUNK):
-            chunk = keys[i : i + CHUNK]
-            for key, b in zip(chunk, self.r.hmget(INDEX, chunk), strict=True):
-                if b:
-                    found[key] = (b, task_id_for(b, key))
+            buckets: dict[str, list[str]] = {}
+            for key in keys[i : i + CHUNK]:
+                buckets.setdefault(index_key(key), []).append(key)
+            pipe = self.r.pipeline(transaction=False)
+            for bucket, some in buckets.items():
+                pipe.hmget(bucket, some)
+            for some, values in zip(buckets.values(), pipe.execute(), strict=True):
+                for key, b in zip(some, values, strict=True):
+                    if b:
+                        found[key] = (b, task_id_for(b, key))
+            missing = [k for k in keys[i : i + CHUNK] if k not in found] if legacy else []
+            if missing:
+                for key, v in zip(missing, self.r.hmget(LEGACY_INDEX, missing), strict=True):
+                    if v:  # "B" or, older still, "B|task"
+                        b, _, t = v.partition("|")
+                        found[key] = (b, t or task_id_for(b, key))
         pipe = self.r.pipeline(transaction=False)
         items = list(found.items())
         for _, (b, t) in items:
@@ -593,20 +629,38 @@ class BatchStore:
             ended_jobs = [j for j, b in zip(jobs, pipe.execute(), strict=True) if b in gone]
             if ended_jobs:
                 self.r.unlink(*ended_jobs)
-        dropped = 0
-        # smaller steps than elsewhere: a hash emptied this fast is being shrunk (rehashed)
-        # meanwhile, which makes each HSCAN and HDEL step slower (63 ms at 2,000 per step)
-        step = CHUNK // 4
-        for key, batch_of in ((FILES, str), (INDEX, lambda v: v.split("|", 1)[0])):
-            stale: list[str] = []
-            for field, value in self.r.hscan_iter(key, count=step):
-                if batch_of(value) in gone:
-                    stale += [field, value]
-                if len(stale) >= 2 * step:
-                    dropped += int(self._run("drop_entries", [key], stale))
-                    stale = []
-            if stale:
+        dropped = self._drop_stale(FILES, self.r.hscan_iter(FILES, count=CHUNK), gone)
+        if self.r.exists(LEGACY_INDEX):
+            # a hash emptied this fast is shrunk meanwhile, which slows each step: small ones
+            entries = self.r.hscan_iter(LEGACY_INDEX, count=CHUNK // 4)
+            dropped += self._drop_stale(LEGACY_INDEX, entries, gone, step=CHUNK // 4)
+        return dropped + self._sweep_index(gone)
+
+    def _sweep_index(self, gone: set[str]) -> int:
+        """Drop the command index's entries that name these batches, a bucket at a time."""
+        dropped, buckets = 0, index_buckets()
+        for i in range(0, len(buckets), 64):
+            pipe = self.r.pipeline(transaction=False)
+            for bucket in buckets[i : i + 64]:
+                pipe.hgetall(bucket)
+            for bucket, entries in zip(buckets[i : i + 64], pipe.execute(), strict=True):
+                if entries:
+                    dropped += self._drop_stale(bucket, entries.items(), gone)
+        return dropped
+
+    def _drop_stale(
+        self, key: str, entries: Iterable[tuple[str, str]], gone: set[str], step: int = CHUNK
+    ) -> int:
+        """Drop the entries of hash `key` whose value names a gone batch, `step` per script."""
+        dropped, stale = 0, []
+        for field, value in entries:
+            if value.partition("|")[0] in gone:
+                stale += [field, value]
+            if len(stale) >= 2 * step:
                 dropped += int(self._run("drop_entries", [key], stale))
+                stale = []
+        if stale:
+            dropped += int(self._run("drop_entries", [key], stale))
         return dropped
 
     # -- nodes ----------------------------------------------------------------------------------

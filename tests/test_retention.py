@@ -19,9 +19,11 @@ from tbss_queue.batches import (
     BATCHES,
     CHUNK,
     FILES,
-    INDEX,
+    LEGACY_INDEX,
     BatchStore,
     batch_key,
+    index_key,
+    task_id_for,
 )
 from tbss_queue.broker import connect
 from tbss_queue.config import Settings
@@ -50,7 +52,8 @@ def references(client: redis.Redis, batch: str) -> list[str]:
     if client.sismember(ACTIVE, batch):
         found.append("active")
     found += [f"files:{k}" for k, v in client.hgetall(FILES).items() if v == batch]
-    found += [f"index:{k}" for k, v in client.hgetall(INDEX).items() if v.startswith(batch + "|")]
+    for bucket in client.scan_iter(match="tbssq:index:*", count=1000):
+        found += [f"index:{k}" for k, v in client.hgetall(bucket).items() if v == batch]
     return found
 
 
@@ -70,6 +73,9 @@ def test_every_key_of_an_ended_batch_expires_and_forget_drops_them_now(
     ttls = {k: client.ttl(k) for k in keys}
     assert all(0 < t <= KEEP for t in ttls.values()), ttls
     assert api.status(batch.id, settings=settings).failed == 1  # still readable meanwhile
+    named = references(client, batch.id)  # what forget must drop (an ended batch is not active)
+    assert ["batches"] == named[:1] and len([r for r in named if r.startswith("index:")]) == 2
+    assert len([r for r in named if r.startswith("files:")]) == 1
     # (and an fsl_sub job id naming it, as the fsl_sub plugin keeps one)
     client.hset("tbssq:job:7", mapping={"batch": batch.id, "name": "tbss_2_reg"})
     # When it is forgotten
@@ -126,6 +132,34 @@ def test_a_retried_batch_is_kept_again_and_expired_batches_leave_no_references(
     wait_until(lambda: references(client, batch.id) == [], 60, "expired references dropped")
     assert batch_keys(client, batch.id) == [batch_key(batch.id)]
     assert api.list_batches(settings=settings) == []
+
+
+def test_the_index_is_kept_in_buckets_and_one_left_by_an_older_version_is_read_and_swept(
+    redis_url: str,
+) -> None:
+    client = connect(Settings.resolve(env={}, broker=redis_url))
+    store = BatchStore(client)
+    a, b, c, d = (ch * 40 for ch in "abcd")
+    # Given an older version's index, one hash with "B" or "B|task" per command...
+    client.hset(LEGACY_INDEX, mapping={a: "old", b: "kept|t1", c: "old|t2"})
+    client.hset(batch_key("kept", "state"), "t1", "queued")
+    client.hset(batch_key("old", "state"), mapping={task_id_for("old", a): "succeeded"})
+    client.hset(batch_key("old", "state"), "t2", "failed")
+    # ...and a newer batch that queued command d, indexed in d's bucket
+    client.hset(index_key(d), d, "new")
+    client.hset(batch_key("new", "state"), task_id_for("new", d), "queued")
+    assert index_key(d) == "tbssq:index:dd"
+    # Then both are read
+    assert store.live_tasks([a, b, c, d, "e" * 40]) == {
+        a: ("old", task_id_for("old", a), "succeeded"),
+        b: ("kept", "t1", "queued"),
+        c: ("old", "t2", "failed"),
+        d: ("new", task_id_for("new", d), "queued"),
+    }
+    # And when batches old and new are gone, their entries go from both
+    assert store.drop_references({"old", "new"}) == 3
+    assert client.hgetall(LEGACY_INDEX) == {b: "kept|t1"}
+    assert not client.exists(index_key(d))
 
 
 def test_a_full_broker_refuses_submit_in_one_line_while_running_commands_finish(

@@ -329,7 +329,7 @@ def report(
         click.echo(json.dumps(api.report(batch, settings=settings)))
         return
     target = output or f"report-{api.status(batch, settings=settings).batch}.html"
-    data = api.report(batch, path=target, settings=settings)
+    data = api.report(batch, path=target, settings=settings, timeline=False)
     err.print(f"wrote {target} ({plural(data['summary']['total'], 'command')})", highlight=False)
 
 
