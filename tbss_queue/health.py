@@ -26,6 +26,7 @@ class Health(threading.Thread):
         self.consumer: Any = None
         self.stopped = threading.Event()
         self.draining = False
+        self.was_quarantined = False  # at the last beat: what a consumer found stopped means
         # a beat under way when the node is told to stop must not undo its stop mark
         self._beating = threading.RLock()
 
@@ -64,8 +65,12 @@ class Health(threading.Thread):
             log.error("quarantined, taking no commands: %s", why.get("message"))
             self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
         elif not why and not consuming and not self.draining:
-            log.warning("out of quarantine: taking commands again")
+            if self.was_quarantined:
+                log.warning("out of quarantine: taking commands again")
+            else:  # e.g. met between a broker reconnect and the consumer's restart
+                log.info("not consuming from %s: consuming again", self.settings.queue)
             self.app.control.add_consumer(self.settings.queue, destination=[self.node])
+        self.was_quarantined = why is not None
 
     def others_take_commands(self) -> bool:
         quarantined = self.store.quarantined()

