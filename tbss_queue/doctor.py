@@ -178,7 +178,7 @@ def check_persistence(client: redis.Redis) -> Check:
 
 def check_freeing(client: redis.Redis) -> Check:
     """Does the broker free an ended batch's records without stopping? A million commands'
-    hashes freed in the foreground when they expire held every worker up for 0.4-0.7 s."""
+    hashes freed in the foreground when they expire held every worker up for 0.4-0.8 s."""
     try:
         lazy = client.config_get("lazyfree-lazy-expire").get("lazyfree-lazy-expire")
         malloc = str(client.info("memory").get("mem_allocator", "?"))
@@ -189,7 +189,7 @@ def check_freeing(client: redis.Redis) -> Check:
             "freeing",
             False,
             "lazyfree-lazy-expire no: when an ended batch's records expire, Redis frees them "
-            "while every worker waits (0.4-0.7 s per million commands)",
+            "while every worker waits (0.4-0.8 s per million commands)",
             "set lazyfree-lazy-expire yes (deploy/redis.conf does)",
         )
     detail = f"expired records freed in the background ({malloc})"

@@ -138,7 +138,7 @@ class RedisServer:
             "noeviction",
             # an ended batch's records (a million entries per hash at a million commands) are
             # freed by a background thread when they expire or are overwritten, not while
-            # every worker waits (0.4-0.7 s measured for a million without)
+            # every worker waits (0.4-0.8 s measured for a million without)
             *("--lazyfree-lazy-expire", "yes", "--lazyfree-lazy-server-del", "yes"),
         ]
         if self.port and self.tls:
