@@ -26,7 +26,7 @@ class Health(threading.Thread):
         self.consumer: Any = None
         self.stopped = threading.Event()
         self.draining = False
-        self.was_quarantined = False  # at the last beat: what a consumer found stopped means
+        self.was_quarantined = False  # at the last beat; a stopped consumer means a release
         # a beat under way when the node is told to stop must not undo its stop mark
         self._beating = threading.RLock()
 
