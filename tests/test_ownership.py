@@ -148,7 +148,9 @@ def test_a_node_cut_off_from_redis_kills_its_copy_before_another_node_reruns_it(
         tmp_path / "redis",
         port=port,
         persistent=False,
-        extra_args=["--bind", "127.0.0.1", host_ip],
+        # the address is this test's own namespace link; Redis 7 refuses it without a password
+        # unless protected mode is off
+        extra_args=["--bind", "127.0.0.1", host_ip, "--protected-mode", "no"],
     ).start()
     try:
         url = f"redis://{host_ip}:{port}/0"
