@@ -22,15 +22,12 @@ import redis
 
 from .app import make_app
 from .batches import (
-    ALIVE,
     CANCELLED,
     CHUNK,
     FAILED,
     NODES,
-    QUARANTINE,
     QUEUED,
     SKIPPED,
-    STOPPING,
     BatchStore,
     Staging,
     TaskSpec,
@@ -59,7 +56,7 @@ from .models import Batch, BatchStatus, NodeInfo, TaskRecord
 from .paths import PathMap
 from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
 from .publish import HARD_LIMIT_MARGIN, build_messages, label, send_options, task_kwargs
-from .status import Fleet, compute, fsl_version_warning
+from .status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
 _OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
@@ -367,34 +364,17 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
             raise
         raise lost_or_not_found(store.r, batch_id, None, exc) from None
     snap = store.snapshot(bid)
-    current = compute(bid, snap, _fleet(store, settings, snap["now"]))
+    current = compute(bid, snap, store.fleet(settings.lost_after, snap["now"]))
     facts = store.node_facts([n.node for n in current.nodes])
     warning = fsl_version_warning(facts)
     return replace(current, warnings=(warning,)) if warning else current
-
-
-def _fleet(store: BatchStore, settings: Settings, now: float | None = None) -> Fleet:
-    """The nodes' health at Redis time `now` (default: asked): heartbeats, stop marks,
-    quarantine, in three reads."""
-    pipe = store.r.pipeline(transaction=False)
-    pipe.zrange(ALIVE, 0, -1, withscores=True)
-    pipe.hgetall(STOPPING)
-    pipe.hgetall(QUARANTINE)
-    beats, stopping, quarantine = pipe.execute()
-    return Fleet(
-        now=store.redis_time() if now is None else now,
-        lost_after=settings.lost_after,
-        heartbeats={str(n): float(t) for n, t in beats},
-        stopping={str(n): float(t) for n, t in stopping.items()},
-        quarantine={str(n): json.loads(v)["message"] for n, v in quarantine.items()},
-    )
 
 
 def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
     """Every worker node that ever announced itself: its health (online, stopping, stopped,
     lost, quarantined), and the commands it runs now, by their labels."""
     settings, store = _store(settings)
-    fleet = _fleet(store, settings)
+    fleet = store.fleet(settings.lost_after)
     names = sorted(set(store.r.hkeys(NODES)) | set(fleet.heartbeats) | set(fleet.stopping))
     facts = store.node_facts(names)
     running: dict[str, list[str]] = {}
@@ -415,7 +395,7 @@ def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
             quarantined=fleet.quarantine.get(n),
             facts=facts.get(n, {}),
             state=fleet.state(n, len(running.get(n, ()))),
-            heartbeat_age=None if fleet.age(n) is None else round(fleet.age(n) or 0.0, 1),
+            heartbeat_age=fleet.heartbeat_age(n),
             running=tuple(sorted(running.get(n, ()))),
         )
         for n in names
@@ -432,7 +412,7 @@ def resume_node(node: str, *, settings: Settings | None = None) -> bool:
 def list_batches(*, settings: Settings | None = None) -> list[BatchStatus]:
     """Every batch on the broker, oldest first, with its counts."""
     settings, store = _store(settings)
-    fleet = _fleet(store, settings)
+    fleet = store.fleet(settings.lost_after)
     return [compute(b, store.snapshot(b), fleet) for b in store.batch_ids()]
 
 

@@ -56,6 +56,7 @@ from typing import Any
 import redis
 
 from .errors import BatchNotFound
+from .status import Fleet
 
 PREFIX = "tbssq:"
 BATCHES = PREFIX + "batches"
@@ -677,13 +678,21 @@ class BatchStore:
         pipe.hset(STOPPING, node, self.redis_time())
         pipe.execute()
 
-    def heartbeats(self) -> dict[str, float]:
-        """node -> Redis time of its last heartbeat (of nodes beating or lost, not stopped)."""
-        return {str(n): float(t) for n, t in self.r.zrange(ALIVE, 0, -1, withscores=True)}
-
-    def stopping(self) -> dict[str, float]:
-        """node -> Redis time it began to stop."""
-        return {str(n): float(t) for n, t in self.r.hgetall(STOPPING).items()}
+    def fleet(self, lost_after: float, now: float | None = None) -> Fleet:
+        """The nodes' health at Redis time `now` (default: asked): heartbeats, stop marks and
+        quarantine, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrange(ALIVE, 0, -1, withscores=True)
+        pipe.hgetall(STOPPING)
+        pipe.hgetall(QUARANTINE)
+        beats, stopping, quarantine = pipe.execute()
+        return Fleet(
+            now=self.redis_time() if now is None else now,
+            lost_after=lost_after,
+            heartbeats={str(n): float(t) for n, t in beats},
+            stopping={str(n): float(t) for n, t in stopping.items()},
+            quarantine={str(n): json.loads(v)["message"] for n, v in quarantine.items()},
+        )
 
     def live_nodes(self, window: float) -> list[str]:
         now = self.redis_time()

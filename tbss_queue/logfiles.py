@@ -27,6 +27,7 @@ from typing import IO, Any, BinaryIO
 from .batches import BatchStore, batch_key
 from .errors import ConfigError
 from .fields import RefusedField, TaskFields, log_paths, open_logs
+from .fsl.matrix import short
 from .fsl.outputs import parse_fsl_reg
 from .models import TaskRecord
 from .publish import task_kwargs, with_line
@@ -146,9 +147,9 @@ def parse_ref(ref: str | int) -> int | tuple[str, str]:
 
 
 def _names(path: str) -> set[str]:
-    """What a subject may be called: its image's base name, less a trailing `_FA`."""
+    """What a subject may be called: its image's base name, or that less a trailing `_FA`."""
     base = os.path.basename(path)
-    return {base, base[:-3]} if base.endswith("_FA") else {base}
+    return {base, short(base)}
 
 
 def find_commands(

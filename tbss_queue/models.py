@@ -192,6 +192,11 @@ class TaskRecord:
         where = f" (in {self.ran_cwd})" if self.ran_cwd else ""
         return "" if text == self.text and not where else text + where
 
+    @property
+    def why(self) -> str:
+        """Why it failed, in one line: its message, else the last line of its stderr."""
+        return self.message or (self.stderr_tail.strip().splitlines() or [""])[-1]
+
     def to_dict(self) -> dict[str, Any]:
         # its fields are plain values: a shallow copy (asdict's deep one took 4 s for 20,000)
         ran = list(self.ran) if self.ran is not None else None

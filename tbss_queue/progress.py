@@ -121,8 +121,6 @@ def notes(s: BatchStatus) -> list[str]:
     return lines
 
 
-node_notes = notes  # the name older callers use
-
 _NUMERIC = ("running", "succeeded", "failed", "requeued", "cmds/hour", "heartbeat")
 
 
@@ -245,7 +243,6 @@ class LiveProgress:
             transient=False,
         )
         self._task: TaskID | None = None
-        self.last: BatchStatus | None = None
 
     def __enter__(self) -> Callable[[BatchStatus], None]:
         self.progress.start()
@@ -255,7 +252,6 @@ class LiveProgress:
         self.progress.stop()
 
     def update(self, s: BatchStatus) -> None:
-        self.last = s
         detail = (
             f"ok {s.succeeded}  failed {s.failed}  running {s.running}  "
             f"{s.rate_recent:.1f}/min  ETA {fmt_duration(s.eta_seconds)}"

@@ -335,9 +335,8 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
         return "<p>No command failed.</p>"
     rows = []
     for f in failures[:FAILURES_SHOWN]:
-        detail = f.message or (f.stderr_tail.strip().splitlines() or [""])[-1]
         command = f.text + (f"  (ran: {f.ran_text})" if f.ran_text else "")
-        cells = (f.line, command, f.cause or "", f.exit_code, f.node or "", detail)
+        cells = (f.line, command, f.cause or "", f.exit_code, f.node or "", f.why)
         rows.append(
             "<tr>"
             + "".join(

@@ -41,6 +41,11 @@ class Fleet:
         beat = self.heartbeats.get(node)
         return None if beat is None else max(0.0, self.now - beat)
 
+    def heartbeat_age(self, node: str) -> float | None:
+        """`age`, to a tenth of a second: what status and `nodes` show."""
+        age = self.age(node)
+        return None if age is None else round(age, 1)
+
     def online(self) -> list[str]:
         return sorted(n for n in self.heartbeats if (self.age(n) or 0.0) < self.lost_after)
 
@@ -112,10 +117,6 @@ def fsl_version_warning(facts: dict[str, dict[str, Any]]) -> str | None:
     )
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
 def _nodes(raw: dict[str, str], fleet: Fleet | None) -> tuple[NodeStatus, ...]:
     by_node: dict[str, dict[str, str]] = {}
     for key, value in raw.items():
@@ -137,7 +138,7 @@ def _nodes(raw: dict[str, str], fleet: Fleet | None) -> tuple[NodeStatus, ...]:
                 last_seen=float(f["seen"]) if "seen" in f else None,
                 quarantined=fleet.quarantine.get(node) if fleet else None,
                 state=fleet.state(node, running) if fleet else "",
-                heartbeat_age=_rounded(fleet.age(node)) if fleet else None,
+                heartbeat_age=fleet.heartbeat_age(node) if fleet else None,
                 requeued=int(f.get("requeued", 0)),
             )
         )

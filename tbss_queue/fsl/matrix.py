@@ -147,9 +147,7 @@ def _cell(g: str, f: str, pair: tuple[TaskRecord, FslReg] | None, cwd: str) -> C
         return Cell(g, f, "done before" if done else "missing", _cost(reg, cwd) if done else None)
     record, reg = pair
     cost = _cost(reg, record.ran_cwd or cwd) if record.state in DONE_STATES else None
-    detail = ""
-    if record.state == "failed":
-        detail = record.message or (record.stderr_tail.strip().splitlines() or [""])[-1]
+    detail = record.why if record.state == "failed" else ""
     return Cell(g, f, record.state, cost, record.line, detail)
 
 
