@@ -144,6 +144,13 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "duration": self.duration}
 
+    @classmethod
+    def instant(cls, message: str, cause: str | None = None) -> RunResult:
+        """An attempt that ended where it began, nothing run: skipped, refused, or cut short
+        by an error of the worker's own."""
+        now = time.time()
+        return cls(None, now, now, "", "", cause, message)
+
 
 def run_command(
     argv: Sequence[str],

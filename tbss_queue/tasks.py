@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import redis
 from billiard.process import current_process
 from celery import Celery, Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, TaskPredicate
 
 from . import runner
 from .app import TASK_NAME
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CAUSE_MISSING_OUTPUT = "missing output"
+CAUSE_WORKER_ERROR = "worker error"
 RETRY_DELAY = 5.0
 """Seconds before a failed command is tried again (`--retries`)."""
 
@@ -173,8 +174,22 @@ def execute(
     **options: Any,
 ) -> dict[str, Any]:
     """Run one command of a batch, exactly once as far as the records can tell."""
+    store = BatchStore(connect(settings, check=False))
+    node = task.request.hostname or "unknown"
+    token = uuid.uuid4().hex
     with Interrupts().installed() as interrupts:
-        return _execute(task, settings, rules, interrupts, batch_id, task_id, argv, cwd, options)
+        try:
+            return _execute(
+                task, settings, rules, interrupts, store, node, token,
+                batch_id, task_id, argv, cwd, options,
+            )  # fmt: skip
+        except (TaskPredicate, CommandFailed):
+            raise
+        except Exception as exc:
+            # whatever broke in this worker, the attempt ends now and says why, rather than
+            # stay claimed until its lease lapses and then count as a lost node, again and again
+            _record_error(store, node, token, batch_id, task_id, exc)
+            raise
 
 
 def _execute(
@@ -182,14 +197,15 @@ def _execute(
     settings: Settings,
     rules: NodeRules,
     interrupts: Interrupts,
+    store: BatchStore,
+    node: str,
+    token: str,
     batch_id: str,
     task_id: str,
     argv: list[str],
     cwd: str,
     options: dict[str, Any],
 ) -> dict[str, Any]:
-    store = BatchStore(connect(settings, check=False))
-    node = task.request.hostname or "unknown"
     roots = rules.policy.roots if rules.policy is not None else ()
     patience = 10 * settings.lost_after
     try:
@@ -204,7 +220,6 @@ def _execute(
     if rules.path_map:
         argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
     argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
-    token = uuid.uuid4().hex
     claim = _claim(store, settings, batch_id, task_id, node, token, task.request.id, patience)
     if claim in ("quarantined", "leased"):
         # quarantined: this node takes no command until its fault is fixed; leased: an earlier
@@ -246,10 +261,8 @@ def _execute(
     argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
     marker = done_marker(argv, cwd, fields.done_if_exists)
     if marker is not None and marker.done():
-        record_end(
-            SKIPPED,
-            {"node": node, "message": f"already done: {marker.describe()}", "duration": 0.0},
-        )
+        done = runner.RunResult.instant(f"already done: {marker.describe()}")
+        record_end(SKIPPED, {**done.to_dict(), "node": node})
         raise Ignore()
     if marker is not None:
         remove_stale(argv, cwd, roots)
@@ -427,9 +440,25 @@ def refuse(
         != "ok"
     ):
         return
-    now = time.time()
-    refused = runner.RunResult(None, now, now, "", message, CAUSE_REFUSED, f"refused: {message}")
+    refused = runner.RunResult.instant(f"refused: {message}", CAUSE_REFUSED)
     store.finish(batch_id, task_id, node, token, FAILED, {**refused.to_dict(), "node": node})
+
+
+def _record_error(
+    store: BatchStore, node: str, token: str, batch_id: str, task_id: str, exc: Exception
+) -> None:
+    """Fail the attempt `token` holds with the worker's error (nothing is recorded if it holds
+    none: the error came before the claim, or after the outcome was written)."""
+    ended = runner.RunResult.instant(
+        f"tbss-queue could not run it on {node}: {exc} ({type(exc).__name__}); see its log",
+        CAUSE_WORKER_ERROR,
+    )
+    try:
+        store.finish(batch_id, task_id, node, token, FAILED, {**ended.to_dict(), "node": node})
+    except Exception as lost:  # its lease lapses, and the reaper takes the command back
+        log.error(
+            "could not record the error of command %s of batch %s: %s", task_id, batch_id, lost
+        )
 
 
 def _log_outcome(outcome: str, name: str, task_id: str, batch_id: str) -> None:

@@ -84,3 +84,47 @@ def test_done_if_exists_marks_other_commands_done(tmp_path: Path, settings: Sett
     cmds = write_commands(tmp_path / "c", ["touch x", "touch y", "touch z"])
     batch = api.submit(cmds, done_if_exists="{last}.out", settings=settings)
     assert (batch.queued, batch.skipped) == (2, 1)
+
+
+def test_a_pair_done_after_submit_is_recorded_skipped_by_the_worker_and_the_batch_ends(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a queued pair whose outputs appear before a worker takes it (a run interrupted just
+    # after fsl_reg wrote them, or another tool ran the pair)
+    fa, tool = fa_dir(tmp_path)
+    cmds = write_commands(
+        fa / ".commands", [f"{tool} a b a_to_b -e -FA", f"{tool} b a b_to_a -e -FA"]
+    )
+    batch = api.submit(cmds, settings=settings)
+    assert (batch.queued, batch.skipped) == (2, 0)
+    (fa / "a_to_b_warp.msf").write_text("0.1 0.05\n")
+    (fa / "a_to_b_warp.nii.gz").write_bytes(b"done")
+    # When a worker runs the batch
+    workers("w1")
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then that pair is not run again but recorded skipped, with the reason, and the batch ends
+    assert (final.succeeded, final.skipped, final.failed, final.running) == (1, 1, 0, 0)
+    assert (fa / "runs").read_text().split() == ["b_to_a"]
+    [skipped] = api.tasks(batch.id, state="skipped", settings=settings)
+    assert "already done" in skipped.message and skipped.node
+
+
+def test_an_error_of_the_worker_fails_the_attempt_at_once_naming_the_file(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a pair whose stale warp the worker cannot remove (a directory of that name)
+    fa, tool = fa_dir(tmp_path)
+    (fa / "b_to_a_warp.nii.gz").mkdir()
+    cmds = write_commands(
+        fa / ".commands", [f"{tool} a b a_to_b -e -FA", f"{tool} b a b_to_a -e -FA"]
+    )
+    workers("w1")
+    batch = api.submit(cmds, settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then that one command fails once, saying what and where, and the batch ends: it is not
+    # left claimed until its lease lapses, nor taken back as if its node had died
+    assert (final.succeeded, final.failed, final.running, final.requeued) == (1, 1, 0, 0)
+    [failed] = api.failures(batch.id, settings=settings)
+    assert failed.cause == "worker error"
+    assert "b_to_a_warp.nii.gz" in failed.message and "IsADirectoryError" in failed.message
+    assert (fa / "runs").read_text().split() == ["a_to_b"]
