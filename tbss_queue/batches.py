@@ -484,10 +484,19 @@ class BatchStore:
         return str(self._run("renew", keys, args))
 
     def finish(
-        self, batch_id: str, task_id: str, node: str, token: str, state: str, record: dict[str, Any]
+        self,
+        batch_id: str,
+        task_id: str,
+        node: str,
+        token: str,
+        state: str,
+        record: dict[str, Any],
+        *,
+        ran: bool = True,
     ) -> str:
         """Record the outcome of one attempt: 'ok', 'not-owner' (nothing recorded) or the state
-        the command had left `running` for (cancelled)."""
+        the command had left `running` for (cancelled). An attempt in which nothing ran
+        (`ran=False`: skipped, refused) has no line in the run log: it has no time to show."""
         keys = [
             *_task_keys(batch_id, task_id),
             batch_key(batch_id, "result"),
@@ -504,7 +513,7 @@ class BatchStore:
             state,
             json.dumps(record),
             record.get("duration", 0.0),
-            run_line(record),
+            run_line(record) if ran else "",
         ]
         return str(self._run("finish", keys, args))
 

@@ -186,9 +186,14 @@ def execute(
         except (TaskPredicate, CommandFailed):
             raise
         except Exception as exc:
-            # whatever broke in this worker, the attempt ends now and says why, rather than
-            # stay claimed until its lease lapses and then count as a lost node, again and again
-            _record_error(store, node, token, batch_id, task_id, exc)
+            if transient(exc):
+                # the broker failed us past all patience, not the command: back to the queue
+                # if Redis takes it now, else to the reaper once the lease lapses
+                _hand_back(task.app, store, settings, batch_id, task_id, token)
+            else:
+                # whatever broke in this worker, the attempt ends now and says why, rather
+                # than stay claimed until its lease lapses and count as a lost node, again
+                _record_error(store, node, token, batch_id, task_id, exc)
             raise
 
 
@@ -215,7 +220,7 @@ def _execute(
         # a message submit never writes: forged, or from an incompatible version
         log.error("refused a task message: %s", exc)
         if exc.field not in ("batch_id", "command_id"):
-            refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc))
+            refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc), token)
         raise Ignore() from None
     if rules.path_map:
         argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
@@ -236,9 +241,9 @@ def _execute(
         replicated(store.r, settings)
     lease = Lease(settings, store, batch_id, task_id, token)
 
-    def record_end(state: str, record: dict[str, Any]) -> str:
+    def record_end(state: str, record: dict[str, Any], *, ran: bool = True) -> str:
         def finish() -> str:
-            return store.finish(batch_id, task_id, node, token, state, record)
+            return store.finish(batch_id, task_id, node, token, state, record, ran=ran)
 
         outcome = patiently(finish, patience)
         if outcome == "ok":
@@ -261,8 +266,8 @@ def _execute(
     argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
     marker = done_marker(argv, cwd, fields.done_if_exists)
     if marker is not None and marker.done():
-        done = runner.RunResult.instant(f"already done: {marker.describe()}")
-        record_end(SKIPPED, {**done.to_dict(), "node": node})
+        done = nothing_ran(store, batch_id, task_id, node, f"already done: {marker.describe()}")
+        record_end(SKIPPED, done, ran=False)
         raise Ignore()
     if marker is not None:
         remove_stale(argv, cwd, roots)
@@ -341,7 +346,7 @@ def _execute(
         _log_outcome(outcome, label(fields.argv), task_id, batch_id)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
     if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
-        if store.hand_back(batch_id, task_id, token) == "requeued":
+        if patiently(lambda: store.hand_back(batch_id, task_id, token), patience) == "requeued":
             store.save_result(batch_id, task_id, record)
             raise task.retry(
                 countdown=RETRY_DELAY, max_retries=fields.retries, exc=CommandFailed(result.message)
@@ -415,12 +420,18 @@ def _stopped(
 ) -> None:
     """The command was stopped from outside; its tree is dead. Record nothing. Always raises."""
     log.warning("%s (command %s of batch %s) %s", name, task_id, batch_id, result.message)
-    with contextlib.suppress(redis.RedisError):
-        # cancelled: this releases the lease; the worker stopping: the command goes back to the
-        # front of the queue; lease lost: refused (not ours), as it must be
-        if store.hand_back(batch_id, task_id, token) == "requeued":
-            republish(task.app, store, settings, batch_id, task_id)
+    _hand_back(task.app, store, settings, batch_id, task_id, token)
     raise Ignore()
+
+
+def _hand_back(
+    app: Celery, store: BatchStore, settings: Settings, batch_id: str, task_id: str, token: str
+) -> None:
+    """Give the command up unfailed, if `token` still holds it: cancelled, this releases the
+    lease; else it goes back to the front of the queue. Not ours any more: nothing is done."""
+    with contextlib.suppress(redis.RedisError):
+        if store.hand_back(batch_id, task_id, token) == "requeued":
+            republish(app, store, settings, batch_id, task_id)
 
 
 def refuse(
@@ -431,17 +442,46 @@ def refuse(
     node: str,
     attempt: str,
     message: str,
+    token: str | None = None,
 ) -> None:
     """Fail a command whose message this worker will not run (a field that does not pass the
     checks, a signature that does not hold), saying why: it must not stay queued for ever."""
-    token = uuid.uuid4().hex
+    token = token or uuid.uuid4().hex
+    patience = 10 * settings.lost_after
     if (
-        store.claim(batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt)
+        patiently(
+            lambda: store.claim(
+                batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt
+            ),
+            patience,
+        )
         != "ok"
     ):
         return
-    refused = runner.RunResult.instant(f"refused: {message}", CAUSE_REFUSED)
-    store.finish(batch_id, task_id, node, token, FAILED, {**refused.to_dict(), "node": node})
+    refused = nothing_ran(store, batch_id, task_id, node, f"refused: {message}", CAUSE_REFUSED)
+    patiently(
+        lambda: store.finish(batch_id, task_id, node, token, FAILED, refused, ran=False), patience
+    )
+
+
+def nothing_ran(
+    store: BatchStore,
+    batch_id: str,
+    task_id: str,
+    node: str,
+    message: str,
+    cause: str | None = None,
+) -> dict[str, Any]:
+    """The record of a claimed attempt in which nothing ran (skipped, refused, or cut short by
+    the worker's own error): numbered and placed like any other, recorded with ran=False."""
+    line, attempt = attempt_of(store, batch_id, task_id)
+    return {
+        **runner.RunResult.instant(message, cause).to_dict(),
+        "node": node,
+        "slot": getattr(current_process(), "index", 0),
+        "line": line,
+        "attempt": attempt,
+    }
 
 
 def _record_error(
@@ -449,12 +489,10 @@ def _record_error(
 ) -> None:
     """Fail the attempt `token` holds with the worker's error (nothing is recorded if it holds
     none: the error came before the claim, or after the outcome was written)."""
-    ended = runner.RunResult.instant(
-        f"tbss-queue could not run it on {node}: {exc} ({type(exc).__name__}); see its log",
-        CAUSE_WORKER_ERROR,
-    )
     try:
-        store.finish(batch_id, task_id, node, token, FAILED, {**ended.to_dict(), "node": node})
+        message = f"tbss-queue could not run it on {node}: {exc} ({type(exc).__name__})"
+        record = nothing_ran(store, batch_id, task_id, node, message, CAUSE_WORKER_ERROR)
+        store.finish(batch_id, task_id, node, token, FAILED, record, ran=False)
     except Exception as lost:  # its lease lapses, and the reaper takes the command back
         log.error(
             "could not record the error of command %s of batch %s: %s", task_id, batch_id, lost

@@ -107,6 +107,10 @@ def test_a_pair_done_after_submit_is_recorded_skipped_by_the_worker_and_the_batc
     assert (fa / "runs").read_text().split() == ["b_to_a"]
     [skipped] = api.tasks(batch.id, state="skipped", settings=settings)
     assert "already done" in skipped.message and skipped.node
+    assert (skipped.line, skipped.attempt) == (1, 1)
+    # and the report's timeline shows only what ran
+    timeline = api.report(batch.id, settings=settings)["timeline"]
+    assert [entry["line"] for entry in timeline] == [2]
 
 
 def test_an_error_of_the_worker_fails_the_attempt_at_once_naming_the_file(
@@ -125,6 +129,6 @@ def test_an_error_of_the_worker_fails_the_attempt_at_once_naming_the_file(
     # left claimed until its lease lapses, nor taken back as if its node had died
     assert (final.succeeded, final.failed, final.running, final.requeued) == (1, 1, 0, 0)
     [failed] = api.failures(batch.id, settings=settings)
-    assert failed.cause == "worker error"
+    assert failed.cause == "worker error" and (failed.line, failed.attempt) == (2, 1)
     assert "b_to_a_warp.nii.gz" in failed.message and "IsADirectoryError" in failed.message
     assert (fa / "runs").read_text().split() == ["a_to_b"]

@@ -3,7 +3,7 @@
 -- node, slot, start, end and state, without decoding a record), and a failed command joins the
 -- batch's failed set (what `failures` reads).
 -- KEYS: state counts nodes running lease result ended meta runs failed
--- ARGV: cid member node token new_state record_json duration run_line
+-- ARGV: cid member node token new_state record_json duration run_line ('': nothing ran)
 -- Returns 'ok'; 'not-owner' (the lease was lost: nothing is recorded); or the state the command
 -- was in when it was no longer running (cancelled meanwhile: it stays cancelled).
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
@@ -24,6 +24,6 @@ redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|' .. ARGV[5], 1)
 redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3] .. '|busy', ARGV[7])
 redis.call('HSET', KEYS[8], 'last_ended', now)
-redis.call('RPUSH', KEYS[9], ARGV[8] .. '\t' .. ARGV[5])
+if ARGV[8] ~= '' then redis.call('RPUSH', KEYS[9], ARGV[8] .. '\t' .. ARGV[5]) end
 if ARGV[5] == 'failed' then redis.call('SADD', KEYS[10], ARGV[1]) end
 return 'ok'
