@@ -68,18 +68,23 @@ def run(
     cwd: str | os.PathLike[str] | None = None,
     concurrency: int | None = None,
     time_limit: float | None = None,
+    done_if_exists: str | None = None,
     settings: Settings | None = None,
     on_update: Callable[[BatchStatus], None] | None = None,
     on_submitted: Callable[[Batch], None] | None = None,
 ) -> RunResult:
     """Run a commands file to the end on this machine (or on the configured broker's workers:
     then `on_submitted` hears of the batch before the wait, so that a caller can say where it
-    went and what Ctrl-C leaves running)."""
+    went and what Ctrl-C leaves running). `done_if_exists`: as for `api.submit`; it is also
+    what tells a resumed run that a command which ended just before an interruption, unrecorded,
+    need not run again (fsl_reg lines are told by their outputs)."""
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
     if settings.broker_explicit:
-        batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=settings)
+        batch = api.submit(
+            path, cwd=cwd, time_limit=time_limit, done_if_exists=done_if_exists, settings=settings
+        )
         if on_submitted is not None:
             on_submitted(batch)
         final = api.wait(batch.id, settings=settings, on_update=on_update)
@@ -87,7 +92,9 @@ def run(
         return RunResult(final, failed, False, None, time.monotonic() - started)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
     with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
-        batch = api.submit(path, cwd=cwd, time_limit=time_limit, settings=local)
+        batch = api.submit(
+            path, cwd=cwd, time_limit=time_limit, done_if_exists=done_if_exists, settings=local
+        )
 
         def update(status: BatchStatus) -> None:
             watch()

@@ -20,6 +20,7 @@ from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
 from tbss_queue.redis_server import find_redis_server
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import Markers, job, wait_until
 
 
 def _env(tag: str, **extra: str) -> dict[str, str]:
@@ -27,10 +28,10 @@ def _env(tag: str, **extra: str) -> dict[str, str]:
     return {**env, TAG_VAR: tag, **extra}
 
 
-def start_run(commands: str, tag: str) -> subprocess.Popen[bytes]:
+def start_run(commands: str, tag: str, *extra: str) -> subprocess.Popen[bytes]:
     """`tbss-queue run` in the background, as a user at a terminal would start it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tbss_queue", "run", commands, "-c", "2"],
+        [sys.executable, "-m", "tbss_queue", "run", commands, "-c", "2", *extra],
         env=_env(tag),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -72,6 +73,53 @@ def test_sigint_half_way_leaves_nothing_running_and_a_second_run_resumes(tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+        kill_tagged(tag)
+
+
+def test_a_run_interrupted_again_and_again_completes_every_command_once(tmp_path: Path) -> None:
+    # Given 12 commands whose output file tells that they are done (--done-if-exists)
+    markers, outs = Markers(tmp_path / "markers"), tmp_path / "out"
+    outs.mkdir()
+    ids = [str(i) for i in range(12)]
+    lines = [
+        # the output is written half-way: an interrupt may find the work done, unrecorded
+        job(i, tmp_path / "ran.log", "--marker", str(markers.dir), "--sleep", "0.4",
+            "--linger", "0.4", "--out", str(outs / f"{i}.txt"))
+        for i in ids
+    ]  # fmt: skip
+    cmds = str(write_commands(tmp_path / "cmds", lines))
+    tag = uuid.uuid4().hex
+
+    def done() -> int:
+        return len(list(outs.glob("*.txt")))
+
+    try:
+        # When `run` gets Ctrl-C at 2, 5 and 8 outputs, and is started again each time
+        for stop_at in (2, 5, 8):
+            proc = start_run(cmds, tag, "--done-if-exists", "{last}")
+            try:
+                wait_until(lambda: done() >= stop_at, 120, f"{stop_at} outputs")  # noqa: B023
+                proc.send_signal(signal.SIGINT)
+                _, stderr = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.returncode == 130, stderr
+            assert tagged(tag) == []
+        final = tbss_queue(
+            "run", cmds, "-c", "2", "--done-if-exists", "{last}", env=_env(tag), timeout=180
+        )
+        assert final.returncode == 0, final.stderr
+        # Then every output is there, written once: no command started again once its output
+        # was written (interrupted then, it is found done), none completed twice
+        assert done() == 12
+        kinds = {i: [m.kind for m in markers.of(i)] for i in ids}
+        for i, seen in kinds.items():
+            assert seen.count("out") == 1 and "start" not in seen[seen.index("out") :], (i, seen)
+            assert seen.count("done") <= 1 and 1 <= seen.count("start") <= 4, (i, seen)
+        assert "0 failed" in final.stderr and "of 12" in final.stderr, final.stderr
+        assert tagged(tag) == []
+    finally:
         kill_tagged(tag)
 
 

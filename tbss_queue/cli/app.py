@@ -125,6 +125,13 @@ time_limit_option = click.option(
     metavar="SECONDS",
     help="Kill a command (and its children) after this long [default 6 h].",
 )
+done_if_exists_option = click.option(
+    "--done-if-exists",
+    metavar="PATTERN",
+    help="Skip a command when a non-empty file matches PATTERN (relative to its directory; "
+    "{out} {in} {ref} {last} {0}..{N} come from the line), at submit and again right before "
+    "it starts. fsl_reg lines need none: their .msf and warp are checked.",
+)
 wait_option = click.option(
     "--wait", is_flag=True, help="Show progress until the batch ends; exit 1 on failure."
 )

@@ -32,6 +32,7 @@ from .app import (
     broker_options,
     cli,
     cwd_option,
+    done_if_exists_option,
     err,
     json_option,
     out,
@@ -52,13 +53,7 @@ from .fsl import print_matrix
     show_default=True,
     help="Run a failed command again up to N times (lost workers are always retried).",
 )
-@click.option(
-    "--done-if-exists",
-    metavar="PATTERN",
-    help="Skip a command when a non-empty file matches PATTERN (relative to its directory; "
-    "{out} {in} {ref} {last} {0}..{N} come from the line). fsl_reg lines need none: their "
-    ".msf and warp are checked.",
-)
+@done_if_exists_option
 @click.option(
     "--path-map",
     multiple=True,
@@ -140,6 +135,7 @@ def _print_final(final: Any, settings: Settings) -> None:
     help="Commands run at once [default: CPU count].",
 )
 @time_limit_option
+@done_if_exists_option
 @json_option
 @broker_options
 def run(
@@ -147,6 +143,7 @@ def run(
     cwd: str | None,
     concurrency: int | None,
     time_limit: float | None,
+    done_if_exists: str | None,
     as_json: bool,
     settings: Settings,
 ) -> None:
@@ -179,6 +176,7 @@ def run(
                 cwd=cwd,
                 concurrency=concurrency,
                 time_limit=time_limit,
+                done_if_exists=done_if_exists,
                 settings=settings,
                 on_update=update,
                 on_submitted=on_submitted,

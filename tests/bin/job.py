@@ -11,13 +11,14 @@ p.add_argument("id")
 p.add_argument("--log", help="append the id to this file when done")
 p.add_argument("--out", help="write this output file when done")
 p.add_argument("--sleep", type=float, default=0.0)
+p.add_argument("--linger", type=float, default=0.0, help="seconds to sleep after the output")
 p.add_argument("--exit", type=int, default=0)
 p.add_argument("--stderr", default="")
 p.add_argument("--child", action="store_true", help="start a long-running child first")
 p.add_argument("--pidfile", help="write pid (and child pid) here at start")
 p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
-p.add_argument("--marker", help="append 'start PID TIME' and 'done PID TIME' lines to DIR/ID")
+p.add_argument("--marker", help="append 'start', 'out' and 'done' lines (PID TIME) to DIR/ID")
 p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
 a = p.parse_args()
 
@@ -55,6 +56,8 @@ if a.exit == 0:
     if a.out:
         with open(a.out, "w") as f:
             f.write(a.id + "\n")
+        mark("out")
+        time.sleep(a.linger)
     if a.log:
         with open(a.log, "a") as f:
             f.write(a.id + "\n")
