@@ -220,7 +220,10 @@ def _execute(
         # a message submit never writes: forged, or from an incompatible version
         log.error("refused a task message: %s", exc)
         if exc.field not in ("batch_id", "command_id"):
-            refuse(store, settings, batch_id, task_id, node, task.request.id, str(exc), token)
+            refuse(
+                store, settings, batch_id, task_id, node, task.request.id, str(exc),
+                token=token, patience=patience,
+            )  # fmt: skip
         raise Ignore() from None
     if rules.path_map:
         argv, cwd = rules.path_map.argv(fields.argv), rules.path_map.apply(fields.cwd)
@@ -266,7 +269,7 @@ def _execute(
     argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
     marker = done_marker(argv, cwd, fields.done_if_exists)
     if marker is not None and marker.done():
-        done = nothing_ran(store, batch_id, task_id, node, f"already done: {marker.describe()}")
+        done = _nothing_ran(store, batch_id, task_id, node, f"already done: {marker.describe()}")
         record_end(SKIPPED, done, ran=False)
         raise Ignore()
     if marker is not None:
@@ -442,12 +445,14 @@ def refuse(
     node: str,
     attempt: str,
     message: str,
+    *,
     token: str | None = None,
+    patience: float = 0.0,
 ) -> None:
     """Fail a command whose message this worker will not run (a field that does not pass the
-    checks, a signature that does not hold), saying why: it must not stay queued for ever."""
+    checks, a signature that does not hold), saying why: it must not stay queued for ever.
+    `patience`: how long to wait out a passing Redis fault (none in the consumer's loop)."""
     token = token or uuid.uuid4().hex
-    patience = 10 * settings.lost_after
     if (
         patiently(
             lambda: store.claim(
@@ -458,13 +463,13 @@ def refuse(
         != "ok"
     ):
         return
-    refused = nothing_ran(store, batch_id, task_id, node, f"refused: {message}", CAUSE_REFUSED)
+    refused = _nothing_ran(store, batch_id, task_id, node, f"refused: {message}", CAUSE_REFUSED)
     patiently(
         lambda: store.finish(batch_id, task_id, node, token, FAILED, refused, ran=False), patience
     )
 
 
-def nothing_ran(
+def _nothing_ran(
     store: BatchStore,
     batch_id: str,
     task_id: str,
@@ -491,7 +496,7 @@ def _record_error(
     none: the error came before the claim, or after the outcome was written)."""
     try:
         message = f"tbss-queue could not run it on {node}: {exc} ({type(exc).__name__})"
-        record = nothing_ran(store, batch_id, task_id, node, message, CAUSE_WORKER_ERROR)
+        record = _nothing_ran(store, batch_id, task_id, node, message, CAUSE_WORKER_ERROR)
         store.finish(batch_id, task_id, node, token, FAILED, record, ran=False)
     except Exception as lost:  # its lease lapses, and the reaper takes the command back
         log.error(
