@@ -115,7 +115,9 @@ def test_a_run_interrupted_again_and_again_completes_every_command_once(tmp_path
         assert done() == 12
         kinds = {i: [m.kind for m in markers.of(i)] for i in ids}
         for i, seen in kinds.items():
-            assert seen.count("out") == 1 and "start" not in seen[seen.index("out") :], (i, seen)
+            # (no 'out' line: killed in the microseconds between writing the output and marking)
+            after_out = seen[seen.index("out") :] if "out" in seen else []
+            assert seen.count("out") <= 1 and "start" not in after_out, (i, seen)
             assert seen.count("done") <= 1 and 1 <= seen.count("start") <= 4, (i, seen)
         assert "0 failed" in final.stderr and "of 12" in final.stderr, final.stderr
         assert tagged(tag) == []
