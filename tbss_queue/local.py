@@ -81,10 +81,14 @@ def run(
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
-    if settings.broker_explicit:
-        batch = api.submit(
-            path, cwd=cwd, time_limit=time_limit, done_if_exists=done_if_exists, settings=settings
+
+    def submit(to: Settings) -> Batch:
+        return api.submit(
+            path, cwd=cwd, time_limit=time_limit, done_if_exists=done_if_exists, settings=to
         )
+
+    if settings.broker_explicit:
+        batch = submit(settings)
         if on_submitted is not None:
             on_submitted(batch)
         final = api.wait(batch.id, settings=settings, on_update=on_update)
@@ -92,9 +96,7 @@ def run(
         return RunResult(final, failed, False, None, time.monotonic() - started)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
     with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
-        batch = api.submit(
-            path, cwd=cwd, time_limit=time_limit, done_if_exists=done_if_exists, settings=local
-        )
+        batch = submit(local)
 
         def update(status: BatchStatus) -> None:
             watch()

@@ -369,10 +369,15 @@ def _claim(
     token: str,
     attempt: str,
     patience: float,
+    *,
+    wait: float | None = None,
 ) -> str:
     """Claim, waiting while the runner of an earlier attempt still holds the lease (a command
-    cancelled and queued again: that runner lets go at its next renewal, or its lease lapses)."""
-    deadline = time.monotonic() + settings.lost_after + 2 * settings.heartbeat
+    cancelled and queued again: that runner lets go at its next renewal, or its lease lapses),
+    for `wait` seconds (default: until that lease has surely lapsed)."""
+    if wait is None:
+        wait = settings.lost_after + 2 * settings.heartbeat
+    deadline = time.monotonic() + wait
     while True:
         claim = patiently(
             lambda: store.claim(
@@ -453,15 +458,7 @@ def refuse(
     checks, a signature that does not hold), saying why: it must not stay queued for ever.
     `patience`: how long to wait out a passing Redis fault (none in the consumer's loop)."""
     token = token or uuid.uuid4().hex
-    if (
-        patiently(
-            lambda: store.claim(
-                batch_id, task_id, node, token, settings.lost_after, os.getpid(), attempt
-            ),
-            patience,
-        )
-        != "ok"
-    ):
+    if _claim(store, settings, batch_id, task_id, node, token, attempt, patience, wait=0) != "ok":
         return
     refused = _nothing_ran(store, batch_id, task_id, node, f"refused: {message}", CAUSE_REFUSED)
     patiently(
