@@ -180,7 +180,11 @@ def _check_sentinel(settings: Settings, client: redis.Redis) -> None:
     for node in manager.sentinels:
         where = "{host}:{port}".format_map(node.connection_pool.connection_kwargs)
         try:
-            answers.append(node.sentinel_masters())
+            masters = node.sentinel_masters()
+            # RESP2 answers a dict by master name, RESP3 a list of the masters' fields
+            answers.append(
+                masters if isinstance(masters, dict) else {m["name"]: m for m in masters}
+            )
         except (redis.AuthenticationError, redis.ResponseError) as exc:
             if not isinstance(exc, redis.AuthenticationError) and "AUTH" not in str(exc):
                 errors.append(f"{where}: {exc}")

@@ -95,13 +95,18 @@ def check_broker(settings: Settings) -> list[Check]:
     return checks
 
 
+def _text(value: object) -> str:
+    """A Sentinel's host or port as text: redis-py gives bytes or str, by protocol."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def check_sentinel(settings: Settings, client: redis.Redis, version: str) -> list[Check]:
     """The master the Sentinels name, and its replicas: without one, nothing can be promoted
     and the master's machine is again a single point of failure."""
     manager = sentinels_of(client)
     name = settings.sentinel_master
-    host, port = manager.discover_master(name)
-    replicas = [f"{h}:{p}" for h, p in manager.discover_slaves(name)]
+    host, port = map(_text, manager.discover_master(name))
+    replicas = [":".join(map(_text, at)) for at in manager.discover_slaves(name)]
     broker = Check(
         "broker",
         True,

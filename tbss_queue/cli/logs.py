@@ -60,7 +60,7 @@ def logs(
         highlight=False,
         markup=False,
     )
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     if found.missing is None:
         copy_to(found.path(stream), out)
         out.flush()
