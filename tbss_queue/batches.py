@@ -23,6 +23,7 @@ Keys (prefix tbssq:), for batch B:
   alive               ZSET  node -> Redis time it last said it was up
   stopping            HASH  node -> Redis time it began to stop (SIGTERM, --stop-after)
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
+  late                HASH  node -> JSON {n, since}: its runners' recent lease losses (lua/late.lua)
   index:KK            HASH  command key -> B: latest batch of a command (its task id there is
                             task_id_for(B, key)), in 256 buckets by the key's first 2 hex
                             digits (index_key)
@@ -71,6 +72,7 @@ HELD = PREFIX + "held"
 ALIVE = PREFIX + "alive"
 STOPPING = PREFIX + "stopping"
 QUARANTINE = PREFIX + "quarantine"
+LATE = PREFIX + "late"
 ACTIVE = PREFIX + "active"
 PENDING = PREFIX + "pending"
 
@@ -246,6 +248,7 @@ class BatchStore:
         "drop_entries",
         "node_fault",
         "alive",
+        "late",
     )
 
     def __init__(self, client: redis.Redis) -> None:
@@ -715,8 +718,22 @@ class BatchStore:
         return {n: json.loads(v) for n, v in self.r.hgetall(QUARANTINE).items()}
 
     def release_node(self, node: str) -> bool:
-        """Let a quarantined node take commands again; False if it was not quarantined."""
-        return bool(self.r.hdel(QUARANTINE, node))
+        """Let a quarantined node take commands again, its count of late renewals cleared;
+        False if it was not quarantined."""
+        pipe = self.r.pipeline()
+        pipe.hdel(QUARANTINE, node)
+        pipe.hdel(LATE, node)
+        return bool(pipe.execute()[0])
+
+    def late_renewal(
+        self, node: str, limit: int, window: float, reason: dict[str, Any]
+    ) -> tuple[int, bool]:
+        """Count a command that `node` stopped because its lease could not be renewed in time:
+        (losses within `window` seconds, whether the node is quarantined now, with `reason`)."""
+        n, quarantined = self._run(
+            "late", [LATE, QUARANTINE], [node, limit, max(1, int(window)), json.dumps(reason)]
+        )
+        return int(n), bool(quarantined)
 
     def redis_time(self) -> float:
         """Redis's clock, the one every host's comparisons use."""

@@ -31,6 +31,11 @@ DEFAULT_HEARTBEAT = 10.0
 DEFAULT_LOST_AFTER = 60.0
 """Seconds without a heartbeat after which a running command's node counts as lost."""
 
+LEASE_SLACK_HEARTBEATS = 2
+"""Heartbeats a runner's margin (`Settings.runner_margin`) must hold: one renewal interval, plus
+one more for a renewal that is slow or times out (its socket timeout is half a heartbeat) and
+for the tick loop's own delay. With less, a healthy command is killed at its first renewal."""
+
 DEFAULT_CRASH_LIMIT = 3
 """Lost-worker requeues of one command before it is failed as `lost`."""
 
@@ -112,10 +117,15 @@ class Settings:
                 f"the time limit ({self.time_limit} s), otherwise Redis hands a still-running "
                 "command to a second worker"
             )
-        if self.lost_after <= 2 * self.heartbeat:
+        if self.heartbeat <= 0:
+            raise ConfigError(f"{ENV_PREFIX}HEARTBEAT ({self.heartbeat:g} s) must be positive")
+        if self.lost_after < self.min_lost_after:
             raise ConfigError(
-                f"{ENV_PREFIX}LOST_AFTER ({self.lost_after} s) must be more than twice "
-                f"{ENV_PREFIX}HEARTBEAT ({self.heartbeat} s)"
+                f"{ENV_PREFIX}LOST_AFTER ({self.lost_after:g} s) is too short for "
+                f"{ENV_PREFIX}HEARTBEAT {self.heartbeat:g} s: the smallest allowed is "
+                f"{self.min_lost_after:g} s (a runner stops its command after LOST_AFTER - 2 x "
+                f"HEARTBEAT without a renewal, which must hold {LEASE_SLACK_HEARTBEATS} renewal "
+                "intervals)"
             )
         if self.keep <= 0:
             raise ConfigError(f"{ENV_PREFIX}KEEP ({self.keep:g} s) must be positive")
@@ -198,6 +208,18 @@ class Settings:
         _readable_file("sign-cert", self.sign_cert)
         if self.sign_store and not os.path.isdir(self.sign_store):
             raise ConfigError(f"--sign-store {self.sign_store}: not a directory of certificates")
+
+    @property
+    def runner_margin(self) -> float:
+        """Seconds a runner goes on without a renewal before it kills its command: it must be
+        dead before the reaper (LOST_AFTER after the last renewal, a heartbeat late at most)
+        can give the command to another node."""
+        return self.lost_after - 2 * self.heartbeat
+
+    @property
+    def min_lost_after(self) -> float:
+        """The smallest LOST_AFTER whose runner margin holds LEASE_SLACK_HEARTBEATS renewals."""
+        return (2 + LEASE_SLACK_HEARTBEATS) * self.heartbeat
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed, validated again."""

@@ -136,7 +136,7 @@ def check_failover_time(settings: Settings, manager: Any) -> Check:
     except (redis.RedisError, KeyError, ValueError, TypeError) as exc:
         return Check("failover", True, f"cannot read Sentinel's down-after-milliseconds: {exc}")
     expected = down_after / 1000 + FAILOVER_ALLOWANCE
-    budget = settings.lost_after - 2 * settings.heartbeat
+    budget = settings.runner_margin
     detail = (
         f"Sentinel calls the master down after {down_after / 1000:g} s: a failover takes about "
         f"{expected:g} s; running commands wait {budget:g} s for it"

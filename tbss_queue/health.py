@@ -10,6 +10,7 @@ from typing import Any
 
 from .batches import BatchStore
 from .config import Settings
+from .preflight import CAUSE_LATE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Health(threading.Thread):
             self.store.release_node(self.node)
             log.warning("left quarantine: %s exists now", path)
             why = None
-        if why and not self.others_take_commands():
+        if why and why.get("cause") != CAUSE_LATE and not self.others_take_commands():
             # the last node standing: commands it can't start should fail with their reasons
             # (every node taking commands refused them) rather than wait for ever
             self.store.release_node(self.node)

@@ -16,6 +16,9 @@ from .policy import Policy, resolve
 from .runner import CAUSE_NO_CWD, CAUSE_NOT_FOUND
 
 CAUSE_REFUSED = "refused"
+CAUSE_LATE = "late renewals"
+"""A node whose runners keep losing their leases by renewing late: quarantined until it is
+resumed or restarted, never let out because it is the last node standing."""
 
 
 def node_fault(

@@ -39,7 +39,7 @@ from .guard import uptime
 from .logfiles import attempt_of, log_stem, open_attempt_logs
 from .paths import PathMap, fsl_env, local_fsl_tool
 from .policy import Policy, locate
-from .preflight import CAUSE_REFUSED, fault, node_fault
+from .preflight import CAUSE_LATE, CAUSE_REFUSED, fault, node_fault
 from .publish import label
 from .recovery import republish
 
@@ -48,6 +48,11 @@ T = TypeVar("T")
 
 CAUSE_MISSING_OUTPUT = "missing output"
 CAUSE_WORKER_ERROR = "worker error"
+LATE_LIMIT = 3
+"""Leases a node's runners may lose by renewing late, within LATE_WINDOW, before it is
+quarantined (cause CAUSE_LATE)."""
+LATE_WINDOW = 10
+"""The span, in LOST_AFTER periods, over which a node's late renewals are counted."""
 RETRY_DELAY = 5.0
 """Seconds before a failed command is tried again (`--retries`)."""
 
@@ -102,7 +107,7 @@ class Lease:
         self.settings, self.batch_id, self.task_id, self.token = settings, batch_id, task_id, token
         # a short socket timeout: a renewal must never block the tick loop past the lease
         self.store = BatchStore(connect(settings, check=False, timeout=settings.heartbeat / 2))
-        self.margin = settings.lost_after - 2 * settings.heartbeat
+        self.margin = settings.runner_margin
         # by a clock that counts while the machine is suspended, shared with the guard process
         self.valid_until = uptime() + self.margin
 
@@ -315,10 +320,11 @@ def _execute(
         missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
         cannot = fault(result.cause, result.message, missing)
         _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
-    if result.cause == runner.CAUSE_SIGNAL and lease.lapsed():
-        # this process was frozen past its lease and the guard killed the command: not a
-        # failure of the command, and perhaps not ours any more
+    if result.cause in (runner.CAUSE_SIGNAL, runner.CAUSE_STOPPED) and lease.lapsed():
+        # this runner could not renew in time (frozen, overloaded, cut off) and it or the guard
+        # killed the command: a fault of the node, not of the command, perhaps not ours any more
         result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
+        _count_late(task.app, store, settings, node)
     if result.cause == runner.CAUSE_STOPPED:
         _stopped(task, store, settings, batch_id, task_id, token, result, label(fields.argv))
     if result.ok and marker is not None and not marker.done():
@@ -414,6 +420,28 @@ def _hand_back_fault(
     if outcome == "failed":
         raise CommandFailed(fault["message"])
     raise Ignore()
+
+
+def _count_late(app: Celery, store: BatchStore, settings: Settings, node: str) -> None:
+    """One more lease this node lost by being late; LATE_LIMIT of them within LATE_WINDOW
+    lost-after periods quarantine it, so that its commands run elsewhere instead of being
+    started and killed there again and again."""
+    window = LATE_WINDOW * settings.lost_after
+    margin = settings.runner_margin
+    message = (
+        f"its runners lost {LATE_LIMIT} leases within {window:g} s, each time {margin:g} s "
+        "without a renewal (the machine paused or overloaded, or Redis slow to reach from it)"
+    )
+    try:
+        n, quarantined = store.late_renewal(
+            node, LATE_LIMIT, window, fault(CAUSE_LATE, message, None)
+        )
+    except redis.RedisError:
+        return  # the broker is what kept the renewals from arriving: the lease says the rest
+    log.warning("lease lost by a late renewal (%d of %d before quarantine)", n, LATE_LIMIT)
+    if quarantined:
+        log.error("node quarantined, taking no more commands: %s", message)
+        app.control.cancel_consumer(settings.queue, destination=[node], reply=False)
 
 
 def _stopped(
