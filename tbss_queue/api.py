@@ -315,9 +315,10 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:
     The batch must be named (an id or a unique prefix): there is no "latest" default for
     something that kills running commands.
 
-    Nothing is revoked: the records say `cancelled`; a running command's runner sees it at its
-    next lease renewal (within one heartbeat) and kills the command's tree; a queued message is
-    dropped by the claim. `retry` then queues every cancelled command again.
+    Nothing is revoked: the records say `cancelled`; a running command's runner, nudged to
+    renew its lease at once (or at its next renewal, if the nudge is missed), sees it and kills
+    the command's tree; a queued message is dropped by the claim. `retry` then queues every
+    cancelled command again.
     """
     if not batch_id:
         raise ConfigError("cancel: name the batch (see `tbss-queue batches`)")

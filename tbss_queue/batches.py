@@ -73,6 +73,8 @@ ALIVE = PREFIX + "alive"
 STOPPING = PREFIX + "stopping"
 QUARANTINE = PREFIX + "quarantine"
 LATE = PREFIX + "late"
+CANCEL_CHANNEL = PREFIX + "cancelled"
+"""Pub/sub: a batch id, published when the batch is cancelled (nudges.py)."""
 ACTIVE = PREFIX + "active"
 PENDING = PREFIX + "pending"
 
@@ -572,15 +574,18 @@ class BatchStore:
         return str(self._run("node_fault", keys, args))
 
     def cancel(self, batch_id: str) -> int:
-        """Mark queued and running tasks cancelled, a bounded step at a time; their runners stop
-        at the next renewal."""
+        """Mark queued and running tasks cancelled, a bounded step at a time; their runners are
+        nudged to renew at once, and stop (a missed nudge: at their next renewal)."""
         keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"), batch_key(batch_id)]
         cursor, total = "0", 0
         while True:
             cursor, n = self._run("cancel", keys, [cursor, CHUNK])
             total += int(n)
             if str(cursor) == "0":
-                return total
+                break
+        # the runners renew now instead of at their next heartbeat, and so see the cancel
+        self.r.publish(CANCEL_CHANNEL, batch_id)
+        return total
 
     # -- retention -------------------------------------------------------------------------------
 

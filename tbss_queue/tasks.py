@@ -27,7 +27,7 @@ from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore, TaskPredicate
 
-from . import runner
+from . import nudges, runner
 from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect, replicated, transient
@@ -303,19 +303,20 @@ def _execute(
         log.info(
             "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
         )
-        result = runner.run_command(
-            argv,
-            cwd,
-            env=env,
-            timeout=time_limit,
-            on_tick=lease.renew,
-            tick=settings.heartbeat,
-            stop=interrupts.stop,
-            wake_fd=interrupts.read_fd,
-            tag=token,
-            lease_until=lambda: lease.valid_until,
-            outputs=outputs,
-        )
+        with nudges.watching(store.r, batch_id, interrupts.write_fd):
+            result = runner.run_command(
+                argv,
+                cwd,
+                env=env,
+                timeout=time_limit,
+                on_tick=lease.renew,
+                tick=settings.heartbeat,
+                stop=interrupts.stop,
+                wake_fd=interrupts.read_fd,
+                tag=token,
+                lease_until=lambda: lease.valid_until,
+                outputs=outputs,
+            )
     if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
         missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
         cannot = fault(result.cause, result.message, missing)

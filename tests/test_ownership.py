@@ -537,3 +537,34 @@ def test_a_claim_tried_again_after_its_reply_was_lost_still_owns_the_command(
     assert (again, other) == ("ok", "busy")
     assert api.status(batch.id, settings=settings).running == 1
     assert store.renew(batch.id, task_id, "token-1", 60) == "ok"
+
+
+def test_cancel_reaches_running_commands_at_once_not_at_their_next_renewal(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given 4 commands running, each with a child, on a node renewing only every 30 s
+    slow = {"TBSS_QUEUE_HEARTBEAT": "30", "TBSS_QUEUE_LOST_AFTER": "120"}
+    workers("w1", 4, env=slow)
+    marks, log, pidfile = Markers(tmp_path / "marks"), tmp_path / "log", tmp_path / "pids"
+    ids = [str(i) for i in range(4)]
+    lines = [
+        marked(i, marks, log, "--sleep", "600", "--child", "--pidfile", str(pidfile)) for i in ids
+    ]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    wait_until(
+        lambda: pidfile.exists() and len(pidfile.read_text().splitlines()) == 4,
+        what="4 commands and their children running",
+    )
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert len(alive(pids)) == 8
+    # When the batch is cancelled from the command line
+    env = {**settings_env(settings, run_tag), **slow}
+    called = time.monotonic()
+    res = tbss_queue("cancel", batch.id, "--yes", env=env)
+    assert res.returncode == 0, res.stderr
+    # Then every process tree is gone within 2 s of the call, start-up of the CLI included,
+    # long before any runner's next renewal
+    assert gone(pids, timeout=max(0.0, called + 2.0 - time.monotonic())), alive(pids)
+    final = api.wait(batch.id, settings=settings, timeout=30)
+    assert (final.cancelled, final.running, final.succeeded) == (4, 0, 0)
+    assert marks.counts(ids) == {i: (1, 0) for i in ids}
