@@ -144,6 +144,7 @@ def submit(
         batch_id = owner or new_batch_id()
         now = time.time()
         meta: dict[str, Any] = {"id": batch_id, **options, "last_submitted": now}
+        meta["keep"] = settings.keep  # how long its records stay once it ends (ending.lua)
         if owner is None:
             meta["submitted"] = now
         queued, warning = _enqueue(
@@ -331,8 +332,9 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:
 def forget(batch_id: str, *, settings: Settings | None = None) -> int:
     """Drop every record of an ended batch now, instead of at the end of its retention time
     (TBSS_QUEUE_KEEP). Its outputs stay, so a resubmission still skips done fsl_reg pairs.
-    Returns the number of Redis keys removed; BatchBusy while something is queued or running."""
-    _, store = _store(settings)
+    Returns the number of Redis keys removed, once no runner holds a command of it any more;
+    BatchBusy while something is queued or running."""
+    settings, store = _store(settings)
     bid = store.resolve_id(batch_id)
     store.apply(bid)
     counts = store.snapshot(bid)["counts"]
@@ -342,6 +344,11 @@ def forget(batch_id: str, *, settings: Settings | None = None) -> int:
             f"batch {bid} has {busy} command(s) queued or running: "
             f"cancel it first (tbss-queue cancel {bid})"
         )
+    # a cancelled command may still be stopping: its runner lets go within a heartbeat or two
+    # (or its lease lapses and a reaper lets go for it); forget returns once none holds one
+    deadline = time.monotonic() + settings.lost_after + 2 * settings.heartbeat
+    while store.holders(bid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return store.forget(bid)
 
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import redis
 
+from .config import DEFAULT_KEEP
 from .errors import BatchNotFound
 from .status import Fleet
 
@@ -202,11 +203,32 @@ def new_batch_id() -> str:
     return secrets.token_hex(4)
 
 
+ENDING_SCRIPTS = frozenset({"finish", "release", "node_fault", "cancel", "end"})
+"""The scripts that can record a batch's last outcome, and so end it in the same step: each
+is run with lua/ending.lua in front of it."""
+
+
 @functools.cache
 def _script(name: str) -> str:
     """The text of one of the Lua scripts beside this module (tbss_queue/lua/NAME.lua): each
     opens with its KEYS, ARGV and the invariant it keeps."""
-    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    folder = resources.files(__package__) / "lua"
+    text = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    if name in ENDING_SCRIPTS:
+        return (folder / "ending.lua").read_text(encoding="utf-8") + "\n" + text
+    return text
+
+
+def ending_keys(batch_id: str) -> list[str]:
+    """What lua/ending.lua's end_if_idle reads and expires: active pending meta counts, then
+    every other key of the batch."""
+    return [
+        ACTIVE,
+        PENDING,
+        batch_key(batch_id),
+        batch_key(batch_id, "counts"),
+        *(batch_key(batch_id, p) for p in BATCH_PARTS if p not in ("", "counts")),
+    ]
 
 
 @dataclass(frozen=True)
@@ -519,8 +541,10 @@ class BatchStore:
             json.dumps(record),
             record.get("duration", 0.0),
             run_line(record) if ran else "",
+            batch_id,
+            int(DEFAULT_KEEP),
         ]
-        return str(self._run("finish", keys, args))
+        return str(self._run("finish", [*keys, *ending_keys(batch_id)], args))
 
     def requeue(
         self,
@@ -541,7 +565,8 @@ class BatchStore:
             batch_key(batch_id, "failed"),
         ]
         args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
-        return str(self._run("release", keys, [*args, int(ignore_heartbeat)]))
+        args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP)]
+        return str(self._run("release", [*keys, *ending_keys(batch_id)], args))
 
     def hand_back(self, batch_id: str, task_id: str, token: str) -> str:
         """The owner gives its command up, unfailed (not a loss): 'requeued' (queue it again),
@@ -571,15 +596,17 @@ class BatchStore:
             batch_key(batch_id, "failed"),
         ]
         args = [task_id, member(batch_id, task_id), node, token, json.dumps(reason), live_window]
-        return str(self._run("node_fault", keys, args))
+        args += [batch_id, int(DEFAULT_KEEP)]
+        return str(self._run("node_fault", [*keys, *ending_keys(batch_id)], args))
 
     def cancel(self, batch_id: str) -> int:
         """Mark queued and running tasks cancelled, a bounded step at a time; their runners are
         nudged to renew at once, and stop (a missed nudge: at their next renewal)."""
         keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"), batch_key(batch_id)]
+        keys += ending_keys(batch_id)
         cursor, total = "0", 0
         while True:
-            cursor, n = self._run("cancel", keys, [cursor, CHUNK])
+            cursor, n = self._run("cancel", keys, [cursor, CHUNK, batch_id, int(DEFAULT_KEEP)])
             total += int(n)
             if str(cursor) == "0":
                 break
@@ -596,14 +623,7 @@ class BatchStore:
     def end(self, batch_id: str, keep: float) -> bool:
         """If the batch has nothing queued or running, it has ended: its keys expire after
         `keep` seconds. True if it ended now."""
-        keys = [
-            ACTIVE,
-            PENDING,
-            batch_key(batch_id),
-            batch_key(batch_id, "counts"),
-            *(batch_key(batch_id, p) for p in BATCH_PARTS if p not in ("", "counts")),
-        ]
-        return bool(self._run("end", keys, [batch_id, max(1, int(keep))]))
+        return bool(self._run("end", ending_keys(batch_id), [batch_id, max(1, int(keep))]))
 
     def forget(self, batch_id: str) -> int:
         """Drop every record of a batch now; returns the number of keys removed."""
@@ -762,6 +782,10 @@ class BatchStore:
     def redis_uptime(self) -> float:
         """Seconds since redis-server started (a restart drops every expired heartbeat)."""
         return float(self.r.info("server")["uptime_in_seconds"])
+
+    def holders(self, batch_id: str) -> int:
+        """Runners that still hold a command of the batch (a cancelled one may be stopping)."""
+        return sum(1 for _ in self.r.hscan_iter(RUNNING, match=f"{batch_id}|*", count=1000))
 
     def lease_alive(self, batch_id: str, task_id: str) -> bool:
         return bool(self.r.exists(lease_key(batch_id, task_id)))

@@ -7,6 +7,9 @@ batch gone from `batches`, one line and an exit code, exact counts.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from tbss_queue.config import Settings
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
-from .faults import Markers, job, wait_until
+from .faults import Markers, alive, job, wait_until
 
 KEEP = 3600.0
 
@@ -247,3 +250,60 @@ def test_a_resubmission_and_a_cancel_larger_than_one_step_keep_exact_counts(
     assert (cancelled.cancelled, cancelled.queued, cancelled.total) == (n + CHUNK, 0, n + CHUNK)
     states = client.hvals(batch_key(batch.id, "state"))
     assert states.count("cancelled") == n + CHUNK
+
+
+def test_a_batch_whose_workers_die_the_moment_it_ends_still_expires(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a batch whose two commands run on a node whose main process (its tidy passes
+    # included) is then frozen: only its pool processes, recording the outcomes, go on
+    client = connect(settings)
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    w1 = workers("w1", 2)
+    lines = [job(i, log, "--marker", str(marks.dir), "--sleep", "1") for i in range(2)]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    wait_until(lambda: len(marks.ids()) == 2, what="both commands to start")
+    os.kill(w1.proc.pid, signal.SIGSTOP)
+    try:
+        # When the last outcome is recorded, and the workers are killed at that moment
+        wait_until(lambda: not client.sismember(ACTIVE, batch.id), 30, "the batch to end")
+    finally:
+        w1.stop()
+    # Then every key that names it expires with the retention time, none is left for ever
+    assert api.status(batch.id, settings=settings).succeeded == 2
+    ttls = {k: client.ttl(k) for k in batch_keys(client, batch.id)}
+    assert batch_key(batch.id, "nodes") in ttls and batch_key(batch.id, "runs") in ttls
+    assert all(0 < t <= KEEP for t in ttls.values()), ttls
+
+
+def test_forget_after_cancel_waits_for_the_stopping_command_and_leaves_nothing_behind(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a running command that takes its time to stop (it ignores SIGTERM for a while)
+    client = connect(settings)
+    workers("w1", 1)
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n"
+    )
+    cmds = write_commands(tmp_path / "cmds", [f"{sys.executable} {script} {pidfile}"])
+    batch = api.submit(cmds, settings=settings)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="the command to start")
+    pid = int(pidfile.read_text())
+    # When the batch is cancelled and forgotten at once, while the command is still stopping
+    api.cancel(batch.id, settings=settings)
+    assert alive([pid]), "the command should still be stopping (SIGTERM ignored)"
+    env = settings_env(settings, run_tag)
+    res = tbss_queue("forget", batch.id, env=env)
+    assert res.returncode == 0, res.stderr
+    # Then forget has returned only once the command was gone
+    assert not alive([pid])
+    # and nothing of the batch is left, now or once the runner has let go
+    wait_until(lambda: not client.hlen("tbssq:running"), 30, "the runner to let go")
+    assert batch_keys(client, batch.id) == [batch_key(batch.id)]
+    assert not client.exists(batch_key(batch.id))
+    assert references(client, batch.id) == []

@@ -4,8 +4,9 @@
 -- at least once). Leases stay with their runners, which see `cancelled` at their next renewal,
 -- kill their command and release it; a lease whose runner is gone lapses and the reaper
 -- releases it. No message is revoked: a queued command's message is dropped by the claim.
--- KEYS: state counts meta
--- ARGV: cursor count
+-- Its last step ends the batch (ending.lua): nothing is queued or running any more.
+-- KEYS: state counts meta [ending: from 4]
+-- ARGV: cursor count batch_id default_ttl
 -- Returns {next cursor, commands cancelled by this step}.
 if ARGV[1] == '0' then
   local t = redis.call('TIME')
@@ -23,4 +24,5 @@ for i = 1, #st, 2 do
     n = n + 1
   end
 end
+if scan[1] == '0' then end_if_idle(4, ARGV[3], ARGV[4]) end
 return {scan[1], n}

@@ -3,13 +3,17 @@
 -- queue unfailed and the node is quarantined, unless every node that is taking commands has now
 -- refused it: then the fault is the command's, it fails with each node's reason, and those nodes
 -- are let out of quarantine.
+-- A command failed here may be the last outcome of its batch: it ends it (ending.lua).
 -- KEYS: state counts nodes running lease result ended refusals alive quarantine failed
--- ARGV: cid member node token reason_json live_window_seconds
--- Returns 'requeued', 'failed' or 'not-owner'.
+--       [ending: from 12, its meta at 14]
+-- ARGV: cid member node token reason_json live_window_seconds batch_id default_ttl
+-- Returns 'requeued', 'failed', 'gone' (no longer running, or its batch forgotten) or
+-- 'not-owner'.
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
 if not rec or cjson.decode(rec)['token'] ~= ARGV[4] then return 'not-owner' end
 redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
+if gone(KEYS[14]) then return 'gone' end
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
 local reason = cjson.decode(ARGV[5])
 local raw = redis.call('HGET', KEYS[8], ARGV[1])
@@ -51,4 +55,5 @@ redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], messag
   stderr_tail=msg, refusals=refused}))
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|failed', 1)
+end_if_idle(12, ARGV[7], ARGV[8])
 return 'failed'
