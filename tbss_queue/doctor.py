@@ -18,7 +18,7 @@ from .broker import connect, sentinels_of
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
 from .persistence import FIX as PERSISTENCE_FIX
-from .persistence import persistence
+from .persistence import eviction_warning, persistence
 
 GB_PER_FNIRT = 2.0
 """Memory to plan per registration. FNIRT on 1 mm FA is commonly quoted at 1-2 GB per process;
@@ -83,6 +83,7 @@ def check_broker(settings: Settings) -> list[Check]:
     )
     checks.append(check_persistence(client))
     checks.append(check_freeing(client))
+    checks.append(check_eviction(client))
     for node, why in sorted(BatchStore(client).quarantined().items()):
         checks.append(
             Check(
@@ -179,6 +180,16 @@ def check_persistence(client: redis.Redis) -> Check:
             "make sure the service persists its data",
         )
     return Check("persistence", True, state.describe())
+
+
+def check_eviction(client: redis.Redis) -> Check:
+    """Only `noeviction` keeps every lease and record whatever the memory: see eviction_warning."""
+    warning = eviction_warning(client)
+    if warning is not None:
+        return Check(
+            "eviction", False, warning.split("; set ")[0], "set maxmemory-policy noeviction"
+        )
+    return Check("eviction", True, "maxmemory-policy noeviction: no lease or record is evicted")
 
 
 def check_freeing(client: redis.Redis) -> Check:

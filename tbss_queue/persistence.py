@@ -6,6 +6,8 @@ help a person notice:
 
 * `persistence` / `persistence_warning`: what the broker is configured to do (worker start-up,
   `submit`, `doctor`).
+* `eviction_warning`: a broker that may evict keys when memory runs out (any maxmemory-policy
+  but `noeviction`) can drop a lease, and with it the proof of who runs a command.
 * the epoch key `tbssq:epoch` (HASH, field `run_id`): written once with HSETNX by `remember`
   when a batch is submitted, holding the run_id of the Redis process of that moment. It lives
   and dies with the rest of the data, so it marks *this dataset*: it survives a restart
@@ -251,3 +253,23 @@ def lost_or_not_found(
     if isinstance(exc, BatchLost):  # an earlier guess without known_run_id; this one knows
         return BatchNotFound(f"batch {batch_id!r} not found (see `tbss-queue batches`)")
     return exc
+
+
+def eviction_warning(client: redis.Redis) -> str | None:
+    """One line when the broker may evict keys under memory pressure; None for `noeviction`,
+    or when the policy cannot be asked (CONFIG disabled on a managed Redis: doctor says so).
+
+    `volatile-*` policies evict exactly the keys that carry a TTL: the leases, so that a
+    running command's ownership would end at the mercy of memory, and with `allkeys-*` any
+    record may go."""
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError:
+        return None
+    if policy in (None, "noeviction"):
+        return None
+    return (
+        f"the broker's maxmemory-policy is {policy}: under memory pressure Redis may evict "
+        "leases and records, and a command could then run twice; set maxmemory-policy "
+        "noeviction (deploy/redis.conf does)"
+    )

@@ -31,7 +31,7 @@ from .doctor import fsl_version
 from .errors import ConfigError
 from .health import Health
 from .paths import PathMap
-from .persistence import persistence_warning
+from .persistence import eviction_warning, persistence_warning
 from .policy import Policy
 from .publish import REF_HEADER
 from .recovery import Reaper
@@ -137,9 +137,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
     store = BatchStore(connect(settings, check=False))
     Consumer.refuse = functools.partial(_refuse_message, store, settings, options.nodename)
-    warning = persistence_warning(store.r)
-    if warning:
-        log.warning(warning)
+    for warning in (persistence_warning(store.r), eviction_warning(store.r)):
+        if warning:
+            log.warning(warning)
     reaper = Reaper(app, settings, store)
     health = Health(app, settings, store, options.nodename)
     # a restarted node starts afresh: its configuration may be what was fixed

@@ -105,6 +105,29 @@ def test_doctor_fails_a_broker_that_frees_expired_batches_in_the_foreground(
     assert freeing.fix == "set lazyfree-lazy-expire yes (deploy/redis.conf does)"
 
 
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "volatile-ttl"])
+def test_doctor_fails_and_a_worker_warns_on_a_broker_that_may_evict_leases(
+    policy: str, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a broker whose maxmemory-policy may evict keys (volatile-*: exactly the leases)
+    client = connect(settings)
+    client.config_set("maxmemory-policy", policy)
+    try:
+        # When doctor checks it, and a worker starts on it
+        code, checks = _doctor(env=settings_env(settings, run_tag))
+        w1 = workers("w1", 1)
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+    # Then doctor fails it, saying what to set, and the worker says so in its log at start
+    assert code != 0
+    assert checks["eviction"]["ok"] is False
+    assert checks["eviction"]["detail"].startswith(f"the broker's maxmemory-policy is {policy}")
+    assert checks["eviction"]["fix"] == "set maxmemory-policy noeviction"
+    assert f"maxmemory-policy is {policy}: under memory pressure" in w1.log.read_text()
+    # and with noeviction both are content
+    assert _doctor(env=settings_env(settings, run_tag))[1]["eviction"]["ok"] is True
+
+
 def test_a_jemalloc_redis_server_is_preferred_to_redislites_libc_build_found_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
