@@ -248,6 +248,7 @@ def _execute(
         # first renewal on the new master ("lost"), which kills this copy within a heartbeat
         replicated(store.r, settings)
     lease = Lease(settings, store, batch_id, task_id, token)
+    line, attempt = patiently(lambda: attempt_of(store, batch_id, task_id), patience)
 
     def record_end(state: str, record: dict[str, Any], *, ran: bool = True) -> str:
         def finish() -> str:
@@ -278,12 +279,13 @@ def _execute(
         record_end(SKIPPED, done, ran=False)
         raise Ignore()
     if marker is not None:
+        _go_on_if_still_ours(task.app, store, settings, lease, node, token, "removing outputs")
         remove_stale(argv, cwd, roots)
     time_limit = fields.time_limit or settings.time_limit
     if rules.max_time_limit:
         time_limit = min(time_limit, rules.max_time_limit)
     names = log_names(fields)
-    line, attempt = patiently(lambda: attempt_of(store, batch_id, task_id), patience)
+    _go_on_if_still_ours(task.app, store, settings, lease, node, token, "starting")
     with contextlib.ExitStack() as files:
         outputs, log_error = None, None
         if fields.log_dir is not None and names is not None:
@@ -420,6 +422,32 @@ def _hand_back_fault(
         raise Ignore()
     if outcome == "failed":
         raise CommandFailed(fault["message"])
+    raise Ignore()
+
+
+def _go_on_if_still_ours(
+    app: Celery,
+    store: BatchStore,
+    settings: Settings,
+    lease: Lease,
+    node: str,
+    token: str,
+    step: str,
+) -> None:
+    """Renew the lease as the last step before `step` (removing outputs, starting the command):
+    a runner held since its claim (a slow done check, a slow round trip) may have lost the
+    command to another node meanwhile, and then must touch nothing. Raises Ignore if so."""
+    stop = lease.renew()
+    if stop is None:
+        return
+    log.warning(
+        "command %s of batch %s not ours any more before %s (%s): nothing done",
+        lease.task_id, lease.batch_id, step, stop.reason,
+    )  # fmt: skip
+    if not stop.hard:  # cancelled meanwhile: let the lease go
+        _hand_back(app, store, settings, lease.batch_id, lease.task_id, token)
+    elif lease.lapsed():
+        _count_late(app, store, settings, node)
     raise Ignore()
 
 

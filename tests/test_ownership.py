@@ -33,6 +33,7 @@ from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 from .faults import Markers, alive, gone, job, signal_all, tree, wait_until
+from .proxy import holding
 
 pytestmark = pytest.mark.slow
 
@@ -568,3 +569,32 @@ def test_cancel_reaches_running_commands_at_once_not_at_their_next_renewal(
     final = api.wait(batch.id, settings=settings, timeout=30)
     assert (final.cancelled, final.running, final.succeeded) == (4, 0, 0)
     assert marks.counts(ids) == {i: (1, 0) for i in ids}
+
+
+def test_a_runner_held_between_claim_and_spawn_past_its_lease_starts_nothing(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], redis_server: RedisServer
+) -> None:
+    # Given node w1 behind a proxy that holds the first read it makes after a claim (a slow
+    # round trip between the claim and the spawn), and a command of 3 s
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    after_claim = rb"HGET\r\n\$\d+\r\ntbssq:b:[^\r]+:cmd\r\n"
+    with holding(redis_server.port, after_claim) as proxy:
+        workers("w1", 1, env={"TBSS_QUEUE_BROKER": proxy.url})
+        line = marked("once", marks, log, "--sleep", "3")
+        batch = api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
+        assert proxy.caught.wait(30), "w1 never claimed the command"
+        # When its lease lapses meanwhile and node w2 takes the command over and starts it
+        workers("w2", 1)
+        wait_until(lambda: marks.starts("once"), what="w2 to start the command")
+        # ... and only then does w1 get its reply
+        proxy.release()
+        final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then w1, finding its lease gone, starts nothing: one copy ran, on w2, once
+    assert (final.succeeded, final.failed, final.queued, final.running) == (1, 0, 0, 0)
+    assert marks.counts(["once"]) == {"once": (1, 1)}
+    [record] = api.tasks(batch.id, settings=settings)
+    assert record.node is not None and record.node.startswith("w2@")
+    # and w1's log says so: it never ran the command, and says why
+    w1_log = (tmp_path / "worker-w1-0.log").read_text()
+    assert not [ln for ln in w1_log.splitlines() if f"batch {batch.id}, command " in ln]
+    assert "not ours any more before starting" in w1_log

@@ -12,7 +12,13 @@ if old == 'running' then
   -- this runner's own claim, tried again after its reply was lost (a dropped connection, a
   -- failover): it holds the command already
   local mine = redis.call('HGET', KEYS[4], ARGV[2])
-  if mine and cjson.decode(mine)['token'] == ARGV[4] then return 'ok' end
+  if mine and cjson.decode(mine)['token'] == ARGV[4] then
+    -- and its lease starts again from now, as the runner's own clock does
+    if redis.call('PEXPIRE', KEYS[5], ARGV[5]) == 0 then
+      redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
+    end
+    return 'ok'
+  end
   return 'busy'
 end
 if redis.call('HEXISTS', KEYS[8], ARGV[3]) == 1 then return 'quarantined' end
