@@ -173,7 +173,7 @@ def submit(
         now,
         parsed.count,
         queued,
-        tally[SKIPPED],
+        tally[SKIPPED] + max(0, tally["changed"] - tally[SKIPPED] - queued),
         warnings,
         unchanged=parsed.count - tally["changed"],
     )
@@ -255,7 +255,7 @@ def _enqueue(
             n_parts += 1
             store.stage_part(Staging(batch_id, sid, mode, n_parts, queue, 0), changes, messages)
             n_messages += len(messages)
-        staging = Staging(batch_id, sid, mode, n_parts if merge else 0, queue, n_messages)
+        staging = Staging(batch_id, sid, mode, n_parts, queue, n_messages)
         if after:
             store.hold(staging, file_key, after)
             return n_messages, None
@@ -264,23 +264,30 @@ def _enqueue(
         # staged keys expire on their own if Redis can't be told now; the first error counts
         with contextlib.suppress(redis.RedisError):
             staged = Staging(batch_id, sid, "merge", n_parts + 1, queue, n_messages)
-            store.discard(staged, new_batch=not merge)
+            store.discard(staged)
         if isinstance(exc, redis.exceptions.OutOfMemoryError):
             raise broker_full(store.r) from None
         raise
     if committed < 0:
-        store.discard(staging, new_batch=not merge)
+        store.discard(staging)
         if committed == -3:  # an earlier submission of this batch is half applied: finish it
             store.apply(batch_id)
         return -1, None
     try:
-        store.apply(batch_id)
+        elsewhere = store.apply(batch_id)
     except redis.RedisError as exc:
         # committed: the batch is whole and will be queued whole, by the workers' reapers;
         # the user gets its id, not a broker error
         return n_messages, (
             f"the broker failed while this batch was being queued ({type(exc).__name__}: {exc}); "
             "it is committed whole, and the workers queue the rest"
+        )
+    if elsewhere:
+        # another submission (of another file with the same lines) committed them first:
+        # decided in the step that wrote the command index, so each runs once
+        return n_messages - elsewhere, (
+            f"{elsewhere} command(s) were queued by another submission meanwhile: skipped here "
+            "(see `status`)"
         )
     return n_messages, None
 

@@ -156,6 +156,11 @@ class Staging:
     def chunk_keys(self, i: int) -> list[str]:
         return [staged_key(self.batch_id, self.sid, f"{p}:{i}") for p in ("cmd", "state", "expect")]
 
+    def keys_key(self, i: int) -> str:
+        """Chunk i's queued commands: task id -> command key, for the command index, which
+        `apply` writes in the step that decides whether another batch has them already."""
+        return staged_key(self.batch_id, self.sid, f"keys:{i}")
+
     @property
     def whole_keys(self) -> list[str]:
         return [staged_key(self.batch_id, self.sid, p) for p in ("meta", "cmd", "state", "counts")]
@@ -165,7 +170,7 @@ class Staging:
         return staged_key(self.batch_id, self.sid, "msgs")
 
     def all_keys(self) -> list[str]:
-        chunked = [k for i in range(self.chunks) for k in self.chunk_keys(i)]
+        chunked = [k for i in range(self.chunks) for k in (*self.chunk_keys(i), self.keys_key(i))]
         return [*self.whole_keys, self.messages_key, *chunked]
 
     def to_json(self, **extra: Any) -> str:
@@ -301,13 +306,13 @@ class BatchStore:
         or reader sees it yet: records of new tasks or of existing ones whose state changes,
         and their messages. A new batch is staged whole, to be adopted by RENAME; a merge in
         chunks that `apply` merges one per step."""
-        batch_id = staging.batch_id
         s_meta, s_cmd, s_state, s_counts = staging.whole_keys
         if staging.mode == "merge":
             c_cmd, c_state, c_expect = staging.chunk_keys(staging.chunks - 1)
         else:
             c_cmd, c_state, c_expect = s_cmd, s_state, ""
-        touched = [s_meta, s_counts, c_cmd, c_state, staging.messages_key]
+        c_keys = staging.keys_key(staging.chunks - 1)
+        touched = [s_meta, s_counts, c_cmd, c_state, c_keys, staging.messages_key]
         touched += [c_expect] if c_expect else []
         pipe: Any = self.r.pipeline(transaction=False)
         if tasks:
@@ -318,14 +323,10 @@ class BatchStore:
         if not c_expect:  # the counters of a new batch, which the commit adopts as they are
             for state, n in Counter(t.state for t in tasks).items():
                 pipe.hincrby(s_counts, state, n)
-        # written before the commit: an entry whose task has no state yet (not committed, or
-        # never) is ignored by live_tasks, so a failed submit leaves nothing wrong here
-        live: dict[str, dict[str, str]] = {}
-        for t in tasks:
-            if t.state == QUEUED and t.key:
-                live.setdefault(index_key(t.key), {})[t.key] = batch_id
-        for bucket, entries in live.items():
-            pipe.hset(bucket, mapping=entries)
+        # the command index is written by `apply`, never before the commit: a submit that
+        # loses the commit (or fails) has nothing of another's to undo there
+        if keyed := {t.task_id: t.key for t in tasks if t.state == QUEUED and t.key}:
+            pipe.hset(c_keys, mapping=keyed)
         if any(q != staging.queue for q, _ in messages):
             raise ValueError("all messages of a batch must go to one queue")
         if messages:
@@ -374,13 +375,16 @@ class BatchStore:
         ]
         return int(self._run("commit", keys, args))
 
-    def apply(self, batch_id: str) -> None:
+    def apply(self, batch_id: str) -> int:
         """Carry a committed submission out, one bounded step per script, until done. Any
-        process may call it (a reaper finishes what a submitter that died began)."""
+        process may call it (a reaper finishes what a submitter that died began). Returns how
+        many of the commands it queued were found queued, running or done in another batch by
+        then (they are skipped), in the steps this call carried out."""
+        elsewhere = 0
         while True:
             raw = self.r.hget(PENDING, batch_id)
             if not raw:
-                return
+                return elsewhere
             staging = Staging.from_json(batch_id, raw)
             step = int(json.loads(raw)["next"])
             keys = [
@@ -393,10 +397,15 @@ class BatchStore:
                 staging.queue or batch_key(batch_id, "noqueue"),
                 *staging.chunk_keys(step),
                 batch_key(batch_id, "failed"),
+                staging.keys_key(step),
             ]
+            args = [batch_id, staging.sid, step, CHUNK, index_key(""), INDEX_DIGITS]
+            args += [_NAMESPACE.bytes, batch_key("")]
             # 'more' or 'stale': read the record again (the next step may use other keys)
-            if self._run("apply", keys, [batch_id, staging.sid, step, CHUNK]) == "done":
-                return
+            outcome, _, found = str(self._run("apply", keys, args)).partition(":")
+            elsewhere += int(found or 0)
+            if outcome == "done":
+                return elsewhere
 
     def pending(self) -> list[str]:
         """Batches with a committed submission still being applied."""
@@ -425,13 +434,10 @@ class BatchStore:
             out[b] = {**hold, "staging": Staging.from_json(b, hold["staging"])}
         return out
 
-    def discard(self, staging: Staging, *, new_batch: bool = False) -> None:
-        """Remove whatever a failed submit staged (the batch itself is untouched), and, for a
-        new batch that never came to be, the index entries that name it (harmless, as they
-        name no task, but kept for ever otherwise)."""
+    def discard(self, staging: Staging) -> None:
+        """Remove whatever a failed submit staged: the batch itself, and the command index
+        (written only once a submission is committed), are untouched."""
         self.r.unlink(*staging.all_keys())
-        if new_batch:
-            self._sweep_index({staging.batch_id})
 
     def batch_for_file(self, file_key: str) -> str | None:
         """The batch an earlier submission of this file (same path, same cwd) created."""

@@ -1,16 +1,30 @@
 -- apply: one bounded step of a committed submission. First its staged changes, one chunk per
 -- call: a command changes only if it is still in the state the submitter read (`expect`), so a
 -- command that started or finished meanwhile is left alone (its extra message is dropped by the
--- claim). Then its messages, at most `limit` per call, in file order. Any number of callers may
--- drive it (the submitter, or a reaper when the submitter died): each step happens once.
--- KEYS: pending state counts cmd meta s_msgs queue s_cmd s_state s_expect failed
+-- claim). In the same step, each command of the chunk that is queued now takes its entry in the
+-- command index, unless the entry names another batch in which that command is queued, running
+-- or succeeded: then it is skipped here ("already queued in batch X"), decided in this one
+-- atomic step whichever submission, of the same file or another, got there first. Then its
+-- messages, at most `limit` per call, in file order (a skipped command's message is dropped by
+-- the claim). Any number of callers may drive it (the submitter, or a reaper when the
+-- submitter died): each step happens once.
+-- KEYS: pending state counts cmd meta s_msgs queue s_cmd s_state s_expect failed s_keys
 --       (the s_* chunk keys are those of chunk `step`)
--- ARGV: batch_id sid step limit
--- Returns 'more', 'done', or 'stale' (the pending record is not at `step`: read it again).
+-- ARGV: batch_id sid step limit index_prefix index_digits id_namespace (16 bytes) batch_prefix
+-- Returns 'more', 'done', or 'stale' (the pending record is not at `step`: read it again),
+-- followed by ':N' when N commands of this step were found queued in another batch.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 'done' end
 local p = cjson.decode(raw)
 if p['sid'] ~= ARGV[2] or p['next'] ~= tonumber(ARGV[3]) then return 'stale' end
+local LIVE = {queued = true, running = true, succeeded = true}
+
+-- task_id_for(batch, key) of batches.py: the first 16 hex digits of a UUID 5
+local function task_id_for(batch, key)
+  local h = redis.sha1hex(ARGV[7] .. batch .. '|' .. key)
+  return h:sub(1, 12) .. '5' .. h:sub(14, 16)
+end
+
 if p['next'] < p['chunks'] then
   local kv = redis.call('HGETALL', KEYS[8])
   for i = 1, #kv, 2 do redis.call('HSET', KEYS[4], kv[i], kv[i + 1]) end
@@ -25,9 +39,34 @@ if p['next'] < p['chunks'] then
       redis.call('HINCRBY', KEYS[3], st[i + 1], 1)
     end
   end
-  redis.call('UNLINK', KEYS[8], KEYS[9], KEYS[10])
+  local skipped = 0
+  local keyed = redis.call('HGETALL', KEYS[12])
+  for i = 1, #keyed, 2 do
+    local tid, key = keyed[i], keyed[i + 1]
+    if redis.call('HGET', KEYS[2], tid) == 'queued' then
+      local bucket = ARGV[5] .. key:sub(1, tonumber(ARGV[6]))
+      local other = redis.call('HGET', bucket, key)
+      local there = nil
+      if other and other ~= ARGV[1] then
+        there = redis.call('HGET', ARGV[8] .. other .. ':state', task_id_for(other, key))
+      end
+      if there and LIVE[there] then
+        redis.call('HSET', KEYS[2], tid, 'skipped')
+        redis.call('HINCRBY', KEYS[3], 'queued', -1)
+        redis.call('HINCRBY', KEYS[3], 'skipped', 1)
+        local spec = cjson.decode(redis.call('HGET', KEYS[4], tid))
+        spec['note'] = 'already ' .. there .. ' in batch ' .. other
+        redis.call('HSET', KEYS[4], tid, cjson.encode(spec))
+        skipped = skipped + 1
+      else
+        redis.call('HSET', bucket, key, ARGV[1])
+      end
+    end
+  end
+  redis.call('UNLINK', KEYS[8], KEYS[9], KEYS[10], KEYS[12])
   p['next'] = p['next'] + 1
   redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(p))
+  if skipped > 0 then return 'more:' .. skipped end
   return 'more'
 end
 local limit = tonumber(ARGV[4])
