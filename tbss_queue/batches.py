@@ -607,12 +607,17 @@ class BatchStore:
 
     def cancel(self, batch_id: str) -> int:
         """Mark queued and running tasks cancelled, a bounded step at a time; their runners are
-        nudged to renew at once, and stop (a missed nudge: at their next renewal)."""
+        nudged to renew at once, and stop (a missed nudge: at their next renewal). A submission
+        committed and not yet applied is applied first, so nothing it queues escapes."""
         keys = [batch_key(batch_id, "state"), batch_key(batch_id, "counts"), batch_key(batch_id)]
         keys += ending_keys(batch_id)
         cursor, total = "0", 0
         while True:
             cursor, n = self._run("cancel", keys, [cursor, CHUNK, batch_id, int(DEFAULT_KEEP)])
+            if cursor == "pending":  # a committed submission first, whoever began it
+                self.apply(batch_id)
+                cursor = "0"
+                continue
             total += int(n)
             if str(cursor) == "0":
                 break

@@ -307,3 +307,38 @@ def test_forget_after_cancel_waits_for_the_stopping_command_and_leaves_nothing_b
     assert batch_keys(client, batch.id) == [batch_key(batch.id)]
     assert not client.exists(batch_key(batch.id))
     assert references(client, batch.id) == []
+
+
+def test_a_cancel_after_a_resubmission_committed_but_not_applied_stops_what_it_queues(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    monkeypatch: pytest.MonkeyPatch,
+    run_tag: str,
+) -> None:
+    # Given a batch cancelled before anything ran
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    ids = [str(i) for i in range(6)]
+    cmds = write_commands(tmp_path / "cmds", [job(i, log, "--marker", str(marks.dir)) for i in ids])
+    batch = api.submit(cmds, settings=settings)
+    assert api.cancel(batch.id, settings=settings).cancelled == 6
+    # And a resubmission whose submitter died right after its commit (nothing applied yet)
+    monkeypatch.setattr(BatchStore, "apply", lambda self, batch_id: 0)
+    api.submit(cmds, settings=settings)
+    monkeypatch.undo()
+    store = BatchStore(connect(settings))
+    assert store.pending() == [batch.id]
+    # When the batch is cancelled again, and a worker comes
+    res = tbss_queue("cancel", batch.id, "--yes", env=settings_env(settings, run_tag))
+    assert res.returncode == 0, res.stderr
+    assert store.pending() == []
+    workers("w1", 2)
+    client = connect(settings)
+    wait_until(
+        lambda: client.llen(settings.queue) == 0 and not client.hlen("unacked"),
+        what="every message handed out",
+    )
+    # Then what the resubmission queued was cancelled with the rest: nothing ran
+    final = api.status(batch.id, settings=settings)
+    assert (final.cancelled, final.queued, final.running, final.succeeded) == (6, 0, 0, 0)
+    assert marks.ids() == []

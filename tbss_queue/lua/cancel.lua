@@ -7,7 +7,10 @@
 -- Its last step ends the batch (ending.lua): nothing is queued or running any more.
 -- KEYS: state counts meta [ending: from 4]
 -- ARGV: cursor count batch_id default_ttl
--- Returns {next cursor, commands cancelled by this step}.
+-- Returns {next cursor, commands cancelled by this step}, or {'pending', 0}: a submission of
+-- the batch is committed and not yet applied (its submitter may have died): apply it, then
+-- cancel, or the commands it queues would run after the cancel said they were cancelled.
+if ARGV[1] == '0' and redis.call('HEXISTS', KEYS[5], ARGV[3]) == 1 then return {'pending', 0} end
 if ARGV[1] == '0' then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[3], 'cancelled_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
