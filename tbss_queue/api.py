@@ -331,9 +331,20 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:
     if not batch_id:
         raise ConfigError("cancel: name the batch (see `tbss-queue batches`)")
     settings, store = _store(settings)
+    if hold := store.held().get(batch_id):  # held (fsl_sub's -j): it comes to be, cancelled
+        after = ", ".join(hold["after"])
+        store.release(batch_id, f"cancelled while held until batch(es) {after} ended")
     bid = store.resolve_id(batch_id)
     store.cancel(bid)
     return status(bid, settings=settings)
+
+
+def held_until(batch_id: str, *, settings: Settings | None = None) -> tuple[str, ...] | None:
+    """The batches a held submission (submit --after, fsl_sub's -j) waits for, or None if
+    `batch_id` (a full id) is not held."""
+    _, store = _store(settings)
+    hold = store.held().get(batch_id)
+    return tuple(hold["after"]) if hold else None
 
 
 def forget(batch_id: str, *, settings: Settings | None = None) -> int:
@@ -381,8 +392,9 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
     snap = store.snapshot(bid)
     current = compute(bid, snap, store.fleet(settings.lost_after, snap["now"]))
     facts = store.node_facts([n.node for n in current.nodes])
-    warning = fsl_version_warning(facts)
-    return replace(current, warnings=(warning,)) if warning else current
+    said = (snap["meta"].get("dependency"), fsl_version_warning(facts))
+    warnings = tuple(str(w) for w in said if w)
+    return replace(current, warnings=warnings) if warnings else current
 
 
 def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:

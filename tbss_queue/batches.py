@@ -208,7 +208,7 @@ def new_batch_id() -> str:
     return secrets.token_hex(4)
 
 
-ENDING_SCRIPTS = frozenset({"finish", "release", "node_fault", "cancel", "end"})
+ENDING_SCRIPTS = frozenset({"finish", "release", "node_fault", "cancel", "apply", "end"})
 """The scripts that can record a batch's last outcome, and so end it in the same step: each
 is run with lua/ending.lua in front of it."""
 
@@ -375,11 +375,12 @@ class BatchStore:
         ]
         return int(self._run("commit", keys, args))
 
-    def apply(self, batch_id: str) -> int:
+    def apply(self, batch_id: str, *, messages: bool = True) -> int:
         """Carry a committed submission out, one bounded step per script, until done. Any
         process may call it (a reaper finishes what a submitter that died began). Returns how
         many of the commands it queued were found queued, running or done in another batch by
-        then (they are skipped), in the steps this call carried out."""
+        then (they are skipped), in the steps this call carried out. `messages=False`: stop
+        once every change is applied, before the messages move (a cancel marks them first)."""
         elsewhere = 0
         while True:
             raw = self.r.hget(PENDING, batch_id)
@@ -398,13 +399,14 @@ class BatchStore:
                 *staging.chunk_keys(step),
                 batch_key(batch_id, "failed"),
                 staging.keys_key(step),
+                *ending_keys(batch_id),
             ]
             args = [batch_id, staging.sid, step, CHUNK, index_key(""), INDEX_DIGITS]
-            args += [_NAMESPACE.bytes, batch_key("")]
+            args += [_NAMESPACE.bytes, batch_key(""), int(not messages), int(DEFAULT_KEEP)]
             # 'more' or 'stale': read the record again (the next step may use other keys)
             outcome, _, found = str(self._run("apply", keys, args)).partition(":")
             elsewhere += int(found or 0)
-            if outcome == "done":
+            if outcome in ("done", "states"):
                 return elsewhere
 
     def pending(self) -> list[str]:
@@ -425,6 +427,19 @@ class BatchStore:
         hold = {"after": list(after), "file_key": file_key, "staging": staging.to_json()}
         pipe.hset(HELD, staging.batch_id, json.dumps(hold))
         pipe.execute()
+
+    def release(self, batch_id: str, note: str = "") -> bool:
+        """Commit the held submission of `batch_id` now (its messages still staged): True if
+        this call did, False if it was not held (any more). `note` goes into its metadata
+        (`dependency`), where `status` shows it."""
+        hold = self.held().get(batch_id)
+        if hold is None:
+            return False
+        if self.commit(hold["staging"], hold["file_key"], releasing=True) < 0:
+            return False
+        if note:
+            self.r.hset(batch_key(batch_id), "dependency", _enc(note))
+        return True
 
     def held(self) -> dict[str, dict[str, Any]]:
         """batch -> {after, file_key, staging}: submissions waiting for other batches."""
@@ -614,13 +629,14 @@ class BatchStore:
         cursor, total = "0", 0
         while True:
             cursor, n = self._run("cancel", keys, [cursor, CHUNK, batch_id, int(DEFAULT_KEEP)])
-            if cursor == "pending":  # a committed submission first, whoever began it
-                self.apply(batch_id)
+            if cursor == "pending":  # a committed submission's changes first, whoever began it
+                self.apply(batch_id, messages=False)
                 cursor = "0"
                 continue
             total += int(n)
             if str(cursor) == "0":
                 break
+        self.apply(batch_id)  # its messages, if one was pending: the claims drop them
         # the runners renew now instead of at their next heartbeat, and so see the cancel
         self.r.publish(CANCEL_CHANNEL, batch_id)
         return total

@@ -21,7 +21,17 @@ from typing import Any
 from celery import Celery
 from kombu import serialization
 
-from .batches import CHUNK, PENDING, QUEUED, RUNNING_STATE, BatchStore, TaskSpec, batch_key
+from .batches import (
+    CANCELLED,
+    CHUNK,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RUNNING_STATE,
+    BatchStore,
+    TaskSpec,
+    batch_key,
+)
 from .config import Settings
 from .publish import (
     REF_HEADER,
@@ -269,14 +279,28 @@ def _task_id(raw: Any) -> str | None:
 
 
 def release_held(store: BatchStore) -> list[str]:
-    """Commit held submissions whose `after` batches have all ended (nothing queued/running)."""
+    """Commit held submissions whose `after` batches have all ended (nothing queued/running).
+
+    As Slurm's afterok: one whose `after` batch ended with failed or cancelled commands never
+    runs; it comes to be cancelled, and its status says why ("dependency never satisfied")."""
     released = []
     for batch_id, hold in store.held().items():
-        pending = 0
+        pending, unmet = 0, []
         for other in hold["after"]:
-            counts = store.r.hmget(batch_key(other, "counts"), QUEUED, "running")
-            pending += sum(int(c or 0) for c in counts)
-        if pending == 0 and store.commit(hold["staging"], hold["file_key"], releasing=True) > 0:
+            counts = store.r.hmget(batch_key(other, "counts"), QUEUED, "running", FAILED, CANCELLED)
+            queued, running, failed, cancelled = (int(c or 0) for c in counts)
+            pending += queued + running
+            if failed or cancelled:
+                unmet.append(f"batch {other} ended with {failed} failed, {cancelled} cancelled")
+        if pending:
+            continue
+        if unmet:
+            why = f"dependency never satisfied: {'; '.join(unmet)}"
+            if store.release(batch_id, why):
+                store.cancel(batch_id)
+                log.warning("batch %s will not run: %s", batch_id, why)
+            continue
+        if store.release(batch_id):
             store.apply(batch_id)
             log.warning("released batch %s: batches %s have ended", batch_id, hold["after"])
             released.append(batch_id)

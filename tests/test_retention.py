@@ -342,3 +342,59 @@ def test_a_cancel_after_a_resubmission_committed_but_not_applied_stops_what_it_q
     final = api.status(batch.id, settings=settings)
     assert (final.cancelled, final.queued, final.running, final.succeeded) == (6, 0, 0, 0)
     assert marks.ids() == []
+
+
+def test_a_held_batch_can_be_cancelled_and_never_runs(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given batch `second`, held until batch `first` ends (submit --after, fsl_sub's -j)
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    first = api.submit(
+        write_commands(tmp_path / "first", [job("a", log, "--sleep", "2")]), settings=settings
+    )
+    lines = [job(f"b{i}", log, "--marker", str(marks.dir)) for i in range(3)]
+    second = api.submit(
+        write_commands(tmp_path / "second", lines), settings=settings, after=[first.id]
+    )
+    # When it is cancelled from the command line while it waits
+    env = settings_env(settings, run_tag)
+    res = tbss_queue("cancel", second.id, "--yes", env=env)
+    # Then that works, and says what became of it
+    assert res.returncode == 0, res.stderr
+    assert f"batch {second.id}: 0 succeeded" in res.stderr and "3 cancelled of 3" in res.stderr
+    # and once the batch it waited for has ended, nothing of it has run
+    workers("w1", 2)
+    assert api.wait(first.id, settings=settings, timeout=60).succeeded == 1
+    wait_until(lambda: not BatchStore(connect(settings)).held(), what="no hold left")
+    final = api.status(second.id, settings=settings)
+    assert (final.cancelled, final.queued, final.succeeded) == (3, 0, 0)
+    assert final.warnings == (f"cancelled while held until batch(es) {first.id} ended",)
+    assert marks.ids() == []
+
+
+def test_a_batch_held_on_one_that_failed_never_runs_and_says_why(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given batch `second`, held until batch `first` ends, and `first` has a command that fails
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    first = api.submit(
+        write_commands(tmp_path / "first", [job("ok", log), job("bad", log, "--exit", "3")]),
+        settings=settings,
+    )
+    lines = [job(f"b{i}", log, "--marker", str(marks.dir)) for i in range(3)]
+    second = api.submit(
+        write_commands(tmp_path / "second", lines), settings=settings, after=[first.id]
+    )
+    # When `first` ends with that failure
+    workers("w1", 2)
+    assert api.wait(first.id, settings=settings, timeout=60).failed == 1
+    wait_until(lambda: not BatchStore(connect(settings)).held(), what="the hold to be judged")
+    # Then `second` never runs (as Slurm's afterok), and its status says why
+    res = tbss_queue("status", second.id, env=settings_env(settings, run_tag))
+    assert (
+        f"dependency never satisfied: batch {first.id} ended with 1 failed, 0 cancelled"
+        in res.stdout + res.stderr
+    )
+    final = api.status(second.id, settings=settings)
+    assert (final.cancelled, final.queued, final.succeeded, final.running) == (3, 0, 0, 0)
+    assert marks.ids() == []

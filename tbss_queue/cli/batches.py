@@ -358,6 +358,15 @@ def cancel(batch: str | None, yes: bool, settings: Settings) -> None:
 
     Example: tbss-queue cancel 1a2b3c4d --yes
     """
+    if batch is not None and (after := api.held_until(batch, settings=settings)):
+        if not yes and not click.confirm(
+            f"cancel batch {batch}, held until {', '.join(after)} end: none of it will run?",
+            default=False,
+            err=True,
+        ):
+            return
+        err.print(summary_line(api.cancel(batch, settings=settings)), highlight=False)
+        return
     target = api.status(batch, settings=settings)
     if yes and batch is None:
         raise ConfigError(

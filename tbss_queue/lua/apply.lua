@@ -8,11 +8,16 @@
 -- messages, at most `limit` per call, in file order (a skipped command's message is dropped by
 -- the claim). Any number of callers may drive it (the submitter, or a reaper when the
 -- submitter died): each step happens once.
+-- With `only_states`, it stops before the messages ('states'): a cancel marks the commands
+-- first, and their messages, moved later, are dropped by the claims. The last step ends the
+-- batch if nothing is left to run (ending.lua).
 -- KEYS: pending state counts cmd meta s_msgs queue s_cmd s_state s_expect failed s_keys
---       (the s_* chunk keys are those of chunk `step`)
+--       [ending: from 13] (the s_* chunk keys are those of chunk `step`)
 -- ARGV: batch_id sid step limit index_prefix index_digits id_namespace (16 bytes) batch_prefix
--- Returns 'more', 'done', or 'stale' (the pending record is not at `step`: read it again),
--- followed by ':N' when N commands of this step were found queued in another batch.
+--       only_states ('1' or '0') default_ttl
+-- Returns 'more', 'done', 'states' (only_states: every change is applied, the messages wait) or
+-- 'stale' (the pending record is not at `step`: read it again), followed by ':N' when N
+-- commands of this step were found queued in another batch.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 'done' end
 local p = cjson.decode(raw)
@@ -69,6 +74,7 @@ if p['next'] < p['chunks'] then
   if skipped > 0 then return 'more:' .. skipped end
   return 'more'
 end
+if ARGV[9] == '1' then return 'states' end
 local limit = tonumber(ARGV[4])
 local moved = 0
 while moved < limit and redis.call('LMOVE', KEYS[6], KEYS[7], 'RIGHT', 'LEFT') do
@@ -77,4 +83,5 @@ end
 if redis.call('EXISTS', KEYS[6]) == 1 then return 'more' end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[5], 'total', redis.call('HLEN', KEYS[2]))
+end_if_idle(13, ARGV[1], ARGV[10])
 return 'done'

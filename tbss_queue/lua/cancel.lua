@@ -8,9 +8,14 @@
 -- KEYS: state counts meta [ending: from 4]
 -- ARGV: cursor count batch_id default_ttl
 -- Returns {next cursor, commands cancelled by this step}, or {'pending', 0}: a submission of
--- the batch is committed and not yet applied (its submitter may have died): apply it, then
--- cancel, or the commands it queues would run after the cancel said they were cancelled.
-if ARGV[1] == '0' and redis.call('HEXISTS', KEYS[5], ARGV[3]) == 1 then return {'pending', 0} end
+-- the batch is committed and its changes not yet applied (its submitter may have died): apply
+-- them (not yet its messages), then cancel, or the commands it queues would run after the
+-- cancel said they were cancelled. Its messages, moved after, are dropped by the claims.
+local pending = redis.call('HGET', KEYS[5], ARGV[3])
+if pending then
+  local p = cjson.decode(pending)
+  if p['next'] < p['chunks'] then return {'pending', 0} end
+end
 if ARGV[1] == '0' then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[3], 'cancelled_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
