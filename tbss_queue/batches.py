@@ -24,6 +24,7 @@ Keys (prefix tbssq:), for batch B:
   stopping            HASH  node -> Redis time it began to stop (SIGTERM, --stop-after)
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
   late                HASH  node -> JSON {n, since}: its runners' recent lease losses (lua/late.lua)
+  owed                ZSET  "B|task" -> time from which a requeued command is owed a message
   index:KK            HASH  command key -> B: latest batch of a command (its task id there is
                             task_id_for(B, key)), in 256 buckets by the key's first 2 hex
                             digits (index_key)
@@ -44,6 +45,7 @@ Celery message carries a fresh id of its own (see publish.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import secrets
 import time
@@ -74,6 +76,8 @@ ALIVE = PREFIX + "alive"
 STOPPING = PREFIX + "stopping"
 QUARANTINE = PREFIX + "quarantine"
 LATE = PREFIX + "late"
+OWED = PREFIX + "owed"
+"""ZSET "B|task" -> Redis time from which a requeued command is owed a message (release.lua)."""
 CANCEL_CHANNEL = PREFIX + "cancelled"
 """Pub/sub: a batch id, published when the batch is cancelled (nudges.py)."""
 ACTIVE = PREFIX + "active"
@@ -224,6 +228,11 @@ def _script(name: str) -> str:
     return text
 
 
+def script_sha(name: str) -> str:
+    """The SHA1 Redis knows a script of ours by (EVALSHA): what a trace or a proxy sees."""
+    return hashlib.sha1(_script(name).encode(), usedforsecurity=False).hexdigest()
+
+
 def ending_keys(batch_id: str) -> list[str]:
     """What lua/ending.lua's end_if_idle reads and expires: active pending meta counts, then
     every other key of the batch."""
@@ -284,6 +293,14 @@ class BatchStore:
         # decode_responses=True: every reply is str; redis-py's stubs can't express that
         self.r: Any = client
         self._scripts = {name: client.register_script(_script(name)) for name in self.SCRIPTS}
+
+    def load_scripts(self) -> None:
+        """Have Redis hold every script now (SCRIPT LOAD): the first use of each is then one
+        round trip, never a NOSCRIPT answer and a second try."""
+        pipe = self.r.pipeline(transaction=False)
+        for name in self.SCRIPTS:
+            pipe.script_load(_script(name))
+        pipe.execute()
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=list(keys), args=list(args))
@@ -576,25 +593,40 @@ class BatchStore:
         limit: int,
         count_loss: bool = True,
         ignore_heartbeat: bool = False,
+        delay: float = 0.0,
     ) -> str:
-        """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'."""
+        """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'.
+        A requeued task is owed a message from `delay` seconds on (see `republish_owed`)."""
         keys = [
             *_task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
             batch_key(batch_id, "result"),
             batch_key(batch_id, "ended"),
             batch_key(batch_id, "failed"),
+            OWED,
         ]
         args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
-        args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP)]
+        args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP), delay]
         return str(self._run("release", [*keys, *ending_keys(batch_id)], args))
 
-    def hand_back(self, batch_id: str, task_id: str, token: str) -> str:
-        """The owner gives its command up, unfailed (not a loss): 'requeued' (queue it again),
-        or 'gone' (cancelled meanwhile, or not ours any more)."""
+    def hand_back(self, batch_id: str, task_id: str, token: str, delay: float = 0.0) -> str:
+        """The owner gives its command up, unfailed (not a loss): 'requeued' (queue it again,
+        in `delay` seconds), or 'gone' (cancelled meanwhile, or not ours any more)."""
         return self.requeue(
-            batch_id, task_id, token, limit=1, count_loss=False, ignore_heartbeat=True
+            batch_id, task_id, token, limit=1, count_loss=False, ignore_heartbeat=True, delay=delay
         )
+
+    def owe(self, batch_id: str, task_id: str) -> None:
+        """A queued command's message was taken and is to be published again: owed from now."""
+        self.r.zadd(OWED, {member(batch_id, task_id): self.redis_time()})
+
+    def owed(self, until: float, count: int = CHUNK) -> list[str]:
+        """Members ("B|task") owed a message since before Redis time `until`."""
+        return [str(m) for m in self.r.zrangebyscore(OWED, "-inf", until, start=0, num=count)]
+
+    def paid(self, batch_id: str, task_id: str) -> None:
+        """A message was published for the command by other means (Celery's retry)."""
+        self.r.zrem(OWED, member(batch_id, task_id))
 
     def node_fault(
         self,
@@ -615,6 +647,7 @@ class BatchStore:
             ALIVE,
             QUARANTINE,
             batch_key(batch_id, "failed"),
+            OWED,
         ]
         args = [task_id, member(batch_id, task_id), node, token, json.dumps(reason), live_window]
         args += [batch_id, int(DEFAULT_KEEP)]

@@ -25,12 +25,14 @@ from .batches import (
     CANCELLED,
     CHUNK,
     FAILED,
+    OWED,
     PENDING,
     QUEUED,
     RUNNING_STATE,
     BatchStore,
     TaskSpec,
     batch_key,
+    member,
 )
 from .config import Settings
 from .publish import (
@@ -73,9 +75,31 @@ def republish(
             task_kwargs(meta),
             send_options(settings.time_limit, meta),
         )
-    # kombu's consumers pop from the right end (BRPOP): RPUSH is the front
-    store.r.rpush(settings.queue, raw)
+    # kombu's consumers pop from the right end (BRPOP): RPUSH is the front; and the debt the
+    # requeue recorded is paid in the same step (a lost reply here leaves it to be paid again)
+    pipe = store.r.pipeline(transaction=True)
+    pipe.rpush(settings.queue, raw)
+    pipe.zrem(OWED, member(batch_id, task_id))
+    pipe.execute()
     return True
+
+
+def republish_owed(app: Celery, store: BatchStore, settings: Settings) -> int:
+    """Publish the message of every command requeued more than a heartbeat ago whose message
+    never came: its requeuer lost the reply to its requeue, or died before it published. Per
+    command, so one lost reply is repaired within a heartbeat or two of when its message was
+    due, whatever else runs. A debt of a command no longer queued is dropped."""
+    republished = 0
+    for owed in store.owed(store.redis_time() - settings.heartbeat):
+        batch_id, task_id = owed.split("|", 1)
+        state = store.r.hget(batch_key(batch_id, "state"), task_id)
+        if state == QUEUED and republish(app, store, settings, batch_id, task_id):
+            republished += 1
+            log.warning("published command %s of batch %s again: its message never came",
+                        task_id, batch_id)  # fmt: skip
+        else:
+            store.r.zrem(OWED, owed)
+    return republished
 
 
 _unsendable: set[str] = set()
@@ -127,8 +151,8 @@ def requeue_lost(
     counts = {"requeued": 0, "lost": 0}
     if not everything and not heartbeats_judgeable(store, settings):
         return counts
-    for member, record in store.running().items():
-        batch_id, task_id = member.split("|", 1)
+    for held, record in store.running().items():
+        batch_id, task_id = held.split("|", 1)
         if not everything and store.lease_alive(batch_id, task_id):
             continue
         outcome = store.requeue(
@@ -334,6 +358,7 @@ class Reaper(threading.Thread):
         while not self.stopped.wait(self.settings.heartbeat):
             try:
                 requeue_lost(self.app, self.store, self.settings)
+                republish_owed(self.app, self.store, self.settings)
                 self.stalled.restore(self.app, self.store, self.settings)
                 release_held(self.store)
                 keep_tidy(self.store, self.settings)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import redis
 from billiard.process import current_process
 from celery import Celery, Task
-from celery.exceptions import Ignore, TaskPredicate
+from celery.exceptions import Ignore, Retry, TaskPredicate
 
 from . import nudges, runner
 from .app import TASK_NAME
@@ -239,6 +239,7 @@ def _execute(
         # runner still holds it after all this time. Back to the front of the queue, unclaimed
         if claim == "quarantined":
             time.sleep(settings.heartbeat)
+        store.owe(batch_id, task_id)  # paid by the republish, or by a reaper if that is lost
         republish(task.app, store, settings, batch_id, task_id)
         raise Ignore()
     if claim != "ok":
@@ -358,11 +359,21 @@ def _execute(
         _log_outcome(outcome, label(fields.argv), task_id, batch_id)
         return {"exit_code": result.exit_code, "duration": round(result.duration, 3), "node": node}
     if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
-        if patiently(lambda: store.hand_back(batch_id, task_id, token), patience) == "requeued":
+        # owed a message in RETRY_DELAY: Celery's retry sends it; if this hand-back's reply is
+        # lost (or this process dies), a reaper does, within a heartbeat of when it was due
+        back = patiently(lambda: store.hand_back(batch_id, task_id, token, RETRY_DELAY), patience)
+        if back == "requeued":
             store.save_result(batch_id, task_id, record)
-            raise task.retry(
-                countdown=RETRY_DELAY, max_retries=fields.retries, exc=CommandFailed(result.message)
-            )
+            try:
+                task.retry(
+                    countdown=RETRY_DELAY,
+                    max_retries=fields.retries,
+                    exc=CommandFailed(result.message),
+                )
+            except Retry:
+                with contextlib.suppress(redis.RedisError):
+                    store.paid(batch_id, task_id)
+                raise
         raise Ignore()
     outcome = record_end(FAILED, record)
     _log_outcome(outcome, label(fields.argv), task_id, batch_id)

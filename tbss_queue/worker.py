@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import redis
 from celery.exceptions import SecurityWarning
 from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
@@ -136,6 +138,8 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
     store = BatchStore(connect(settings, check=False))
+    with contextlib.suppress(redis.RedisError):  # first uses load them otherwise
+        store.load_scripts()
     Consumer.refuse = functools.partial(_refuse_message, store, settings, options.nodename)
     for warning in (persistence_warning(store.r), eviction_warning(store.r)):
         if warning:

@@ -1,8 +1,11 @@
-"""A loopback TCP proxy in front of redis-server that holds one request until told to let go.
+"""A loopback TCP proxy in front of redis-server that holds one request until told to let go,
+or lets one request through and loses its reply.
 
 It holds a race window open deterministically: the client that sent the request waits for the
 reply exactly as long as the test wants (as it would behind a slow link, or a Redis busy with
-another client), while every other request, of that client or any other, goes through.
+another client), while every other request, of that client or any other, goes through. With
+`drop`, Redis carries the request out and the connection is cut before the client reads the
+reply: the client cannot tell whether it happened (a cable pulled, a failover).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ class HoldingProxy:
     `hold` (a regex) is kept back, with everything after it on that connection, until
     `release()`; `caught` is set when it is."""
 
-    def __init__(self, target: int, hold: bytes) -> None:
-        self.target, self.pattern = target, re.compile(hold)
+    def __init__(self, target: int, hold: bytes, *, drop: bool = False) -> None:
+        self.target, self.pattern, self.drop = target, re.compile(hold), drop
         self.port = free_port()
         self.caught, self.released = threading.Event(), threading.Event()
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -69,10 +72,13 @@ class HoldingProxy:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
             self._sockets += [client, server]
-            self._spawn(self._pump, client, server, True)
-            self._spawn(self._pump, server, client, False)
+            cut = threading.Event()  # this connection's next reply is to be lost
+            self._spawn(self._pump, client, server, True, cut)
+            self._spawn(self._pump, server, client, False, cut)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, requests: bool, cut: threading.Event
+    ) -> None:
         with contextlib.suppress(OSError):
             while not self._stop.is_set():
                 ready, _, _ = select.select([src], [], [], 0.2)
@@ -82,8 +88,13 @@ class HoldingProxy:
                 if not data:
                     break
                 if requests and not self.caught.is_set() and self.pattern.search(data):
+                    if self.drop:
+                        cut.set()
                     self.caught.set()
-                    self.released.wait()
+                    if not self.drop:
+                        self.released.wait()
+                if not requests and cut.is_set():
+                    break  # the reply goes nowhere, and the connection with it
                 dst.sendall(data)
         for s in (src, dst):
             with contextlib.suppress(OSError):
@@ -92,6 +103,6 @@ class HoldingProxy:
 
 
 @contextlib.contextmanager
-def holding(target: int, hold: bytes) -> Iterator[HoldingProxy]:
-    with HoldingProxy(target, hold) as proxy:
+def holding(target: int, hold: bytes, *, drop: bool = False) -> Iterator[HoldingProxy]:
+    with HoldingProxy(target, hold, drop=drop) as proxy:
         yield proxy

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from tbss_queue import api
-from tbss_queue.batches import BatchStore
+from tbss_queue.batches import BatchStore, script_sha
 from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.redis_server import RedisServer, free_port
@@ -598,3 +598,32 @@ def test_a_runner_held_between_claim_and_spawn_past_its_lease_starts_nothing(
     w1_log = (tmp_path / "worker-w1-0.log").read_text()
     assert not [ln for ln in w1_log.splitlines() if f"batch {batch.id}, command " in ln]
     assert "not ours any more before starting" in w1_log
+
+
+def test_a_lost_reply_to_a_hand_back_is_repaired_while_the_rest_of_the_batch_runs(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], redis_server: RedisServer
+) -> None:
+    # Given a node whose connection is cut right after Redis carries out its first hand-back
+    # (a command given back for a retry), so that it never reads the reply
+    marks, log, fixed = Markers(tmp_path / "marks"), tmp_path / "log", tmp_path / "fixed"
+    BatchStore(connect(settings)).load_scripts()  # so that its first EVALSHA is carried out
+    release = rb"EVALSHA\r\n\$40\r\n" + script_sha("release").encode()
+    with holding(redis_server.port, release, drop=True) as proxy:
+        workers("w1", 2, env={"TBSS_QUEUE_BROKER": proxy.url})
+        # And a batch with a long command and one that fails once, with a retry allowed
+        lines = [
+            marked("long", marks, log, "--sleep", "25"),
+            marked("flaky", marks, log, "--fail-unless", str(fixed)),
+        ]
+        cmds = write_commands(tmp_path / "cmds", lines)
+        batch = api.submit(cmds, settings=settings, retries=1)
+        # When the flaky command fails and the reply to its hand-back is lost
+        assert proxy.caught.wait(30), "the flaky command was never handed back"
+        fixed.write_text("")
+        # Then its retry still comes, while the long command of its batch runs
+        wait_until(lambda: marks.dones("flaky"), timeout=30, what="the retry to complete")
+        assert not marks.dones("long")
+        final = api.wait(batch.id, settings=settings, timeout=90)
+    # And every command completed once
+    assert (final.succeeded, final.failed, final.queued) == (2, 0, 0)
+    assert marks.counts(["long", "flaky"]) == {"long": (1, 1), "flaky": (2, 1)}

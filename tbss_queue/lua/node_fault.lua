@@ -4,8 +4,9 @@
 -- refused it: then the fault is the command's, it fails with each node's reason, and those nodes
 -- are let out of quarantine.
 -- A command failed here may be the last outcome of its batch: it ends it (ending.lua).
--- KEYS: state counts nodes running lease result ended refusals alive quarantine failed
---       [ending: from 12, its meta at 14]
+-- A command requeued here is owed a message (owed; see release.lua).
+-- KEYS: state counts nodes running lease result ended refusals alive quarantine failed owed
+--       [ending: from 13, its meta at 15]
 -- ARGV: cid member node token reason_json live_window_seconds batch_id default_ttl
 -- Returns 'requeued', 'failed', 'gone' (no longer running, or its batch forgotten) or
 -- 'not-owner'.
@@ -13,7 +14,7 @@ local rec = redis.call('HGET', KEYS[4], ARGV[2])
 if not rec or cjson.decode(rec)['token'] ~= ARGV[4] then return 'not-owner' end
 redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
-if gone(KEYS[14]) then return 'gone' end
+if gone(KEYS[15]) then return 'gone' end
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
 local reason = cjson.decode(ARGV[5])
 local raw = redis.call('HGET', KEYS[8], ARGV[1])
@@ -36,6 +37,7 @@ if not every then
   redis.call('HSET', KEYS[1], ARGV[1], 'queued')
   redis.call('HINCRBY', KEYS[2], 'queued', 1)
   redis.call('HSET', KEYS[10], ARGV[3], ARGV[5])
+  redis.call('ZADD', KEYS[12], now, ARGV[2])
   return 'requeued'
 end
 local parts, names = {}, {}
@@ -55,5 +57,5 @@ redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], messag
   stderr_tail=msg, refusals=refused}))
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|failed', 1)
-end_if_idle(12, ARGV[7], ARGV[8])
+end_if_idle(13, ARGV[7], ARGV[8])
 return 'failed'
