@@ -116,6 +116,19 @@ class Policy:
 
     def check(self, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str | None:
         """None if the command may run here, else why not (one line)."""
+        return self.judge(argv, cwd, env)[0]
+
+    def judge(
+        self, argv: Sequence[str], cwd: str, env: Mapping[str, str]
+    ) -> tuple[str | None, str | None]:
+        """(why not, or None; the real file judged, or None when there is none): the worker
+        executes exactly that file, never the name or link it was found by."""
+        resolved = resolve(argv[0], cwd, env)
+        return self._refusal(argv, cwd, env, resolved), resolved
+
+    def _refusal(
+        self, argv: Sequence[str], cwd: str, env: Mapping[str, str], resolved: str | None
+    ) -> str | None:
         if self.roots:
             real_cwd = os.path.realpath(cwd)
             if not any(under(real_cwd, root) for root in self.roots):
@@ -125,7 +138,6 @@ class Policy:
                 )
         if self.allow_any:
             return None
-        resolved = resolve(argv[0], cwd, env)
         if resolved is None:
             return None  # not found: the runner reports it as such
         name = os.path.basename(resolved)
