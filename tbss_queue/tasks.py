@@ -27,7 +27,7 @@ from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore, TaskPredicate
 
-from . import runner
+from . import environment, runner
 from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect, replicated, transient
@@ -38,7 +38,7 @@ from .fsl.jobs import with_fsl_sub_env
 from .guard import uptime
 from .logfiles import attempt_of, log_stem, open_attempt_logs
 from .opening import opened_workdir
-from .paths import PathMap, fsl_env, local_fsl_tool
+from .paths import PathMap, local_fsl_tool
 from .policy import Policy, locate
 from .preflight import CAUSE_REFUSED, admit, fault, workdir_fault
 from .publish import label
@@ -64,18 +64,14 @@ class NodeRules:
     path_map: PathMap | None = None
     policy: Policy | None = None
     max_time_limit: float | None = None
+    pass_env: tuple[str, ...] = ()
+    """Variables the operator passes on to commands (`--pass-env`), beyond the allowlist."""
 
 
-def command_env(batch_id: str, task_id: str) -> dict[str, str]:
-    """The environment a command runs in: the worker's, plus what FSL tools need."""
-    # FSL refuses to write images with FSLOUTPUTTYPE unset; $FSLDIR/bin goes first on PATH
-    env = fsl_env(os.environ)
-    # one registration per slot: keep OpenMP/BLAS builds from oversubscribing the cores
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.setdefault(var, "1")
-    env["TBSS_QUEUE_BATCH"] = batch_id
-    env["TBSS_QUEUE_TASK"] = task_id
-    return env
+def command_env(batch_id: str, task_id: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a command runs in: an allowlist of the worker's (environment.py), never
+    its secrets, plus what FSL tools need."""
+    return environment.command_env(os.environ, batch_id, task_id, extra)
 
 
 def patiently(fn: Callable[[], T], patience: float) -> T:
@@ -261,7 +257,7 @@ def _execute(
         return outcome
 
     env = with_fsl_sub_env(
-        command_env(batch_id, task_id), fields.job_id, fields.line, fields.job_tasks
+        command_env(batch_id, task_id, rules.pass_env), fields.job_id, fields.line, fields.job_tasks
     )
     with contextlib.ExitStack() as held:
         # the directory is opened once, below its --root, no symlink followed; from here on

@@ -61,6 +61,7 @@ class WorkerOptions:
     stop_after: float | None = None  # seconds from start; then take no new command
     policy: Policy = field(default_factory=Policy)
     max_time_limit: float | None = None  # caps each batch's own time limit on this node
+    pass_env: tuple[str, ...] = ()  # variables passed on to commands beyond the allowlist
 
     @property
     def nodename(self) -> str:
@@ -128,7 +129,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
-    rules = NodeRules(options.path_map, options.policy, options.max_time_limit)
+    rules = NodeRules(options.path_map, options.policy, options.max_time_limit, options.pass_env)
     register(app, settings, rules)
     app.conf.worker_consumer = f"{__name__}:Consumer"
     app.Worker = _with_our_banner(app.Worker)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.environment import pass_env_names
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK
 from tbss_queue.paths import PathMap
 from tbss_queue.policy import Policy
@@ -85,6 +86,13 @@ from .app import (
     "[env TBSS_QUEUE_STUDY_ROOT, space-separated].",
 )
 @click.option(
+    "--pass-env",
+    multiple=True,
+    metavar="NAME",
+    help="Pass this variable of the worker's environment on to commands (they get FSL's, "
+    "PATH, HOME, the locale and TMPDIR, never tbss-queue's own). Repeatable.",
+)
+@click.option(
     "--max-time-limit",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
@@ -103,6 +111,7 @@ def worker(
     allow_file: str | None,
     allow_any: bool,
     root: tuple[str, ...],
+    pass_env: tuple[str, ...],
     max_time_limit: float | None,
     settings: Settings,
 ) -> None:
@@ -124,6 +133,7 @@ def worker(
         stop_after=stop_after_seconds(stop_after, until),
         policy=Policy.build(allow, allow_file, allow_any, root),
         max_time_limit=max_time_limit,
+        pass_env=pass_env_names(pass_env),
     )
     run_worker(settings, options)
 
