@@ -7,6 +7,7 @@ import sys
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from tbss_queue import api
 from tbss_queue.config import Settings
@@ -16,6 +17,7 @@ from tbss_queue.paths import PathMap
 from tbss_queue.policy import Policy
 from tbss_queue.progress import fmt_duration
 from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
+from tbss_queue.visible import visible
 
 from .app import (
     broker_options,
@@ -164,7 +166,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     for n in items:
         seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
-        table.add_row(n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
+        shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
+        table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
 
 
