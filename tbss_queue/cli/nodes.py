@@ -133,7 +133,7 @@ def worker(
         path_map=PathMap.parse(path_map),
         grace=grace,
         stop_after=stop_after_seconds(stop_after, until),
-        policy=Policy.build(allow, allow_file, allow_any, root),
+        policy=Policy.build(allow, allow_file, allow_any, root, refuse_patterns=True),
         max_time_limit=max_time_limit,
         pass_env=pass_env_names(pass_env),
     )
