@@ -297,7 +297,7 @@ def _execute(
             outputs, log_error = None, None
             if fields.log_dir is not None and names is not None:
                 try:
-                    outputs = open_logs(cwd, fields.log_dir, names, roots)
+                    outputs = open_logs(workdir.path, fields.log_dir, names, roots, workdir.fd)
                     for opened in outputs:
                         files.enter_context(opened)
                 except (RefusedField, OSError) as exc:
@@ -306,7 +306,9 @@ def _execute(
             else:  # fsl_sub's -l logs, or ours: never both
                 stem = log_stem(line, attempt, fields.argv)
                 # the real path, as the policy judged it against the --roots (symlinks resolved)
-                outputs, log_error = open_attempt_logs(workdir.path, batch_id, stem, roots)
+                outputs, log_error = open_attempt_logs(
+                    workdir.path, batch_id, stem, roots, workdir.fd
+                )
                 for opened in outputs or ():
                     files.enter_context(opened)
             log.info(

@@ -87,10 +87,14 @@ def test_the_folder_swapped_after_the_check_is_not_where_it_runs(
     sub.rename(study / "sub.orig")
     sub.symlink_to(outside)
     proxy.release()
-    api.wait(batch.id, settings=settings, timeout=60)
-    # Then the command ran in the folder that was checked, and nothing was written outside
+    status = api.wait(batch.id, settings=settings, timeout=60)
+    # Then the command ran in the folder that was checked, with its log files there, and
+    # nothing was written outside
     assert list(outside.iterdir()) == []
+    assert status.succeeded == 1, api.failures(batch.id, settings=settings)
     assert (study / "sub.orig" / "pair_warp.msf").exists()
+    logs = study / "sub.orig" / ".tbss-queue" / "logs" / batch.id
+    assert sorted(p.suffix for p in logs.iterdir()) == [".err", ".out"]
 
 
 def _stopped_slot(worker: Worker) -> psutil.Process | None:
