@@ -76,3 +76,17 @@ def test_only_regular_files_are_read_and_a_fifo_never_blocks(tmp_path: Path, way
         assert not opening.unlink_beneath(base, "a/flink")
     finally:
         os.close(base)
+
+
+@pytest.mark.timeout(20)
+def test_submit_side_readers_never_block_on_a_fifo(tmp_path: Path) -> None:
+    # a FIFO planted as a score file or as FA/all.msf reads as "no score", at once
+    from tbss_queue.fsl.matrix import _all_msf
+    from tbss_queue.fsl.outputs import FslReg, read_msf, reg_done
+
+    os.mkfifo(tmp_path / "a_to_b_warp.msf")
+    os.mkfifo(tmp_path / "all.msf")
+    (tmp_path / "a_to_b_warp.nii.gz").write_bytes(b"warp")
+    assert read_msf(tmp_path / "a_to_b_warp.msf") is None
+    assert not reg_done(FslReg("a", "b", "a_to_b"), str(tmp_path))
+    assert _all_msf(tmp_path / "all.msf") == []
