@@ -236,14 +236,20 @@ def log_paths(fields: TaskFields) -> tuple[str, str] | None:
 
 
 def open_logs(
-    cwd: str, log_dir: str, names: tuple[str, str], roots: Sequence[str] = ()
+    cwd: str,
+    log_dir: str,
+    names: tuple[str, str],
+    roots: Sequence[str] = (),
+    cwd_fd: int | None = None,
 ) -> tuple[BinaryIO, BinaryIO]:
     """Open (create, truncate) the two log files for stdout and stderr, readable for the tail.
 
     The walk starts at an anchor (the --root holding the log dir; else cwd when the log dir
     is in it; else "/") and opens each component relative to the last with O_NOFOLLOW, so a
     symlink planted anywhere below the anchor is refused rather than followed. Missing log
-    folders are created; cwd itself must exist. Other failures raise OSError.
+    folders are created; cwd itself must exist. Other failures raise OSError. With `cwd_fd`
+    (the worker's opened cwd) a log folder inside cwd is walked to from that descriptor: the
+    logs land in the folder the command runs in, whatever its path names now.
     """
     where = _path("cwd", cwd, absolute=True)
     folder = os.path.normpath(os.path.join(where, _path("log_dir", log_dir, absolute=None)))
@@ -256,7 +262,11 @@ def open_logs(
     else:
         anchor = where if under(folder, where) else "/"
     in_cwd = under(folder, where) and under(where, anchor)
-    dir_fd = _walk(anchor, _parts(anchor, folder), len(_parts(anchor, where)) if in_cwd else 0)
+    if cwd_fd is not None and under(folder, where):
+        dir_fd = _walk_from(os.dup(cwd_fd), _parts(where, folder), 0)
+    else:
+        existing = len(_parts(anchor, where)) if in_cwd else 0
+        dir_fd = _walk_from(os.open(anchor, _DIR), _parts(anchor, folder), existing)
     opened: list[BinaryIO] = []
     try:
         for name in files:
@@ -286,9 +296,9 @@ def _open_at(name: str, dir_fd: int, flags: int, field: str) -> int:
         raise
 
 
-def _walk(anchor: str, parts: list[str], existing: int) -> int:
-    """An fd of anchor/parts..., the first `existing` parts found, the others made if missing."""
-    fd = os.open(anchor, _DIR)
+def _walk_from(fd: int, parts: list[str], existing: int) -> int:
+    """An fd of fd/parts... (fd is taken over), the first `existing` parts found, the others
+    made if missing."""
     try:
         for i, part in enumerate(parts):
             try:

@@ -79,13 +79,14 @@ def _json(raw: str) -> dict[str, Any]:
 
 
 def open_attempt_logs(
-    cwd: str, batch_id: str, stem: str, roots: Sequence[str] = ()
+    cwd: str, batch_id: str, stem: str, roots: Sequence[str] = (), cwd_fd: int | None = None
 ) -> tuple[tuple[BinaryIO, BinaryIO] | None, str | None]:
     """The two log files of one attempt, opened for writing, or (None, why not): a node that
     cannot write them (read-only mount, another user's folder, a planted symlink) still runs
     the command, so that logging never costs a result."""
     try:
-        files = open_logs(cwd, batch_log_dir(batch_id), (f"{stem}.out", f"{stem}.err"), roots)
+        names = (f"{stem}.out", f"{stem}.err")
+        files = open_logs(cwd, batch_log_dir(batch_id), names, roots, cwd_fd)
     except (RefusedField, OSError) as exc:
         where = os.path.join(cwd, batch_log_dir(batch_id))
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

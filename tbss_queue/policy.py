@@ -5,8 +5,12 @@ can put any command in the queue, so each command is checked here before anythin
   fsl_reg pointing at bash do not slip through). By default: FSL's registration tools, trusted
   by where they live (under the worker's $FSLDIR), never by their name: a copy of bash called
   fsl_reg in the study tree is not FSL. Without $FSLDIR, FSL tools need --allow PATH.
+- `--allow` names files: a path, or a bare name looked up ONCE, when the worker starts (its
+  banner prints the file it trusts). A file with the same name elsewhere is not that file, and
+  a pattern (`*`) is no allowlist: a worker refuses one (`--allow-any` says what it means).
 - Interpreters (sh, bash, python, perl, env...) are refused unless explicitly allowed: with
-  them any code could come in as an argument.
+  them any code could come in as an argument. This list only explains refusals; the boundary
+  is the allowlist of files (no list of names can cover `stdbuf`, `ionice`, `taskset`...).
 - With --root, the working directory must lie under one of the roots.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .paths import fsl_env
 
 FSL_TOOLS = (
     "fsl_reg",
@@ -91,6 +96,10 @@ class Policy:
     allow: tuple[str, ...] = ()
     allow_any: bool = False
     roots: tuple[str, ...] = ()
+    trusted: tuple[str, ...] = ()
+    """The real files the `allow` entries name, resolved once when the policy is built (a bare
+    name on this worker's PATH, at its start): a command runs one of these files, never a
+    file that merely has the same name."""
 
     @classmethod
     def build(
@@ -99,7 +108,11 @@ class Policy:
         allow_file: str | None = None,
         allow_any: bool = False,
         roots: Sequence[str] = (),
+        *,
+        refuse_patterns: bool = False,
     ) -> Policy:
+        """ConfigError names a missing root or allowed file; with `refuse_patterns` (a
+        worker's own policy) also a pattern such as `*`, which can't name a file to trust."""
         extra = list(allow)
         if allow_file:
             try:
@@ -110,12 +123,33 @@ class Policy:
         for root in roots:
             if not os.path.isdir(root):
                 raise ConfigError(f"--root {root}: not a directory")
-        return cls(
-            tuple(e for e in extra if e), allow_any, tuple(os.path.realpath(r) for r in roots)
-        )
+        entries = tuple(e for e in extra if e)
+        if refuse_patterns:
+            for entry in entries:
+                if _has_glob(entry):
+                    raise ConfigError(
+                        f"--allow {entry!r}: a pattern is not an allowlist (it lets interpreters "
+                        "in under any name); name each program by its path, or use --allow-any "
+                        "to run anything that reaches the queue"
+                    )
+        trusted = tuple(_trust(e) for e in entries if not _has_glob(e))
+        return cls(entries, allow_any, tuple(os.path.realpath(r) for r in roots), trusted)
 
     def check(self, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str | None:
         """None if the command may run here, else why not (one line)."""
+        return self.judge(argv, cwd, env)[0]
+
+    def judge(
+        self, argv: Sequence[str], cwd: str, env: Mapping[str, str]
+    ) -> tuple[str | None, str | None]:
+        """(why not, or None; the real file judged, or None when there is none): the worker
+        executes exactly that file, never the name or link it was found by."""
+        resolved = resolve(argv[0], cwd, env)
+        return self._refusal(argv, cwd, env, resolved), resolved
+
+    def _refusal(
+        self, argv: Sequence[str], cwd: str, env: Mapping[str, str], resolved: str | None
+    ) -> str | None:
         if self.roots:
             real_cwd = os.path.realpath(cwd)
             if not any(under(real_cwd, root) for root in self.roots):
@@ -125,7 +159,6 @@ class Policy:
                 )
         if self.allow_any:
             return None
-        resolved = resolve(argv[0], cwd, env)
         if resolved is None:
             return None  # not found: the runner reports it as such
         name = os.path.basename(resolved)
@@ -134,10 +167,8 @@ class Policy:
         if any(fnmatch.fnmatchcase(name, p) for p in INTERPRETERS):
             return (
                 f"{argv[0]} resolves to the interpreter {resolved}: refused unless allowed "
-                f"explicitly (worker --allow {name})"
+                f"explicitly (worker --allow {resolved})"
             )
-        if any(fnmatch.fnmatchcase(name, p) for p in self.allow if "/" not in p):
-            return None
         fsldir = env.get("FSLDIR")
         if any(fnmatch.fnmatchcase(name, p) for p in FSL_TOOLS):
             if not fsldir:
@@ -151,19 +182,26 @@ class Policy:
             return f"{resolved} is not under this worker's FSLDIR ({fsldir})"
         return (
             f"{argv[0]} ({resolved}) is not an allowed executable here "
-            "(worker --allow NAME_OR_PATH, or --allow-any)"
+            f"(worker --allow {resolved}, or --allow-any)"
         )
 
     def _explicit(self, resolved: str, env: Mapping[str, str]) -> bool:
-        """Allowed by path, or by a plain name that resolves here to this very file."""
-        for entry in self.allow:
-            if _has_glob(entry):
-                continue
-            if "/" in entry and os.path.realpath(entry) == resolved:
-                return True
-            if "/" not in entry and resolve(entry, "/", env) == resolved:
-                return True
-        return False
+        """One of the files the allow entries named when the worker started."""
+        return resolved in self.trusted
+
+
+def _trust(entry: str) -> str:
+    """The real file an --allow entry names: a path, or a bare name looked up once on this
+    worker's PATH ($FSLDIR/bin first, as commands see it)."""
+    if "/" in entry:
+        real = os.path.realpath(entry)
+        if not os.path.isfile(real):
+            raise ConfigError(f"--allow {entry}: no such file")
+        return real
+    found = shutil.which(entry, path=fsl_env(os.environ).get("PATH"))
+    if found is None:
+        raise ConfigError(f"--allow {entry}: not found on this worker's PATH")
+    return os.path.realpath(found)
 
 
 def locate(program: str, cwd: str, env: Mapping[str, str]) -> str | None:

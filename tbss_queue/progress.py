@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from .models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
+from .visible import visible
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -130,7 +132,8 @@ def _heartbeat(n: NodeStatus) -> str:
 
 def status_table(s: BatchStatus) -> Group:
     """The per-state counts, speed, and one row per worker node with its health."""
-    counts = Table(title=f"batch {s.batch}  ({s.path})", title_justify="left", box=None)
+    title = escape(visible(f"batch {s.batch}  ({s.path})"))
+    counts = Table(title=title, title_justify="left", box=None)
     columns = ("total", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
     for col in columns:
         counts.add_column(col, justify="right")
@@ -140,7 +143,7 @@ def status_table(s: BatchStatus) -> Group:
         nodes.add_column(col, justify="right" if col in _NUMERIC else "left")
     for n in s.nodes:
         nodes.add_row(
-            n.node,
+            Text(visible(n.node)),
             n.state or "-",
             str(n.running),
             str(n.succeeded),
@@ -205,7 +208,8 @@ def failures_text(records: Sequence[TaskRecord]) -> str:
         last = r.stderr_tail.strip().splitlines()[-1:] or [r.message]
         if last[0]:
             lines.append(f"  stderr: {last[0][:200]}")
-    return "\n".join(lines)
+    # the command's own text: controls shown escaped, rich markup shown as written
+    return "\n".join(escape(visible(line)) for line in lines)
 
 
 def batches_table(items: Sequence[BatchStatus]) -> Table:
@@ -217,7 +221,7 @@ def batches_table(items: Sequence[BatchStatus]) -> Table:
         table.add_row(
             b.batch,
             time.strftime("%Y-%m-%d %H:%M", time.localtime(b.submitted)),
-            b.path,
+            Text(visible(b.path)),
             str(b.total),
             str(b.finished),
             str(b.failed),

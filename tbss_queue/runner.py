@@ -166,6 +166,8 @@ def run_command(
     lease_until: Callable[[], float] | None = None,
     tail_bytes: int = TAIL_BYTES,
     outputs: tuple[IO[bytes], IO[bytes]] | None = None,
+    executable: str | None = None,
+    cwd_fd: int | None = None,
 ) -> RunResult:
     """Run argv in cwd; never raises for the command's own failures (they are in the result).
 
@@ -179,8 +181,14 @@ def run_command(
     group if this process dies.
     `lease_until()` (CLOCK_BOOTTIME seconds) is handed to this process's guard, which kills the
     command's tree itself if this process is frozen past it.
+    `executable`: the file to execute (argv[0] stays what the command sees); `cwd_fd`: an open
+    descriptor of the working directory, which the command starts in whatever `cwd` names now.
     """
     started = time.time()
+    if cwd_fd is not None:
+        # the child's chdir goes through its copy of the descriptor (a magic link, not a path
+        # looked up again); it is close-on-exec, so the command does not inherit it
+        cwd = f"/proc/self/fd/{cwd_fd}"
     if not os.path.isdir(cwd):
         return _failed(started, CAUSE_NO_CWD, f"working directory does not exist: {cwd}")
     if tag is not None:
@@ -189,7 +197,7 @@ def run_command(
         guard = _guard()
         before = set(_children(os.getpid()))  # anything new after the command is its doing
         try:
-            proc = _spawn(argv, cwd, env, out, err)
+            proc = _spawn(argv, cwd, env, out, err, executable)
         except FileNotFoundError:
             return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {argv[0]}")
         except PermissionError:
@@ -268,21 +276,26 @@ def _spawn(
     env: Mapping[str, str] | None,
     out: IO[bytes],
     err: IO[bytes],
+    executable: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the command in its own session, to be SIGKILLed if this process dies.
 
     With util-linux's setpriv the death signal is set by an exec wrapper: a preexec_fn would
-    force a full fork of the (large) pool process, 5 ms per command instead of 1.
+    force a full fork of the (large) pool process, 5 ms per command instead of 1. setpriv
+    executes its argv[0], so a command whose `executable` is not its argv[0] (found through a
+    symlink: a venv's python) takes the preexec_fn way.
     """
     wrapper: list[str] = []
     preexec = None
-    if _SETPRIV is not None:
+    direct = executable is None or executable == argv[0]
+    if _SETPRIV is not None and direct:
         _check_executable(argv[0], cwd, env)  # setpriv would report it only as exit 127
         wrapper = [_SETPRIV, "--pdeathsig", "KILL", "--"]
     else:
         preexec = dies_with_parent(signal.SIGKILL)
     return subprocess.Popen(
         [*wrapper, *argv],
+        executable=None if direct else executable,
         cwd=cwd,
         env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,

@@ -27,19 +27,20 @@ from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore, Retry, TaskPredicate
 
-from . import nudges, runner
+from . import environment, nudges, runner
 from .app import TASK_NAME
 from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
 from .broker import connect, replicated, transient
 from .config import Settings
-from .done import done_marker, remove_stale
+from .done import done_marker, judge_done, remove_stale
 from .fields import RefusedField, check_fields, log_names, open_logs
 from .fsl.jobs import with_fsl_sub_env
 from .guard import uptime
 from .logfiles import attempt_of, log_stem, open_attempt_logs
-from .paths import PathMap, fsl_env, local_fsl_tool
+from .opening import opened_workdir
+from .paths import PathMap, local_fsl_tool
 from .policy import Policy, locate
-from .preflight import CAUSE_LATE, CAUSE_REFUSED, fault, node_fault
+from .preflight import CAUSE_LATE, CAUSE_REFUSED, admit, fault, workdir_fault
 from .publish import label
 from .recovery import republish
 
@@ -68,18 +69,14 @@ class NodeRules:
     path_map: PathMap | None = None
     policy: Policy | None = None
     max_time_limit: float | None = None
+    pass_env: tuple[str, ...] = ()
+    """Variables the operator passes on to commands (`--pass-env`), beyond the allowlist."""
 
 
-def command_env(batch_id: str, task_id: str) -> dict[str, str]:
-    """The environment a command runs in: the worker's, plus what FSL tools need."""
-    # FSL refuses to write images with FSLOUTPUTTYPE unset; $FSLDIR/bin goes first on PATH
-    env = fsl_env(os.environ)
-    # one registration per slot: keep OpenMP/BLAS builds from oversubscribing the cores
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.setdefault(var, "1")
-    env["TBSS_QUEUE_BATCH"] = batch_id
-    env["TBSS_QUEUE_TASK"] = task_id
-    return env
+def command_env(batch_id: str, task_id: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a command runs in: an allowlist of the worker's (environment.py), never
+    its secrets, plus what FSL tools need."""
+    return environment.command_env(os.environ, batch_id, task_id, extra)
 
 
 def patiently(fn: Callable[[], T], patience: float) -> T:
@@ -267,80 +264,101 @@ def _execute(
         return outcome
 
     env = with_fsl_sub_env(
-        command_env(batch_id, task_id), fields.job_id, fields.line, fields.job_tasks
+        command_env(batch_id, task_id, rules.pass_env), fields.job_id, fields.line, fields.job_tasks
     )
-    cannot = node_fault(argv, cwd, env, rules.policy)
-    if cannot is not None:
-        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
-    # run exactly the file the policy judged: no second PATH search between check and use
-    argv = [locate(argv[0], cwd, env) or argv[0], *argv[1:]]
-    marker = done_marker(argv, cwd, fields.done_if_exists)
-    if marker is not None and marker.done():
-        done = _nothing_ran(store, batch_id, task_id, node, f"already done: {marker.describe()}")
-        record_end(SKIPPED, done, ran=False)
-        raise Ignore()
-    if marker is not None:
-        _go_on_if_still_ours(task.app, store, settings, lease, node, token, "removing outputs")
-        remove_stale(argv, cwd, roots)
-    time_limit = fields.time_limit or settings.time_limit
-    if rules.max_time_limit:
-        time_limit = min(time_limit, rules.max_time_limit)
-    names = log_names(fields)
-    _go_on_if_still_ours(task.app, store, settings, lease, node, token, "starting")
-    with contextlib.ExitStack() as files:
-        outputs, log_error = None, None
-        if fields.log_dir is not None and names is not None:
-            try:
-                outputs = open_logs(cwd, fields.log_dir, names, roots)
-                for opened in outputs:
-                    files.enter_context(opened)
-            except (RefusedField, OSError) as exc:
-                refused = fault(CAUSE_REFUSED, f"log files: {exc}", None)
-                _hand_back_fault(task, store, settings, batch_id, task_id, node, token, refused)
-        else:  # fsl_sub's -l logs, or ours: never both
-            stem = log_stem(line, attempt, fields.argv)
-            # the real path, as the policy judged it against the --roots (symlinks resolved)
-            outputs, log_error = open_attempt_logs(os.path.realpath(cwd), batch_id, stem, roots)
-            for opened in outputs or ():
-                files.enter_context(opened)
-        log.info(
-            "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
-        )
-        with nudges.watching(store.r, batch_id, interrupts.write_fd):
-            result = runner.run_command(
-                argv,
-                cwd,
-                env=env,
-                timeout=time_limit,
-                on_tick=lease.renew,
-                tick=settings.heartbeat,
-                stop=interrupts.stop,
-                wake_fd=interrupts.read_fd,
-                tag=token,
-                lease_until=lambda: lease.valid_until,
-                outputs=outputs,
+    with contextlib.ExitStack() as held:
+        # the directory is opened once, below its --root, no symlink followed; from here on
+        # the worker reads, removes and starts everything in it by this descriptor
+        try:
+            workdir = held.enter_context(opened_workdir(cwd, roots))
+        except OSError as exc:
+            unopened = workdir_fault(cwd, exc, roots)
+            _hand_back_fault(task, store, settings, batch_id, task_id, node, token, unopened)
+        cannot, program = admit(argv, workdir.path, env, rules.policy)
+        if cannot is not None:
+            _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
+        # argv[0] as found (what the command sees); `program`, the file judged, is executed
+        argv = [locate(argv[0], workdir.path, env) or program, *argv[1:]]
+        marker = done_marker(argv, workdir.path, fields.done_if_exists, workdir.fd)
+        done, unsafe = judge_done(marker)
+        if unsafe is not None:
+            why = f"refused: {unsafe}"
+            failed = _nothing_ran(store, batch_id, task_id, node, why, CAUSE_REFUSED)
+            outcome = record_end(FAILED, failed, ran=False)
+            _log_outcome(outcome, label(fields.argv), task_id, batch_id)
+            raise CommandFailed(why)
+        if done and marker is not None:
+            done_rec = _nothing_ran(
+                store, batch_id, task_id, node, f"already done: {marker.describe()}"
             )
-    if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
-        missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
-        cannot = fault(result.cause, result.message, missing)
-        _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
-    if result.cause in (runner.CAUSE_SIGNAL, runner.CAUSE_STOPPED) and lease.lapsed():
-        # this runner could not renew in time (frozen, overloaded, cut off) and it or the guard
-        # killed the command: a fault of the node, not of the command, perhaps not ours any more
-        result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
-        _count_late(task.app, store, settings, node)
-    if result.cause == runner.CAUSE_STOPPED:
-        _stopped(task, store, settings, batch_id, task_id, token, result, label(fields.argv))
-    if result.ok and marker is not None and not marker.done():
-        # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
-        result = replace(
-            result,
-            cause=CAUSE_MISSING_OUTPUT,
-            message=(
-                f"exit code 0 but {marker.describe()} is missing or empty"
-                + runner.last_line(result.stderr_tail)
-            ),
-        )
+            record_end(SKIPPED, done_rec, ran=False)
+            raise Ignore()
+        if marker is not None:
+            _go_on_if_still_ours(task.app, store, settings, lease, node, token, "removing outputs")
+            remove_stale(argv, workdir.path, roots, workdir.fd)
+        time_limit = fields.time_limit or settings.time_limit
+        if rules.max_time_limit:
+            time_limit = min(time_limit, rules.max_time_limit)
+        names = log_names(fields)
+        _go_on_if_still_ours(task.app, store, settings, lease, node, token, "starting")
+        with contextlib.ExitStack() as files:
+            outputs, log_error = None, None
+            if fields.log_dir is not None and names is not None:
+                try:
+                    outputs = open_logs(workdir.path, fields.log_dir, names, roots, workdir.fd)
+                    for opened in outputs:
+                        files.enter_context(opened)
+                except (RefusedField, OSError) as exc:
+                    refused = fault(CAUSE_REFUSED, f"log files: {exc}", None)
+                    _hand_back_fault(task, store, settings, batch_id, task_id, node, token, refused)
+            else:  # fsl_sub's -l logs, or ours: never both
+                stem = log_stem(line, attempt, fields.argv)
+                # the real path, as the policy judged it against the --roots (symlinks resolved)
+                outputs, log_error = open_attempt_logs(
+                    workdir.path, batch_id, stem, roots, workdir.fd
+                )
+                for opened in outputs or ():
+                    files.enter_context(opened)
+            log.info(
+                "batch %s, command %s: running %s (in %s)", batch_id, task_id, shlex.join(argv), cwd
+            )
+            with nudges.watching(store.r, batch_id, interrupts.write_fd):
+                result = runner.run_command(
+                    argv,
+                    workdir.path,
+                    env=env,
+                    timeout=time_limit,
+                    on_tick=lease.renew,
+                    tick=settings.heartbeat,
+                    stop=interrupts.stop,
+                    wake_fd=interrupts.read_fd,
+                    tag=token,
+                    lease_until=lambda: lease.valid_until,
+                    outputs=outputs,
+                    executable=program,
+                    cwd_fd=workdir.fd,
+                )
+        if result.cause in (runner.CAUSE_NO_CWD, runner.CAUSE_NOT_FOUND):
+            missing = cwd if result.cause == runner.CAUSE_NO_CWD else argv[0]
+            cannot = fault(result.cause, result.message, missing)
+            _hand_back_fault(task, store, settings, batch_id, task_id, node, token, cannot)
+        if result.cause in (runner.CAUSE_SIGNAL, runner.CAUSE_STOPPED) and lease.lapsed():
+            # this runner could not renew in time (frozen, overloaded, cut off) and it or the
+            # guard killed the command: the node's fault, not the command's, perhaps not ours
+            result = replace(result, cause=runner.CAUSE_STOPPED, message="stopped: lease ran out")
+            _count_late(task.app, store, settings, node)
+        if result.cause == runner.CAUSE_STOPPED:
+            _stopped(task, store, settings, batch_id, task_id, token, result, label(fields.argv))
+        if result.ok and marker is not None:
+            done, unsafe = judge_done(marker)
+        if result.ok and marker is not None and not done:
+            # fsl_reg exits 0 even when flirt or fnirt failed: only its outputs tell
+            what = unsafe or f"{marker.describe()} is missing or empty"
+            result = replace(
+                result,
+                cause=CAUSE_MISSING_OUTPUT,
+                message=f"exit code 0 but {what}" + runner.last_line(result.stderr_tail),
+            )
     record = {
         **result.to_dict(),
         "node": node,

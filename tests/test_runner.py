@@ -135,3 +135,30 @@ def test_a_command_killed_by_sigterm_alone_fails(tmp_path: Path) -> None:
     # Then: it failed by that signal, after waiting SHARED_WAIT for a stop that never came
     assert r.cause == "signal" and "SIGTERM" in r.message
     assert SHARED_WAIT <= time.monotonic() - began < 10
+
+
+def test_runs_the_given_file_in_the_opened_directory_whatever_the_paths_say(
+    tmp_path: Path,
+) -> None:
+    # Given a directory opened by descriptor, then renamed and replaced by a symlink elsewhere
+    (tmp_path / "d").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (tmp_path / "d").rename(tmp_path / "d.orig")
+        (tmp_path / "d").symlink_to(tmp_path / "elsewhere")
+        # When a venv's python (a symlink) runs with its real file as the executable
+        real = os.path.realpath(sys.executable)
+        r = run_command(
+            [sys.executable, "-c", "import os, sys; open('here', 'w'); print(sys.prefix)"],
+            str(tmp_path / "d"),
+            executable=real,
+            cwd_fd=fd,
+        )
+    finally:
+        os.close(fd)
+    # Then it ran in the opened directory, and argv[0] kept the venv's own python
+    assert r.ok, r.message
+    assert (tmp_path / "d.orig" / "here").exists()
+    assert not (tmp_path / "elsewhere" / "here").exists()
+    assert r.stdout_tail.strip() == sys.prefix

@@ -11,6 +11,7 @@ from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED
 from tbss_queue.logfiles import copy_to
+from tbss_queue.visible import copy_visible, visible, visible_lines
 
 from .app import broker_options, cli, err, json_option
 
@@ -25,6 +26,12 @@ from .app import broker_options, cli, err, json_option
 )
 @click.option("--stderr", "stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--path", "path_only", is_flag=True, help="Print the log file's path only.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="The bytes as the command wrote them (default: control characters shown escaped, "
+    "so that its escape sequences never reach your terminal).",
+)
 @json_option
 @broker_options
 def logs(
@@ -33,6 +40,7 @@ def logs(
     attempt: int | None,
     stderr: bool,
     path_only: bool,
+    raw: bool,
     as_json: bool,
     settings: Settings,
 ) -> None:
@@ -55,24 +63,32 @@ def logs(
         return
     on = f" on {found.node}" if found.node else ""
     err.print(
-        f"batch {found.batch}, line {found.line} ({found.label}), {found.state}: "
-        f"attempt {found.attempt} of {found.attempts}{on}: {found.path(stream)}",
+        visible(
+            f"batch {found.batch}, line {found.line} ({found.label}), {found.state}: "
+            f"attempt {found.attempt} of {found.attempts}{on}: {found.path(stream)}"
+        ),
         highlight=False,
         markup=False,
     )
     out = sys.stdout.buffer
     if found.missing is None:
-        copy_to(found.path(stream), out)
+        if raw:
+            copy_to(found.path(stream), out)
+        else:
+            with open(found.path(stream), "rb") as f:
+                copy_visible(f, out)
         out.flush()
         return
     tail = found.stderr_tail if stderr else found.stdout_tail
     if not (found.stdout_tail or found.stderr_tail):
-        err.print(f"tbss-queue: error: no log: {found.missing}", highlight=False, markup=False)
+        err.print(
+            visible(f"tbss-queue: error: no log: {found.missing}"), highlight=False, markup=False
+        )
         sys.exit(EXIT_FAILED)
     err.print(
-        f"warning: {found.missing}; showing the end kept in the record instead",
+        visible(f"warning: {found.missing}; showing the end kept in the record instead"),
         highlight=False,
         markup=False,
     )
-    out.write(tail.encode("utf-8", "replace"))
+    out.write((tail if raw else visible_lines(tail)).encode("utf-8", "replace"))
     out.flush()

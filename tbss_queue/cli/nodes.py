@@ -7,14 +7,17 @@ import sys
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.environment import pass_env_names
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK
 from tbss_queue.paths import PathMap
 from tbss_queue.policy import Policy
 from tbss_queue.progress import fmt_duration
 from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
+from tbss_queue.visible import visible
 
 from .app import (
     broker_options,
@@ -85,6 +88,13 @@ from .app import (
     "[env TBSS_QUEUE_STUDY_ROOT, space-separated].",
 )
 @click.option(
+    "--pass-env",
+    multiple=True,
+    metavar="NAME",
+    help="Pass this variable of the worker's environment on to commands (they get FSL's, "
+    "PATH, HOME, the locale and TMPDIR, never tbss-queue's own). Repeatable.",
+)
+@click.option(
     "--max-time-limit",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
@@ -103,6 +113,7 @@ def worker(
     allow_file: str | None,
     allow_any: bool,
     root: tuple[str, ...],
+    pass_env: tuple[str, ...],
     max_time_limit: float | None,
     settings: Settings,
 ) -> None:
@@ -122,8 +133,9 @@ def worker(
         path_map=PathMap.parse(path_map),
         grace=grace,
         stop_after=stop_after_seconds(stop_after, until),
-        policy=Policy.build(allow, allow_file, allow_any, root),
+        policy=Policy.build(allow, allow_file, allow_any, root, refuse_patterns=True),
         max_time_limit=max_time_limit,
+        pass_env=pass_env_names(pass_env),
     )
     run_worker(settings, options)
 
@@ -154,7 +166,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     for n in items:
         seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
-        table.add_row(n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
+        shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
+        table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tbss_queue.models import TaskRecord
+from tbss_queue.opening import read_regular_path
 
 from .images import image_exists, imglob
 from .outputs import FslReg, parse_fsl_reg, read_msf, reg_done
@@ -193,11 +194,15 @@ def _best_target(
     return min(subjects, key=lambda f: (means[f], f)), "scores"
 
 
+ALL_MSF_CAP = 1 << 20
+"""Bytes of FA/all.msf read at most: one short line per subject."""
+
+
 def _all_msf(path: Path) -> list[tuple[str, float]]:
     """The ranking in `FA/all.msf`: subject, mean cost."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
+    try:  # regular files only, never blocking (a FIFO planted as all.msf)
+        lines = read_regular_path(str(path), ALL_MSF_CAP).decode().splitlines()
+    except (OSError, UnicodeDecodeError):
         return []
     ranking = []
     for line in lines:

@@ -8,12 +8,14 @@ Two FSL facts shape this module (see the project's notes on tbss_2_reg and fsl_r
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tbss_queue.opening import read_regular, read_regular_path, unlink_beneath
 from tbss_queue.policy import within
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".img.gz")
@@ -57,10 +59,18 @@ def _strip(name: str) -> str:
 
 
 def read_msf(path: Path) -> tuple[float, float] | None:
-    """The two numbers of a `.msf` score file, or None if it is missing, empty or garbled."""
+    """The two numbers of a `.msf` score file, or None if it is missing, empty or garbled, or
+    not a regular file (a FIFO there must not block the reader)."""
     try:
-        words = path.read_text().split()
-    except (OSError, UnicodeDecodeError):
+        return _scores(read_regular_path(str(path)))
+    except OSError:
+        return None
+
+
+def _scores(raw: bytes) -> tuple[float, float] | None:
+    try:
+        words = raw.decode().split()
+    except UnicodeDecodeError:
         return None
     if len(words) != 2:
         return None
@@ -75,11 +85,46 @@ def reg_done(reg: FslReg, cwd: str) -> bool:
     return read_msf(reg.msf(cwd)) is not None and reg.warp_exists(cwd)
 
 
-def remove_stale(reg: FslReg, cwd: str, roots: Sequence[str] = ()) -> list[str]:
+def reg_done_at(reg: FslReg, dir_fd: int) -> bool:
+    """reg_done in the working directory the worker opened (`dir_fd`), no symlink followed
+    to the .msf. UnsafeFile when the .msf is there but not a regular file."""
+    msf = f"{reg.output}_warp.msf"
+    try:
+        scores = _scores(read_regular(dir_fd, msf))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return scores is not None and any(
+        _exists_at(dir_fd, f"{reg.output}_warp{s}") for s in IMAGE_SUFFIXES
+    )
+
+
+def _exists_at(dir_fd: int, rel: str) -> bool:
+    try:
+        os.stat(rel, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale(
+    reg: FslReg, cwd: str, roots: Sequence[str] = (), dir_fd: int | None = None
+) -> list[str]:
     """Delete what an earlier attempt left; returns the names removed. With `roots` (the
-    worker's --root), nothing outside them is touched, whatever the line says."""
+    worker's --root), nothing outside them is touched, whatever the line says. With `dir_fd`
+    (the worker's opened cwd) every file is removed relative to it, its folder opened without
+    following a symlink: a folder swapped for a link meanwhile is never left."""
     removed = []
     for path in reg.stale_outputs(cwd):
+        if dir_fd is not None:
+            rel = os.path.relpath(path, cwd)
+            try:
+                if unlink_beneath(dir_fd, rel):
+                    removed.append(path.name)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                    raise
+                # outside the folder, or its folder is a symlink now: not ours to touch
+            continue
         if roots and not within(str(path), roots):
             continue
         with contextlib.suppress(FileNotFoundError):

@@ -21,6 +21,7 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from tbss_queue.errors import ConfigError, TbssQueueError
+from tbss_queue.opening import read_regular_path
 
 from .images import IMGLOB_SUFFIXES, image_exists, imcp, imglob
 from .outputs import FslReg, read_msf, reg_done, reg_lines
@@ -153,7 +154,8 @@ def best_target(fa_dir: str | os.PathLike[str]) -> BestTarget:
             elif not reg_done(reg, str(fa)):
                 missing.append(f"{path.name} (its warp {reg.output}_warp is missing)")
             else:
-                first, second = path.read_text().split()
+                # the same non-blocking, regular-only read: a FIFO swapped in can't hang it
+                first, second = read_regular_path(str(path)).decode().split()
                 scores[(g, f)] = (Decimal(first), Decimal(second))
     if missing:
         shown = ", ".join(sorted(missing)[:20])
