@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -29,6 +29,7 @@ from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
+from .fsl.matrix import SubjectMatrix
 from .models import Batch, BatchStatus, TaskRecord
 from .procs import TAG_VAR, kill_tagged
 from .recovery import reconcile
@@ -60,6 +61,10 @@ class RunResult:
     embedded: bool
     run_dir: str | None
     wall_seconds: float
+    matrix: SubjectMatrix | None = None
+    """The subject matrix of a failed `tbss_2_reg -n` batch (None otherwise)."""
+    report: str | None = None
+    """Where the HTML report was written, when asked for."""
 
 
 def run(
@@ -72,12 +77,14 @@ def run(
     settings: Settings | None = None,
     on_update: Callable[[BatchStatus], None] | None = None,
     on_submitted: Callable[[Batch], None] | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run a commands file to the end on this machine (or on the configured broker's workers:
     then `on_submitted` hears of the batch before the wait, so that a caller can say where it
     went and what Ctrl-C leaves running). `done_if_exists`: as for `api.submit`; it is also
     what tells a resumed run that a command which ended just before an interruption, unrecorded,
-    need not run again (fsl_reg lines are told by their outputs)."""
+    need not run again (fsl_reg lines are told by their outputs). `report`: write the batch's
+    HTML report there at the end, while its Redis still runs."""
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
@@ -92,8 +99,7 @@ def run(
         if on_submitted is not None:
             on_submitted(batch)
         final = api.wait(batch.id, settings=settings, on_update=on_update)
-        failed = api.failures(batch.id, settings=settings)
-        return RunResult(final, failed, False, None, time.monotonic() - started)
+        return _result(final, settings, None, started, report)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
     with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
         batch = submit(local)
@@ -104,8 +110,75 @@ def run(
                 on_update(status)
 
         final = api.wait(batch.id, settings=local, on_update=update)
-        failed = api.failures(batch.id, settings=local)
-    return RunResult(final, failed, True, str(run_dir), time.monotonic() - started)
+        return _result(final, local, str(run_dir), started, report)
+
+
+def _result(
+    final: BatchStatus,
+    settings: Settings,
+    run_dir: str | None,
+    started: float,
+    report: str | os.PathLike[str] | None,
+) -> RunResult:
+    """Read what the ended batch left while its broker is still there to ask."""
+    failed = api.failures(final.batch, settings=settings)
+    subjects = api.matrix(final.batch, settings=settings) if failed else None
+    if report is not None:
+        api.report(final.batch, path=report, settings=settings, timeline=False)
+    return RunResult(
+        final,
+        failed,
+        run_dir is not None,
+        run_dir,
+        time.monotonic() - started,
+        matrix=subjects,
+        report=None if report is None else str(report),
+    )
+
+
+KEPT_IN = ("", "FA")
+"""Where the read verbs look for a `run`'s kept data, under the working directory: its own
+.tbss-queue (standing in FA/), then FA/.tbss-queue (standing in the study's root, where
+FA/.commands is the file `run` was given)."""
+
+
+def find_kept(where: str | os.PathLike[str] | None = None) -> Path | None:
+    """The .tbss-queue directory a `run` kept its Redis data in, seen from `where` (cwd)."""
+    base = Path(where or os.getcwd())
+    for sub in KEPT_IN:
+        run_dir = base / sub / RUN_DIR
+        if (run_dir / "run.lock").is_file():
+            return run_dir.resolve()
+    return None
+
+
+@contextlib.contextmanager
+def kept_broker(
+    settings: Settings, where: str | os.PathLike[str] | None = None
+) -> Iterator[tuple[Settings, Path | None]]:
+    """The broker a read verb asks: the configured one; with none configured, the Redis data a
+    `run` kept here (its own server while it runs, else a private redis-server started on the
+    data for the call and stopped after). Yields the settings and the kept directory, if any."""
+    run_dir = None if settings.broker_explicit else find_kept(where)
+    if run_dir is None:
+        yield settings, None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except RunInUse:  # a `run` works there now: ask its own server
+            sock = run_dir / "redis.sock"
+            if not sock.exists():
+                raise RunInUse(
+                    f"{run_dir} is in use by a `tbss-queue run` whose Redis socket is not "
+                    "there: wait for it to end, or pass its --broker"
+                ) from None
+            yield replace(settings, broker=f"redis+socket://{sock}", broker_explicit=True), run_dir
+            return
+        server = RedisServer(run_dir, persistent=True, die_with_parent=True)
+        server.start()
+        stack.callback(server.stop)
+        yield replace(settings, broker=server.url, broker_explicit=True), run_dir
 
 
 @contextlib.contextmanager

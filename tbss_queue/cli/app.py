@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_BROKER, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
-from tbss_queue.local import Interrupted
+from tbss_queue.local import Interrupted, kept_broker
 
 EPILOG = """\b
 Examples:
@@ -112,6 +112,23 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help=f"{text} [env {env}].",
         )(wrapper)
     return wrapper
+
+
+def read_broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """broker_options of a verb that reads what a batch left: with no broker configured it
+    opens the Redis data a `tbss-queue run` kept here (FA/.tbss-queue) for the call."""
+
+    @functools.wraps(f)
+    def opened(*args: Any, settings: Settings, **kwargs: Any) -> Any:
+        with kept_broker(settings) as (chosen, run_dir):
+            if run_dir is not None:
+                err.print(
+                    f"no broker configured: reading the data `tbss-queue run` kept in {run_dir}",
+                    highlight=False,
+                )
+            return f(*args, settings=chosen, **kwargs)
+
+    return broker_options(opened)
 
 
 cwd_option = click.option(

@@ -36,6 +36,7 @@ from .app import (
     err,
     json_option,
     out,
+    read_broker_options,
     time_limit_option,
     wait_option,
 )
@@ -136,6 +137,12 @@ def _print_final(final: Any, settings: Settings) -> None:
 )
 @time_limit_option
 @done_if_exists_option
+@click.option(
+    "--report",
+    "report_to",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the batch's HTML report here when it ends (as `tbss-queue report -o`).",
+)
 @json_option
 @broker_options
 def run(
@@ -144,6 +151,7 @@ def run(
     concurrency: int | None,
     time_limit: float | None,
     done_if_exists: str | None,
+    report_to: str | None,
     as_json: bool,
     settings: Settings,
 ) -> None:
@@ -180,6 +188,7 @@ def run(
                 settings=settings,
                 on_update=update,
                 on_submitted=on_submitted,
+                report=report_to,
             )
     except KeyboardInterrupt:
         if not sent:  # the local batch stops with its workers: main says how to resume
@@ -199,8 +208,14 @@ def run(
         )
     else:
         err.print(summary_line(final), highlight=False)
-        if result.failures:
+        if result.matrix is not None:  # a tbss_2_reg -n study: which subjects, not 100 lines
+            for line in result.matrix.summary:
+                err.print(line, highlight=False)
+            err.print("every failure: tbss-queue failures (in this directory)", highlight=False)
+        elif result.failures:
             err.print(failures_text(result.failures), highlight=False)
+        if result.report:
+            err.print(f"wrote {result.report}", highlight=False)
         err.print(
             f"wall time {fmt_duration(result.wall_seconds)}"
             + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
@@ -219,7 +234,7 @@ def run(
     help="Also the subject matrix of a tbss_2_reg -n study: every pair's state and cost.",
 )
 @json_option
-@broker_options
+@read_broker_options
 def status(
     batch: str | None, watch: bool, show_matrix: bool, as_json: bool, settings: Settings
 ) -> None:
@@ -252,7 +267,7 @@ def status(
 
 @cli.command()
 @json_option
-@broker_options
+@read_broker_options
 def batches(as_json: bool, settings: Settings) -> None:
     """List the batches on the broker with their counts.
 
@@ -277,7 +292,7 @@ def batches(as_json: bool, settings: Settings) -> None:
     help="Also write the failed commands as a new commands file.",
 )
 @json_option
-@broker_options
+@read_broker_options
 def failures(batch: str | None, write_to: str | None, as_json: bool, settings: Settings) -> None:
     """List the failed commands of BATCH with cause, exit code, node and stderr.
 
@@ -309,7 +324,7 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
     help="Write a GNU parallel --joblog of BATCH here instead (also the HTML with -o).",
 )
 @json_option
-@broker_options
+@read_broker_options
 def report(
     batch: str | None, output: str | None, joblog: str | None, as_json: bool, settings: Settings
 ) -> None:

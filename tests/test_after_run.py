@@ -1,0 +1,94 @@
+"""After `tbss-queue run`, its result can be read: the read verbs open the study's kept Redis
+data (FA/.tbss-queue) for the call when no broker is configured, `run --report` writes the
+report, and a failed run ends with the subject matrix's summary."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from html.parser import HTMLParser
+from pathlib import Path
+
+from tbss_queue.fsl.demo import make_demo
+from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
+
+from .conftest import tbss_queue
+
+BROKEN = "sub03: 2 of 2 pairs failed as moving, 2 of 2 as reference: check its FA image"
+
+
+def _env(tag: str) -> dict[str, str]:
+    """A user's shell: no broker configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TBSS_QUEUE_")}
+    return {**env, TAG_VAR: tag, "COLUMNS": "200"}
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def _html_text(path: Path) -> str:
+    parser = _Text()
+    parser.feed(path.read_text())
+    return " ".join(" ".join(parser.parts).split())
+
+
+def test_read_verbs_open_the_kept_data_of_a_run(tmp_path: Path) -> None:
+    # Given a 3-subject demo study whose sub03 image is broken
+    study = make_demo(tmp_path / "study", subjects=3, seconds=0.1, broken=("sub03",))
+    fa = Path(study.fa_dir)
+    tag = uuid.uuid4().hex
+    env = _env(tag)
+    try:
+        # When it is run from the study's root with --report
+        res = tbss_queue(
+            "run", "FA/.commands", "-c", "2", "--report", "run.html", env=env, cwd=fa.parent
+        )
+        # Then it fails, ending with the matrix's summary (not a flat list), and the report
+        # is written
+        assert res.returncode == 1, res.stderr
+        tail = res.stderr[res.stderr.index("5 failed") :]
+        assert BROKEN in tail, res.stderr
+        assert "4 of 9 pairs done" in tail, res.stderr
+        assert "failed: line" not in tail, res.stderr
+        assert "run.html" in res.stderr
+        assert "sub03" in _html_text(fa.parent / "run.html")
+        assert tagged(tag) == []
+
+        # When the read verbs are called in FA/ with no broker configured
+        res = tbss_queue("status", env=env, cwd=fa)
+        # Then they read the run's batch, and leave no redis-server behind
+        assert res.returncode == 0, res.stderr
+        assert "failed" in res.stdout and "5" in res.stdout, res.stdout
+        assert tagged(tag) == []
+        res = tbss_queue("failures", env=env, cwd=fa)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("sub03") >= 5, res.stdout
+        res = tbss_queue("report", "-o", "again.html", env=env, cwd=fa)
+        assert res.returncode == 0, res.stderr
+        assert "sub03" in _html_text(fa / "again.html")
+        res = tbss_queue("batches", env=env, cwd=fa)
+        assert res.returncode == 0 and "5" in res.stdout, res.stderr
+        # and from the study's root (the commands file's directory is FA/) too
+        res = tbss_queue("status", "--matrix", env=env, cwd=fa.parent)
+        assert res.returncode == 0, res.stderr
+        assert BROKEN in res.stdout, res.stdout
+        assert tagged(tag) == []
+    finally:
+        kill_tagged(tag)
+
+
+def test_without_kept_data_the_broker_error_says_where_it_looked(tmp_path: Path) -> None:
+    # Given a directory where no `run` kept data, and no broker configured
+    tag = uuid.uuid4().hex
+    # When status is asked there
+    res = tbss_queue("status", env=_env(tag), cwd=tmp_path)
+    # Then it still fails on the default broker, as before, and starts nothing
+    assert res.returncode == 3, res.stderr
+    assert "cannot reach broker" in res.stderr
+    assert tagged(tag) == []
