@@ -72,6 +72,9 @@ def test_read_verbs_open_the_kept_data_of_a_run(tmp_path: Path) -> None:
         res = tbss_queue("report", "-o", "again.html", env=env, cwd=fa)
         assert res.returncode == 0, res.stderr
         assert "sub03" in _html_text(fa / "again.html")
+        res = tbss_queue("logs", "sub03_FA_to_sub01_FA", "--stderr", env=env, cwd=fa)
+        assert res.returncode == 0, res.stderr
+        assert "Compressed file ended" in res.stdout, res.stdout
         res = tbss_queue("batches", env=env, cwd=fa)
         assert res.returncode == 0 and "5" in res.stdout, res.stderr
         # and from the study's root (the commands file's directory is FA/) too
