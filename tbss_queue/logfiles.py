@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from .batches import CHUNK, BatchStore, batch_key
+from .causes import describe
 from .errors import ConfigError
 from .fields import RefusedField, TaskFields, log_paths, open_logs
 from .fsl.matrix import short
@@ -251,12 +252,23 @@ def attempt_outcome(
     if n == attempts and state == "running" and not last:
         return "running", None
     unrecorded = 1 if state == "running" and not last else 0
+    ended: str | None = None
+    node: str | None = None
     if len(ends) + unrecorded == attempts and n <= len(ends):
         ended, node = ends[n - 1]
-        return ended, node
-    if last and n == attempts:
-        return state, last.get("node")
-    return None, None
+    elif last and n == attempts:
+        ended, node = state, last.get("node")
+    if ended is None:
+        return None, None
+    if last and ended not in ("succeeded", "skipped"):  # why, in the words every view uses
+        why = describe(
+            last.get("cause"),
+            last.get("exit_code"),
+            str(last.get("message") or ""),
+            str(last.get("stderr_tail") or ""),
+        )
+        ended = f"{ended}: {why}"
+    return ended, node
 
 
 def copy_to(path: str, out: IO[bytes], chunk: int = 1 << 16) -> None:

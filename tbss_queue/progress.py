@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .causes import heading, last_line
 from .models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
 
 
@@ -192,19 +193,18 @@ def _capped(text: str) -> str:
 
 
 def failures_text(records: Sequence[TaskRecord]) -> str:
-    """The failed commands, each as a heading line, its command line whole and the last line of
-    its stderr: never wrapped or split mid-word (a terminal wraps long lines by itself, a pipe
-    keeps them whole)."""
+    """The failed commands, each as a heading line saying why in words (`causes`), its
+    command line whole and the last line of its stderr, whole: never cut or split mid-word
+    (a terminal wraps long lines by itself, a pipe keeps them whole)."""
     lines = [f"failed commands ({len(records)}):"]
     for r in records:
-        exit_code = "" if r.exit_code is None else f" {r.exit_code}"
-        lines.append(f"line {r.line}: {r.cause or 'failed'}{exit_code} on {r.node or '-'}")
+        lines.append(heading(r))
         lines.append(f"  {_capped(r.text)}")
         if r.ran_text:
             lines.append(f"  ran: {_capped(r.ran_text)}")
-        last = r.stderr_tail.strip().splitlines()[-1:] or [r.message]
-        if last[0]:
-            lines.append(f"  stderr: {last[0][:200]}")
+        stderr = last_line(r.stderr_tail)
+        if stderr:
+            lines.append(f"  stderr: {stderr}")
     return "\n".join(lines)
 
 

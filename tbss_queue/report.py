@@ -22,6 +22,7 @@ from matplotlib import rc_context
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
+from .causes import in_words, last_line
 from .fsl.matrix import SubjectMatrix
 from .models import BatchStatus, TaskRecord
 from .progress import fmt_duration
@@ -302,6 +303,7 @@ table { border-collapse: collapse; width: 100%; font-size: .9em; }
 td, th { border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left;
   vertical-align: top; }
 code { white-space: pre-wrap; word-break: break-all; }
+td { overflow-wrap: anywhere; }
 svg { max-width: 100%; height: auto; }
 """
 
@@ -336,7 +338,7 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
     rows = []
     for f in failures[:FAILURES_SHOWN]:
         command = f.text + (f"  (ran: {f.ran_text})" if f.ran_text else "")
-        cells = (f.line, command, f.cause or "", f.exit_code, f.node or "", f.why)
+        cells = (f.line, command, in_words(f), f.exit_code, f.node or "", last_line(f.stderr_tail))
         rows.append(
             "<tr>"
             + "".join(
@@ -354,7 +356,7 @@ def _failures_table(failures: Sequence[TaskRecord]) -> str:
     )
     return (
         '<table id="failures"><tr><th>line</th><th>command</th><th>cause</th><th>exit</th>'
-        "<th>node</th><th>message</th></tr>" + "".join(rows) + "</table>" + more
+        "<th>node</th><th>stderr (last line)</th></tr>" + "".join(rows) + "</table>" + more
     )
 
 
