@@ -156,8 +156,9 @@ def status_table(s: BatchStatus) -> Group:
     return Group(*parts)
 
 
-def watch_screen(s: BatchStatus, width: int) -> Group:
-    """One frame of `status --watch`: when, how to leave, a bar beside its figures, the table."""
+def watch_screen(s: BatchStatus, width: int, *more: RenderableType) -> Group:
+    """One frame of `status --watch`: when, how to leave, a bar beside its figures, the table,
+    and what else the watcher asked for (the subject matrix)."""
     head = Text(f"batch {s.batch} · updated at {time.strftime('%H:%M:%S')} · Ctrl-C to leave")
     share = 100 * s.finished // max(s.total, 1)
     figures = f"{s.finished}/{s.total} finished ({share}%)"
@@ -165,20 +166,25 @@ def watch_screen(s: BatchStatus, width: int) -> Group:
     bar.add_column(width=max(10, min(60, width - len(figures) - 4)))
     bar.add_column(no_wrap=True)
     bar.add_row(ProgressBar(total=max(s.total, 1), completed=s.finished), figures)
-    return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)))
+    return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)), *more)
 
 
 def watch(
-    fetch: Callable[[], BatchStatus], console: Console, interval: float = 3.0
+    fetch: Callable[[], BatchStatus],
+    console: Console,
+    interval: float = 3.0,
+    extra: Callable[[BatchStatus], RenderableType] | None = None,
 ) -> BatchStatus | None:
     """A live dashboard redrawn every `interval` seconds until Ctrl-C; returns the last status
-    shown (leaving is not an error: the batch goes on)."""
+    shown (leaving is not an error: the batch goes on). `extra`: more of the same moment
+    under the table, redrawn with it (`--matrix`)."""
     last: BatchStatus | None = None
     try:
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
                 last = fetch()
-                live.update(watch_screen(last, console.width), refresh=True)
+                more = () if extra is None else (extra(last),)
+                live.update(watch_screen(last, console.width, *more), refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:
         return last

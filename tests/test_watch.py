@@ -17,6 +17,7 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.fsl.demo import make_demo
 
 from .conftest import Worker, settings_env, write_commands
 from .test_reliability import job
@@ -114,3 +115,29 @@ def test_status_watch_follows_the_latest_batch_and_ctrl_c_leaves_it_running(
             time.sleep(0.1)
     assert rc.read_text().strip() == "rc=0"
     assert api.status(second.id, settings=settings).queued == 1
+
+
+def test_status_watch_matrix_updates_the_subject_matrix_live(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a 3-subject demo study queued with no worker yet
+    study = make_demo(tmp_path / "study", subjects=3, seconds=0.1)
+    batch = api.submit(study.commands, settings=settings)
+    rc = tmp_path / "rc"
+    with Tmux(settings, run_tag, f"status --watch --matrix; echo rc=$? > {rc}") as term:
+        # When it is watched with --matrix
+        screen = term.wait_for(r"0 of 9 pairs done")
+        # Then the matrix is on the dashboard, under the counts
+        assert f"batch {batch.id} · updated at" in screen
+        assert "subject matrix" in screen, screen
+        assert screen.index("subject matrix") > screen.index("total"), screen
+        # and when a worker runs the pairs, the matrix follows
+        workers("w1", 2)
+        screen = term.wait_for(r"9 of 9 pairs done")
+        assert "best target:" in screen, screen
+        term.keys("C-c")
+        term.wait_for("stopped watching")
+        deadline = time.monotonic() + 10
+        while not rc.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert rc.read_text().strip() == "rc=0"

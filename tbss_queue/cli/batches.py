@@ -7,11 +7,12 @@ import sys
 from typing import Any
 
 import click
+from rich.console import Group
 
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
-from tbss_queue.models import Batch
+from tbss_queue.models import Batch, BatchStatus
 from tbss_queue.paths import PathMap
 from tbss_queue.progress import (
     LiveProgress,
@@ -245,13 +246,23 @@ def status(
     Example: tbss-queue status --watch
     """
     current = api.status(batch, settings=settings)
-    subjects = api.matrix(current.batch, settings=settings) if show_matrix else None
+    once = show_matrix and (as_json or not watch)  # --watch reads it anew for every frame
+    subjects = api.matrix(current.batch, settings=settings) if once else None
     if as_json:
         extra = {"matrix": subjects.to_dict() if subjects else None} if show_matrix else {}
         click.echo(json.dumps({**current.to_dict(), **extra}))
         return
     if watch:
-        last = watch_status(lambda: api.status(batch, settings=settings), out)
+        from tbss_queue.fsl.matrix_views import matrix_view
+
+        def subjects_now(s: BatchStatus) -> Group:
+            return matrix_view(api.matrix(s.batch, settings=settings))
+
+        last = watch_status(
+            lambda: api.status(batch, settings=settings),
+            out,
+            extra=subjects_now if show_matrix else None,
+        )
         err.print(left_watching((last or current).batch), highlight=False)
         return
     for warning in current.warnings:
