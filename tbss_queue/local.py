@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -61,6 +62,8 @@ class RunResult:
     embedded: bool
     run_dir: str | None
     wall_seconds: float
+    resumed: int = 0
+    """Commands an earlier, stopped `run` left running, queued again at the start of this one."""
     matrix: SubjectMatrix | None = None
     """The subject matrix of a failed `tbss_2_reg -n` batch (None otherwise)."""
     report: str | None = None
@@ -101,7 +104,11 @@ def run(
         final = api.wait(batch.id, settings=settings, on_update=on_update)
         return _result(final, settings, None, started, report)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
-    with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
+    with (
+        run_lock(run_dir),
+        _sigterm_interrupts(),
+        embedded(run_dir, concurrency) as (local, watch, resumed),
+    ):
         batch = submit(local)
 
         def update(status: BatchStatus) -> None:
@@ -110,7 +117,7 @@ def run(
                 on_update(status)
 
         final = api.wait(batch.id, settings=local, on_update=update)
-        return _result(final, local, str(run_dir), started, report)
+        return replace(_result(final, local, str(run_dir), started, report), resumed=resumed)
 
 
 def _result(
@@ -208,8 +215,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def embedded(
     run_dir: Path, concurrency: int | None
-) -> Iterator[tuple[Settings, Callable[[], None]]]:
-    """A private Redis and one local worker node; yields their settings and a liveness check."""
+) -> Iterator[tuple[Settings, Callable[[], None], int]]:
+    """A private Redis and one local worker node; yields their settings, a liveness check and
+    how many commands a stopped `run` had left running (queued again now)."""
     # an outer tag (a test, a pilot job) is kept so that its owner can find our processes too
     tag = os.environ.get(TAG_VAR) or uuid.uuid4().hex
     server = RedisServer(run_dir, persistent=True, die_with_parent=True)
@@ -217,8 +225,11 @@ def embedded(
     worker: subprocess.Popen[bytes] | None = None
     try:
         settings = Settings.resolve(broker=server.url)
-        # nothing can be running after a stop: put interrupted commands back in the queue
-        reconcile(make_app(settings), BatchStore(connect(settings)), settings)
+        # nothing can be running after a stop: put interrupted commands back in the queue.
+        # Recovery would log each as "its node stopped answering": here it is the stop we
+        # made, which `run` reports itself (RunResult.resumed)
+        with _silenced("tbss_queue.recovery"):
+            counts = reconcile(make_app(settings), BatchStore(connect(settings)), settings)
         log_path = run_dir / "worker.log"
         env = {**os.environ, "TBSS_QUEUE_BROKER": server.url, TAG_VAR: tag}
         with open(log_path, "ab") as log:
@@ -257,12 +268,24 @@ def embedded(
                     + (tail[0] if tail else "")
                 )
 
-        yield settings, watch
+        yield settings, watch, counts.get("requeued", 0)
     finally:
         if worker is not None:
             _stop_worker(worker)
         kill_tagged(tag)
         server.stop()
+
+
+@contextlib.contextmanager
+def _silenced(logger: str) -> Iterator[None]:
+    """Drop a logger's records for a moment (what it would say is said better by the caller)."""
+    target = logging.getLogger(logger)
+    drop = logging.Filter(name="-")  # matches no logger name: every record is dropped
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def _stop_worker(worker: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -5,14 +5,20 @@ report, and a failed run ends with the subject matrix's summary."""
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
 from tbss_queue.fsl.demo import make_demo
+from tbss_queue.fsl.outputs import read_msf
 from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
 
 from .conftest import tbss_queue
+from .faults import wait_until
 
 BROKEN = "sub03: 2 of 2 pairs failed as moving, 2 of 2 as reference: check its FA image"
 
@@ -95,3 +101,36 @@ def test_without_kept_data_the_broker_error_says_where_it_looked(tmp_path: Path)
     assert res.returncode == 3, res.stderr
     assert "cannot reach broker" in res.stderr
     assert tagged(tag) == []
+
+
+def test_a_resumed_run_says_what_happened_once(tmp_path: Path) -> None:
+    # Given a 16-registration demo study whose `run` was stopped with Ctrl-C half-way
+    study = make_demo(tmp_path / "study", subjects=4, seconds=1.0)
+    fa = Path(study.fa_dir)
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "2"],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: len([p for p in fa.glob("*.msf") if read_msf(p)]) >= 4, 120, "4 done")
+        proc.send_signal(signal.SIGINT)
+        _, first = proc.communicate(timeout=60)
+        assert proc.returncode == 130, first
+        # When it is run again
+        res = tbss_queue("run", study.commands, "-c", "2", env=_env(tag), timeout=180)
+        # Then it completes, and says it resumed rather than that its own node stopped answering
+        assert res.returncode == 0, res.stderr
+        assert "stopped answering" not in res.stderr, res.stderr
+        assert "resum" in res.stderr, res.stderr
+        # and its two durations say what each is
+        last = res.stderr.strip().splitlines()[-1]
+        assert re.search(r"this run took \d+", last), last
+        assert "since the batch's first start" in res.stderr, res.stderr
+        assert tagged(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tagged(tag)

@@ -19,10 +19,10 @@ from tbss_queue.progress import (
     StagingProgress,
     batches_table,
     failures_text,
-    fmt_duration,
     left_watching,
     notes,
     plural,
+    run_ended_line,
     status_table,
     submitted_line,
     summary_line,
@@ -108,11 +108,12 @@ def submit(
 
 def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
     """Progress until the batch ends; Ctrl-C leaves the batch running and exits 0."""
+    live = LiveProgress(err)
     try:
-        with LiveProgress(err) as update:
+        with live as update:
             final = api.wait(batch_id, settings=settings, on_update=update)
     except KeyboardInterrupt:
-        err.print(left_watching(batch_id), highlight=False)
+        err.print(left_watching(batch_id, live.last), highlight=False)
         return EXIT_OK
     if as_json:
         click.echo(json.dumps(final.to_dict()))
@@ -178,8 +179,9 @@ def run(
         err.print(submitted_line(batch), highlight=False)
         sent.append(batch)
 
+    live = LiveProgress(err)
     try:
-        with LiveProgress(err) as update:
+        with live as update:
             result = run_local(
                 file,
                 cwd=cwd,
@@ -194,7 +196,7 @@ def run(
     except KeyboardInterrupt:
         if not sent:  # the local batch stops with its workers: main says how to resume
             raise
-        err.print(left_watching(sent[0].id), highlight=False)
+        err.print(left_watching(sent[0].id, live.last), highlight=False)
         sys.exit(EXIT_OK)
     final = result.status
     if as_json:
@@ -217,11 +219,7 @@ def run(
             err.print(failures_text(result.failures), highlight=False)
         if result.report:
             err.print(f"wrote {result.report}", highlight=False)
-        err.print(
-            f"wall time {fmt_duration(result.wall_seconds)}"
-            + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
-            highlight=False,
-        )
+        err.print(run_ended_line(result), highlight=False)
     sys.exit(EXIT_OK if final.ok else EXIT_FAILED)
 
 
@@ -263,7 +261,7 @@ def status(
             out,
             extra=subjects_now if show_matrix else None,
         )
-        err.print(left_watching((last or current).batch), highlight=False)
+        err.print(left_watching((last or current).batch, last or current), highlight=False)
         return
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
