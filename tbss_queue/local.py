@@ -40,6 +40,10 @@ from .runner import dies_with_parent
 RUN_DIR = ".tbss-queue"
 """Where `run` keeps its Redis data and worker log, inside the working directory."""
 
+URL_FILE = "redis.url"
+"""In RUN_DIR while a `run` works: its Redis's URL (a unix socket, maybe in /tmp when the
+study's path is too long for one), for the read verbs to ask it."""
+
 
 class Interrupted(BaseException):
     """Raised in the main thread when `run` gets SIGTERM, so that clean-up runs as for Ctrl-C."""
@@ -161,7 +165,7 @@ def find_kept(where: str | os.PathLike[str] | None = None) -> Path | None:
 
 @contextlib.contextmanager
 def kept_broker(
-    settings: Settings, where: str | os.PathLike[str] | None = None
+    settings: Settings, where: str | os.PathLike[str] | None = None, who: str = "tbss-queue"
 ) -> Iterator[tuple[Settings, Path | None]]:
     """The broker a read verb asks: the configured one; with none configured, the Redis data a
     `run` kept here (its own server while it runs, else a private redis-server started on the
@@ -172,15 +176,16 @@ def kept_broker(
         return
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(run_lock(run_dir))
+            stack.enter_context(run_lock(run_dir, who))
         except RunInUse:  # a `run` works there now: ask its own server
-            sock = run_dir / "redis.sock"
-            if not sock.exists():
+            try:
+                url = (run_dir / URL_FILE).read_text().strip()
+            except OSError:
                 raise RunInUse(
-                    f"{run_dir} is in use by a `tbss-queue run` whose Redis socket is not "
-                    "there: wait for it to end, or pass its --broker"
+                    f"{run_dir} is in use by a `tbss-queue run` that is starting or stopping: "
+                    "ask again in a moment"
                 ) from None
-            yield replace(settings, broker=f"redis+socket://{sock}", broker_explicit=True), run_dir
+            yield replace(settings, broker=url, broker_explicit=True), run_dir
             return
         server = RedisServer(run_dir, persistent=True, die_with_parent=True)
         server.start()
@@ -189,9 +194,10 @@ def kept_broker(
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, who: str = "tbss-queue run") -> Iterator[None]:
     """Hold `run_dir` for this `run` alone (an advisory lock the kernel releases when this
-    process dies, however it dies); a second `run` is refused, saying who holds it."""
+    process dies, however it dies); a second `run` is refused, saying who holds it (`who`:
+    the command, a `run` or a read verb that opened the kept data)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -199,14 +205,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+            holder, _, since = text.rpartition("|") if "|" in text else ("tbss-queue run", "", text)
             raise RunInUse(
-                f"{run_dir} is in use by another `tbss-queue run` ({holder}): wait for it to "
-                "end, or stop it first"
+                f"{run_dir} is in use by another `{holder}` ({since or 'another process'}): "
+                "wait for it to end, or stop it first"
             ) from None
         os.ftruncate(fd, 0)
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {when}".encode(), 0)
+        text = f"{who}|pid {os.getpid()} on {socket.gethostname()} since {when}"
+        os.pwrite(fd, text.encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -223,7 +231,9 @@ def embedded(
     server = RedisServer(run_dir, persistent=True, die_with_parent=True)
     server.start()
     worker: subprocess.Popen[bytes] | None = None
+    url_file = run_dir / URL_FILE
     try:
+        url_file.write_text(server.url)
         settings = Settings.resolve(broker=server.url)
         # nothing can be running after a stop: put interrupted commands back in the queue.
         # Recovery would log each as "its node stopped answering": here it is the stop we
@@ -273,6 +283,7 @@ def embedded(
         if worker is not None:
             _stop_worker(worker)
         kill_tagged(tag)
+        url_file.unlink(missing_ok=True)
         server.stop()
 
 

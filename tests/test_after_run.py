@@ -4,6 +4,7 @@ report, and a failed run ends with the subject matrix's summary."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -129,6 +130,35 @@ def test_a_resumed_run_says_what_happened_once(tmp_path: Path) -> None:
         last = res.stderr.strip().splitlines()[-1]
         assert re.search(r"this run took \d+", last), last
         assert "since the batch's first start" in res.stderr, res.stderr
+        assert tagged(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tagged(tag)
+
+
+def test_status_during_a_run_asks_the_runs_own_redis(tmp_path: Path) -> None:
+    # Given a `run` at work in a study whose path is too long for a socket beside its data
+    deep = tmp_path / ("a-long-directory-name-for-a-study-" * 3)
+    study = make_demo(deep / "study", subjects=4, seconds=1.0)
+    fa = Path(study.fa_dir)
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbss_queue", "run", study.commands, "-c", "1"],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: len([p for p in fa.glob("*.msf") if read_msf(p)]) >= 1, 120, "1 done")
+        # When status is asked in FA/ meanwhile, with no broker configured
+        res = tbss_queue("status", "--json", env=_env(tag), cwd=fa)
+        # Then it reads the running batch from the run's own Redis
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["total"] == 16
+        # and the run goes on to its end, unharmed
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr
         assert tagged(tag) == []
     finally:
         if proc.poll() is None:

@@ -140,7 +140,8 @@ def read_broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(f)
     def opened(*args: Any, settings: Settings, **kwargs: Any) -> Any:
-        with kept_broker(settings) as (chosen, run_dir):
+        who = click.get_current_context().command_path
+        with kept_broker(settings, who=who) as (chosen, run_dir):
             if run_dir is not None:
                 err.print(
                     f"no broker configured: reading the data `tbss-queue run` kept in {run_dir}",
