@@ -51,8 +51,8 @@ def failures_said(summary: dict[str, Any], failed_now: int) -> str:
         return f"<p>{now} No attempt failed.</p>"
     fates = [
         (summary["failed_then_succeeded"], "failed, then succeeded on retry"),
-        (summary["failed_still_failed"], "failed, and their command is failed now"),
-        (summary["failed_being_retried"], "failed, and their command is being retried"),
+        (summary["failed_still_failed"], "by commands that are still failed"),
+        (summary["failed_being_retried"], "by commands queued or running again"),
     ]
     said = "; ".join(f"{k} {words}" for k, words in fates if k)
     return f"<p>{now} {plural(n, 'failed attempt')}: {said}.</p>"
