@@ -140,6 +140,8 @@ class CommandLog:
             f"batch {self.batch}, line {self.line} ({self.label}), "
             f"attempt {self.attempt} of {self.attempts}{on}: {how}"
         )
+        if self.attempt == self.attempts and self.state == "queued" and self.outcome:
+            text += "; queued again"
         if self.attempt < self.attempts:
             text += (
                 f"; attempt {self.attempts} is running now"
@@ -257,7 +259,8 @@ def attempt_outcome(
     if len(ends) + unrecorded == attempts and n <= len(ends):
         ended, node = ends[n - 1]
     elif last and n == attempts:
-        ended, node = state, last.get("node")
+        # a recorded attempt of a command queued again failed (`--retries`, `retry`)
+        ended, node = ("failed" if state == "queued" else state), last.get("node")
     if ended is None:
         return None, None
     if last and ended not in ("succeeded", "skipped"):  # why, in the words every view uses

@@ -197,15 +197,21 @@ def test_logs_finds_a_pair_by_any_name_in_this_studys_latest_batch(
 def test_the_logs_header_states_the_shown_attempts_own_outcome(
     tmp_path: Path, fa: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
 ) -> None:
-    # Given a command that failed (exit 3), then succeeded when retried
-    workers("w1", 1)
+    # Given a command that failed (exit 3), then was queued again with no worker to take it
+    w1 = workers("w1", 1)
     mark = tmp_path / "mark"
     cmds = write_commands(fa / ".commands", [say(tmp_path, "a", "--fail-once", str(mark))])
     batch = api.submit(cmds, settings=settings)
     assert api.wait(batch.id, settings=settings, timeout=60).failed == 1
+    w1.stop()
     api.retry(batch.id, settings=settings)
-    assert api.wait(batch.id, settings=settings, timeout=60).ok
     env = settings_env(settings, run_tag)
+    # Then its header says the attempt failed, and that the command waits its turn again
+    queued = tbss_queue("logs", batch.id, "1", "--stderr", env=env).stderr.splitlines()[0]
+    assert ": failed: exit code 3; queued again:" in queued, queued
+    # Given it then succeeded on a second attempt
+    workers("w1", 1)
+    assert api.wait(batch.id, settings=settings, timeout=60).ok
     # When the first attempt's stderr is shown
     first = tbss_queue("logs", batch.id, "1", "--attempt", "1", "--stderr", env=env)
     # Then the header says that attempt failed, and what became of the command after
@@ -214,6 +220,7 @@ def test_the_logs_header_states_the_shown_attempts_own_outcome(
     header = first.stderr.splitlines()[0]
     assert "attempt 1 of 2 on w1@" in header and ": failed" in header, header
     assert "then succeeded at attempt 2" in header, header
+    assert "queued again" not in header, header
     # and the last attempt's header says it succeeded
     last = tbss_queue("logs", batch.id, "1", env=env)
     header = last.stderr.splitlines()[0]
