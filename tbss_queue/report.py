@@ -289,11 +289,9 @@ def throughput_svg(runs: Runs, bins: dict[str, Any] | None = None) -> str:
 
 
 def _bins_said(bins: dict[str, Any]) -> str:
-    ended, n = sum(bins["counts"]), len(bins["counts"])
-    return (
-        f"<p>{plural(ended, 'attempt')} ended, in {plural(n, 'bin')} of "
-        f"{fmt_duration(bins['bin_seconds'])}</p>"
-    )
+    ended, n, width = sum(bins["counts"]), len(bins["counts"]), bins["bin_seconds"]
+    each = f"{width:.1f} s" if width < 10 else fmt_duration(width)  # not 0.6 s called "1s"
+    return f"<p>{plural(ended, 'attempt')} ended, in {plural(n, 'bin')} of {each}</p>"
 
 
 def durations_svg(runs: Runs) -> str:
