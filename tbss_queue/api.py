@@ -45,11 +45,14 @@ from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, Lo
 from .fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
 from .logfiles import (
     CommandLog,
+    attempt_outcome,
     batch_log_dir,
     find_commands,
     fsl_sub_paths,
+    latest_batch_in,
     log_stem,
     parse_ref,
+    recorded_ends,
     write_joblog,
 )
 from .models import Batch, BatchStatus, NodeInfo, TaskRecord
@@ -615,18 +618,25 @@ def logs(
     *,
     attempt: int | None = None,
     settings: Settings | None = None,
+    study: str | os.PathLike[str] | None = None,
 ) -> CommandLog:
-    """Where one attempt (default: the last) of one command left its stdout and stderr.
+    """Where one attempt (default: the last) of one command left its stdout and stderr, and
+    how that attempt ended.
 
-    `command` is a line of the commands file or an fsl_reg pair (`sub05→sub01`, `sub05,sub01`).
+    `command` is a line of the commands file or an fsl_reg pair (`sub05→sub01`, `sub05,sub01`,
+    `sub05_FA_to_sub01_FA`). With no `batch_id`: the latest batch of the study at `study`
+    (default: the working directory), as a user standing in it means.
     Raises ConfigError when it names no command, or several, or an attempt that never was;
     LogNotFound when the command has not started yet. The files may still be missing (a node
     that could not write them, a study mounted elsewhere): `missing` says why, and the
     record's tails are there for the last attempt.
     """
     _, store = _store(settings)
-    bid = store.resolve_id(batch_id)
     ref = parse_ref(command)
+    if batch_id is None:
+        bid = latest_batch_in(store, os.getcwd() if study is None else study)
+    else:
+        bid = store.resolve_id(batch_id)
     what = f"line {ref}" if isinstance(ref, int) else f"pair {ref[0]}→{ref[1]}"
     # a chunk of the batch's commands at a time: a million need not be held to find one
     specs = store.r.hscan_iter(batch_key(bid, "cmd"), count=CHUNK)
@@ -664,6 +674,11 @@ def logs(
             f"{paths[0]} and .err not found here (written{node} in the batch's directory "
             f"{meta['cwd']}: is it mounted at {where} on this machine?)"
         )
+    # the last attempt's own record tells its end; an earlier one's is in the run log, read
+    # whole (a second at a million attempts): only for those
+    told = n == attempts and (bool(last) or state == "running")
+    ends = [] if told else recorded_ends(store, bid, line)
+    outcome, ran_on = attempt_outcome(n, attempts, state, last, ends)
     return CommandLog(
         batch=bid,
         task_id=tid,
@@ -675,8 +690,9 @@ def logs(
         attempts=attempts,
         stdout=paths[0],
         stderr=paths[1],
-        node=last.get("node"),
+        node=ran_on or last.get("node"),
         missing=missing,
+        outcome=outcome,
         stdout_tail=last.get("stdout_tail", ""),
         stderr_tail=last.get("stderr_tail", ""),
     )

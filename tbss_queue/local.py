@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -29,6 +30,7 @@ from .broker import connect
 from .commands import parse_commands_file
 from .config import Settings, cpu_count
 from .errors import TbssQueueError
+from .fsl.matrix import SubjectMatrix
 from .models import Batch, BatchStatus, TaskRecord
 from .procs import TAG_VAR, kill_tagged
 from .recovery import reconcile
@@ -37,6 +39,10 @@ from .runner import dies_with_parent
 
 RUN_DIR = ".tbss-queue"
 """Where `run` keeps its Redis data and worker log, inside the working directory."""
+
+URL_FILE = "redis.url"
+"""In RUN_DIR while a `run` works: its Redis's URL (a unix socket, maybe in /tmp when the
+study's path is too long for one), for the read verbs to ask it."""
 
 
 class Interrupted(BaseException):
@@ -60,6 +66,12 @@ class RunResult:
     embedded: bool
     run_dir: str | None
     wall_seconds: float
+    resumed: int = 0
+    """Commands an earlier, stopped `run` left running, queued again at the start of this one."""
+    matrix: SubjectMatrix | None = None
+    """The subject matrix of a failed `tbss_2_reg -n` batch (None otherwise)."""
+    report: str | None = None
+    """Where the HTML report was written, when asked for."""
 
 
 def run(
@@ -72,12 +84,14 @@ def run(
     settings: Settings | None = None,
     on_update: Callable[[BatchStatus], None] | None = None,
     on_submitted: Callable[[Batch], None] | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run a commands file to the end on this machine (or on the configured broker's workers:
     then `on_submitted` hears of the batch before the wait, so that a caller can say where it
     went and what Ctrl-C leaves running). `done_if_exists`: as for `api.submit`; it is also
     what tells a resumed run that a command which ended just before an interruption, unrecorded,
-    need not run again (fsl_reg lines are told by their outputs)."""
+    need not run again (fsl_reg lines are told by their outputs). `report`: write the batch's
+    HTML report there at the end, while its Redis still runs."""
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
@@ -92,10 +106,13 @@ def run(
         if on_submitted is not None:
             on_submitted(batch)
         final = api.wait(batch.id, settings=settings, on_update=on_update)
-        failed = api.failures(batch.id, settings=settings)
-        return RunResult(final, failed, False, None, time.monotonic() - started)
+        return _result(final, settings, None, started, report)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
-    with run_lock(run_dir), _sigterm_interrupts(), embedded(run_dir, concurrency) as (local, watch):
+    with (
+        run_lock(run_dir),
+        _sigterm_interrupts(),
+        embedded(run_dir, concurrency) as (local, watch, resumed),
+    ):
         batch = submit(local)
 
         def update(status: BatchStatus) -> None:
@@ -104,14 +121,83 @@ def run(
                 on_update(status)
 
         final = api.wait(batch.id, settings=local, on_update=update)
-        failed = api.failures(batch.id, settings=local)
-    return RunResult(final, failed, True, str(run_dir), time.monotonic() - started)
+        return replace(_result(final, local, str(run_dir), started, report), resumed=resumed)
+
+
+def _result(
+    final: BatchStatus,
+    settings: Settings,
+    run_dir: str | None,
+    started: float,
+    report: str | os.PathLike[str] | None,
+) -> RunResult:
+    """Read what the ended batch left while its broker is still there to ask."""
+    failed = api.failures(final.batch, settings=settings)
+    subjects = api.matrix(final.batch, settings=settings) if failed else None
+    if report is not None:
+        api.report(final.batch, path=report, settings=settings, timeline=False)
+    return RunResult(
+        final,
+        failed,
+        run_dir is not None,
+        run_dir,
+        time.monotonic() - started,
+        matrix=subjects,
+        report=None if report is None else str(report),
+    )
+
+
+KEPT_IN = ("", "FA")
+"""Where the read verbs look for a `run`'s kept data, under the working directory: its own
+.tbss-queue (standing in FA/), then FA/.tbss-queue (standing in the study's root, where
+FA/.commands is the file `run` was given)."""
+
+
+def find_kept(where: str | os.PathLike[str] | None = None) -> Path | None:
+    """The .tbss-queue directory a `run` kept its Redis data in, seen from `where` (cwd)."""
+    base = Path(where or os.getcwd())
+    for sub in KEPT_IN:
+        run_dir = base / sub / RUN_DIR
+        if (run_dir / "run.lock").is_file():
+            return run_dir.resolve()
+    return None
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def kept_broker(
+    settings: Settings, where: str | os.PathLike[str] | None = None, who: str = "tbss-queue"
+) -> Iterator[tuple[Settings, Path | None]]:
+    """The broker a read verb asks: the configured one; with none configured, the Redis data a
+    `run` kept here (its own server while it runs, else a private redis-server started on the
+    data for the call and stopped after). Yields the settings and the kept directory, if any."""
+    run_dir = None if settings.broker_explicit else find_kept(where)
+    if run_dir is None:
+        yield settings, None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(run_dir, who))
+        except RunInUse:  # a `run` works there now: ask its own server
+            try:
+                url = (run_dir / URL_FILE).read_text().strip()
+            except OSError:
+                raise RunInUse(
+                    f"{run_dir} is in use by a `tbss-queue run` that is starting or stopping: "
+                    "ask again in a moment"
+                ) from None
+            yield replace(settings, broker=url, broker_explicit=True), run_dir
+            return
+        server = RedisServer(run_dir, persistent=True, die_with_parent=True)
+        server.start()
+        stack.callback(server.stop)
+        yield replace(settings, broker=server.url, broker_explicit=True), run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, who: str = "tbss-queue run") -> Iterator[None]:
     """Hold `run_dir` for this `run` alone (an advisory lock the kernel releases when this
-    process dies, however it dies); a second `run` is refused, saying who holds it."""
+    process dies, however it dies); a second `run` is refused, saying who holds it (`who`:
+    the command, a `run` or a read verb that opened the kept data)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -119,14 +205,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+            holder, _, since = text.rpartition("|") if "|" in text else ("tbss-queue run", "", text)
             raise RunInUse(
-                f"{run_dir} is in use by another `tbss-queue run` ({holder}): wait for it to "
-                "end, or stop it first"
+                f"{run_dir} is in use by another `{holder}` ({since or 'another process'}): "
+                "wait for it to end, or stop it first"
             ) from None
         os.ftruncate(fd, 0)
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {when}".encode(), 0)
+        text = f"{who}|pid {os.getpid()} on {socket.gethostname()} since {when}"
+        os.pwrite(fd, text.encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -135,17 +223,23 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def embedded(
     run_dir: Path, concurrency: int | None
-) -> Iterator[tuple[Settings, Callable[[], None]]]:
-    """A private Redis and one local worker node; yields their settings and a liveness check."""
+) -> Iterator[tuple[Settings, Callable[[], None], int]]:
+    """A private Redis and one local worker node; yields their settings, a liveness check and
+    how many commands a stopped `run` had left running (queued again now)."""
     # an outer tag (a test, a pilot job) is kept so that its owner can find our processes too
     tag = os.environ.get(TAG_VAR) or uuid.uuid4().hex
     server = RedisServer(run_dir, persistent=True, die_with_parent=True)
     server.start()
     worker: subprocess.Popen[bytes] | None = None
+    url_file = run_dir / URL_FILE
     try:
+        url_file.write_text(server.url)
         settings = Settings.resolve(broker=server.url)
-        # nothing can be running after a stop: put interrupted commands back in the queue
-        reconcile(make_app(settings), BatchStore(connect(settings)), settings)
+        # nothing can be running after a stop: put interrupted commands back in the queue.
+        # Recovery would log each as "its node stopped answering": here it is the stop we
+        # made, which `run` reports itself (RunResult.resumed)
+        with _silenced("tbss_queue.recovery"):
+            counts = reconcile(make_app(settings), BatchStore(connect(settings)), settings)
         log_path = run_dir / "worker.log"
         env = {**os.environ, "TBSS_QUEUE_BROKER": server.url, TAG_VAR: tag}
         with open(log_path, "ab") as log:
@@ -184,12 +278,25 @@ def embedded(
                     + (tail[0] if tail else "")
                 )
 
-        yield settings, watch
+        yield settings, watch, counts.get("requeued", 0)
     finally:
         if worker is not None:
             _stop_worker(worker)
         kill_tagged(tag)
+        url_file.unlink(missing_ok=True)
         server.stop()
+
+
+@contextlib.contextmanager
+def _silenced(logger: str) -> Iterator[None]:
+    """Drop a logger's records for a moment (what it would say is said better by the caller)."""
+    target = logging.getLogger(logger)
+    drop = logging.Filter(name="-")  # matches no logger name: every record is dropped
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def _stop_worker(worker: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -22,9 +22,11 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from .batches import BatchStore, batch_key
+from .batches import CHUNK, BatchStore, batch_key
+from .causes import describe
 from .errors import ConfigError
 from .fields import RefusedField, TaskFields, log_paths, open_logs
 from .fsl.matrix import short
@@ -41,6 +43,8 @@ STREAMS = ("out", "err")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _NAME_PART = 80  # bytes of each subject name kept in a file name (NAME_MAX is 255)
 _PAIR = re.compile(r"\s*(.+?)\s*(?:→|->|,)\s*(.+?)\s*")
+_OUTPUT = re.compile(r"\s*(.+?)_to_(.+?)\s*")
+"""fsl_reg's output name (`sub05_FA_to_sub01_FA`), as its log files and outputs carry it."""
 
 
 def batch_log_dir(batch_id: str) -> str:
@@ -115,12 +119,37 @@ class CommandLog:
     stdout: str
     stderr: str
     node: str | None = None
-    """The node of the last attempt, when that is the one shown."""
+    """The node of the shown attempt, when known."""
     missing: str | None = None
     """Why the files are not there (None when they are)."""
     stdout_tail: str = ""
     stderr_tail: str = ""
     """The record's tails (last attempt only): what there is when the files are missing."""
+    outcome: str | None = None
+    """How the shown attempt itself ended ("failed (exit code 1)", "succeeded", "running");
+    None when no record tells (a worker lost mid-command leaves no end)."""
+
+    def header(self, stream: str = "out") -> str:
+        """The line above the output: which command, which attempt, how *that attempt* ended
+        (not the command's state now), then what became of the command, and the file."""
+        on = f" on {self.node}" if self.node else ""
+        how = self.outcome or (
+            "how it ended is not recorded (a failure retried by --retries, or its worker "
+            "was lost or stopped)"
+        )
+        text = (
+            f"batch {self.batch}, line {self.line} ({self.label}), "
+            f"attempt {self.attempt} of {self.attempts}{on}: {how}"
+        )
+        if self.attempt == self.attempts and self.state == "queued" and self.outcome:
+            text += "; queued again"
+        if self.attempt < self.attempts:
+            text += (
+                f"; attempt {self.attempts} is running now"
+                if self.state == "running"
+                else f"; then {self.state} at attempt {self.attempts}"
+            )
+        return f"{text}: {self.path(stream)}"
 
     def path(self, stream: str = "out") -> str:
         return self.stderr if stream == "err" else self.stdout
@@ -135,14 +164,15 @@ class CommandLog:
 
 
 def parse_ref(ref: str | int) -> int | tuple[str, str]:
-    """A line number, or an fsl_reg pair given as `sub05→sub01`, `sub05->sub01` or
-    `sub05,sub01` (moving, reference)."""
+    """A line number, or an fsl_reg pair given as `sub05→sub01`, `sub05->sub01`,
+    `sub05,sub01` or by fsl_reg's output name `sub05_FA_to_sub01_FA` (moving, reference)."""
     if isinstance(ref, int) or str(ref).strip().isdecimal():
         return int(ref)
-    m = _PAIR.fullmatch(str(ref))
+    m = _PAIR.fullmatch(str(ref)) or _OUTPUT.fullmatch(str(ref))
     if not m:
         raise ConfigError(
-            f"{ref!r}: expected a line number or an fsl_reg pair (MOVING→REF or MOVING,REF)"
+            f"{ref!r}: expected a line number or an fsl_reg pair "
+            "(MOVING→REF, MOVING,REF or MOVING_to_REF)"
         )
     return m.group(1), m.group(2)
 
@@ -188,6 +218,61 @@ def fsl_sub_paths(
         job_tasks=kwargs.get("job_tasks"),
     )
     return log_paths(fields)
+
+
+def latest_batch_in(store: BatchStore, where: str | os.PathLike[str]) -> str:
+    """The latest batch of the study at `where` (its directory, FA/, or the study's root
+    above it, or a folder below it); the latest batch of all when none ran there."""
+    here = Path(where).resolve()
+    for bid in reversed(store.batch_ids()):
+        meta = store.meta(bid)
+        for ran_in in {meta.get("cwd"), meta.get("submit_cwd")} - {None, ""}:
+            d = Path(str(ran_in))
+            if here in (d, d.parent) or d in here.parents:
+                return bid
+    return store.resolve_id(None)
+
+
+def recorded_ends(store: BatchStore, batch_id: str, line: int) -> list[tuple[str, str]]:
+    """(state, node) of every recorded end of the command at `line`, oldest first: its
+    entries in the batch's run log, read a chunk at a time."""
+    key, prefix, found = batch_key(batch_id, "runs"), f"{line}\t", []
+    for start in range(0, store.r.llen(key), 5 * CHUNK):
+        for entry in store.r.lrange(key, start, start + 5 * CHUNK - 1):
+            if str(entry).startswith(prefix):
+                fields = str(entry).split("\t")
+                found.append((fields[-1], fields[1]))
+    return found
+
+
+def attempt_outcome(
+    n: int, attempts: int, state: str, last: dict[str, Any], ends: Sequence[tuple[str, str]]
+) -> tuple[str | None, str | None]:
+    """How attempt `n` ended and on which node. `last`: the record when it is attempt n's;
+    `ends`: the command's run-log entries. The run log tells attempt n when every attempt
+    but a running one left an entry; a lost worker leaves none, and then only the last,
+    recorded attempt can be told."""
+    if n == attempts and state == "running" and not last:
+        return "running", None
+    unrecorded = 1 if state == "running" and not last else 0
+    ended: str | None = None
+    node: str | None = None
+    if len(ends) + unrecorded == attempts and n <= len(ends):
+        ended, node = ends[n - 1]
+    elif last and n == attempts:
+        # a recorded attempt of a command queued again failed (`--retries`, `retry`)
+        ended, node = ("failed" if state == "queued" else state), last.get("node")
+    if ended is None:
+        return None, None
+    if last and ended not in ("succeeded", "skipped"):  # why, in the words every view uses
+        why = describe(
+            last.get("cause"),
+            last.get("exit_code"),
+            str(last.get("message") or ""),
+            str(last.get("stderr_tail") or ""),
+        )
+        ended = f"{ended}: {why}"
+    return ended, node
 
 
 def copy_to(path: str, out: IO[bytes], chunk: int = 1 << 16) -> None:

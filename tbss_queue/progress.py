@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -17,8 +18,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .causes import heading, last_line
 from .models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
 from .visible import visible
+
+if TYPE_CHECKING:
+    from .local import RunResult
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -58,9 +63,34 @@ def submitted_line(b: Batch) -> str:
     return f"batch {b.id}: " + ", ".join(parts)
 
 
-def left_watching(batch_id: str) -> str:
-    """What Ctrl-C on a watch or a wait means: the batch goes on without us."""
+def left_watching(batch_id: str, last: BatchStatus | None = None) -> str:
+    """What Ctrl-C on a watch or a wait means: the batch goes on without us, unless it had
+    ended already (`last`: the status last shown)."""
+    if last is not None and last.done:
+        when = f" at {clock(last.last_ended)}" if last.last_ended is not None else ""
+        return f"stopped watching; batch {batch_id} has ended{when} (tbss-queue status {batch_id})"
     return f"stopped watching; batch {batch_id} continues (tbss-queue status {batch_id})"
+
+
+def run_ended_line(result: RunResult) -> str:
+    """`run`'s last line: how long this run took, and, for a run that resumed a batch, what
+    the batch's own time (since its first start, in an earlier run) counts, so that the two
+    durations on screen are not taken for one."""
+    text = f"this run took {fmt_duration(result.wall_seconds)}"
+    if result.resumed:
+        text += f", resuming the batch ({plural(result.resumed, 'interrupted command')} ran again)"
+    elapsed = result.status.elapsed_seconds
+    if elapsed is not None and elapsed > result.wall_seconds + 1:
+        text += f"; {fmt_duration(elapsed)} since the batch's first start, in an earlier run"
+    if result.run_dir:
+        text += f"; Redis data kept in {result.run_dir}"
+    return text
+
+
+def finished_count(s: BatchStatus) -> int:
+    """Commands that ran to an end or were found done: never the cancelled ones, which did
+    not finish (BatchStatus.finished counts them, as ended)."""
+    return s.succeeded + s.failed + s.skipped
 
 
 def speed(s: BatchStatus) -> str:
@@ -158,29 +188,38 @@ def status_table(s: BatchStatus) -> Group:
     return Group(*parts)
 
 
-def watch_screen(s: BatchStatus, width: int) -> Group:
-    """One frame of `status --watch`: when, how to leave, a bar beside its figures, the table."""
+def watch_screen(s: BatchStatus, width: int, *more: RenderableType) -> Group:
+    """One frame of `status --watch`: when, how to leave, a bar beside its figures, the table,
+    and what else the watcher asked for (the subject matrix)."""
     head = Text(f"batch {s.batch} · updated at {time.strftime('%H:%M:%S')} · Ctrl-C to leave")
-    share = 100 * s.finished // max(s.total, 1)
-    figures = f"{s.finished}/{s.total} finished ({share}%)"
+    finished = finished_count(s)
+    share = 100 * finished // max(s.total, 1)
+    figures = f"{finished}/{s.total} finished ({share}%)"
+    if s.cancelled:
+        figures += f", {s.cancelled} cancelled"
     bar = Table.grid(padding=(0, 2))
     bar.add_column(width=max(10, min(60, width - len(figures) - 4)))
     bar.add_column(no_wrap=True)
-    bar.add_row(ProgressBar(total=max(s.total, 1), completed=s.finished), figures)
-    return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)))
+    bar.add_row(ProgressBar(total=max(s.total, 1), completed=finished), figures)
+    return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)), *more)
 
 
 def watch(
-    fetch: Callable[[], BatchStatus], console: Console, interval: float = 3.0
+    fetch: Callable[[], BatchStatus],
+    console: Console,
+    interval: float = 3.0,
+    extra: Callable[[BatchStatus], RenderableType] | None = None,
 ) -> BatchStatus | None:
     """A live dashboard redrawn every `interval` seconds until Ctrl-C; returns the last status
-    shown (leaving is not an error: the batch goes on)."""
+    shown (leaving is not an error: the batch goes on). `extra`: more of the same moment
+    under the table, redrawn with it (`--matrix`)."""
     last: BatchStatus | None = None
     try:
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
                 last = fetch()
-                live.update(watch_screen(last, console.width), refresh=True)
+                more = () if extra is None else (extra(last),)
+                live.update(watch_screen(last, console.width, *more), refresh=True)
                 time.sleep(interval)
     except KeyboardInterrupt:
         return last
@@ -195,19 +234,18 @@ def _capped(text: str) -> str:
 
 
 def failures_text(records: Sequence[TaskRecord]) -> str:
-    """The failed commands, each as a heading line, its command line whole and the last line of
-    its stderr: never wrapped or split mid-word (a terminal wraps long lines by itself, a pipe
-    keeps them whole)."""
+    """The failed commands, each as a heading line saying why in words (`causes`), its
+    command line whole and the last line of its stderr, whole: never cut or split mid-word
+    (a terminal wraps long lines by itself, a pipe keeps them whole)."""
     lines = [f"failed commands ({len(records)}):"]
     for r in records:
-        exit_code = "" if r.exit_code is None else f" {r.exit_code}"
-        lines.append(f"line {r.line}: {r.cause or 'failed'}{exit_code} on {r.node or '-'}")
+        lines.append(heading(r))
         lines.append(f"  {_capped(r.text)}")
         if r.ran_text:
             lines.append(f"  ran: {_capped(r.ran_text)}")
-        last = r.stderr_tail.strip().splitlines()[-1:] or [r.message]
-        if last[0]:
-            lines.append(f"  stderr: {last[0][:200]}")
+        stderr = last_line(r.stderr_tail)
+        if stderr:
+            lines.append(f"  stderr: {stderr}")
     # the command's own text: controls shown escaped, rich markup shown as written
     return "\n".join(escape(visible(line)) for line in lines)
 
@@ -215,16 +253,18 @@ def failures_text(records: Sequence[TaskRecord]) -> str:
 def batches_table(items: Sequence[BatchStatus]) -> Table:
     """`batches`: one row per batch with a header: when submitted, the file, counts, speed."""
     table = Table(box=None)
-    for col in ("batch", "submitted", "file", "total", "done", "failed", "left", "per min", ""):
-        table.add_column(col, justify="right" if col in ("total", "done", "failed") else "left")
+    columns = ("batch", "submitted", "file", "total", "done", "failed", "cancelled", "left")
+    for col in (*columns, "per min", ""):
+        table.add_column(col, justify="right" if col in columns[3:] else "left")
     for b in items:
         table.add_row(
             b.batch,
             time.strftime("%Y-%m-%d %H:%M", time.localtime(b.submitted)),
             Text(visible(b.path)),
             str(b.total),
-            str(b.finished),
+            str(finished_count(b)),
             str(b.failed),
+            str(b.cancelled),
             str(b.queued + b.running),
             f"{b.rate_overall:.1f}",
             "ended" if b.done else f"ETA {fmt_duration(b.eta_seconds)}",
@@ -247,6 +287,8 @@ class LiveProgress:
             transient=False,
         )
         self._task: TaskID | None = None
+        self.last: BatchStatus | None = None
+        """The status last shown (what Ctrl-C leaves behind)."""
 
     def __enter__(self) -> Callable[[BatchStatus], None]:
         self.progress.start()
@@ -256,15 +298,19 @@ class LiveProgress:
         self.progress.stop()
 
     def update(self, s: BatchStatus) -> None:
+        self.last = s
         detail = (
             f"ok {s.succeeded}  failed {s.failed}  running {s.running}  "
             f"{s.rate_recent:.1f}/min  ETA {fmt_duration(s.eta_seconds)}"
         )
+        if s.cancelled:
+            detail = detail.replace("  running", f"  cancelled {s.cancelled}  running", 1)
         if not s.done and s.no_worker_for is not None:
             detail += f"  | no worker online for {fmt_duration(s.no_worker_for)}"
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
-        self.progress.update(self._task, completed=s.finished, total=s.total, detail=detail)
+        done = finished_count(s)
+        self.progress.update(self._task, completed=done, total=s.total, detail=detail)
 
 
 PROGRESS_LINES_FROM = 50_000

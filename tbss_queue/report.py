@@ -24,13 +24,14 @@ from matplotlib.figure import Figure
 
 from .fsl.matrix import SubjectMatrix
 from .models import BatchStatus, TaskRecord
-from .progress import fmt_duration
+from .progress import fmt_duration, plural
+from .report_failures import failed_attempts, failures_said, failures_table
+from .throughput import bin_count
 
 STATE_COLOURS = {"succeeded": "#2e7d32", "failed": "#c62828"}
 OTHER_COLOUR = "#9e9e9e"
 RASTERIZE_ABOVE = 20_000
 """Timeline bars beyond which the Gantt chart is embedded as an image, not SVG shapes."""
-FAILURES_SHOWN = 1000
 
 
 STATE_CODES = {"succeeded": 0, "failed": 1}
@@ -137,6 +138,11 @@ def report_data(
         "eta_seconds": status.eta_seconds,
         "requeued": status.requeued,
         "lost": status.lost,
+        **failed_attempts(
+            runs.line[runs.state == STATE_CODES["failed"]],
+            runs.line[runs.state == STATE_CODES["succeeded"]],
+            failures,
+        ),
         # each node's state when the report was made (not its heartbeat's age, which ticks)
         "node_health": [
             {k: v for k, v in n.to_dict().items() if k != "heartbeat_age"} for n in status.nodes
@@ -148,6 +154,25 @@ def report_data(
         "timeline": _timeline(runs) if timeline else None,
         "failures": [r.to_dict() for r in failures],
         "matrix": matrix.to_dict() if matrix is not None else None,
+        "throughput": _bins(runs) if len(runs) else None,
+    }
+
+
+def _bins(runs: Runs) -> dict[str, Any]:
+    """The throughput chart's bins: a few attempts' ends each (`throughput.bin_count`),
+    together exactly the batch's length, each bar the rate per minute within its bin."""
+    t0 = float(runs.started.min())
+    span = max(float(runs.ended.max()) - t0, 1.0)
+    n_bins = bin_count(len(runs), most=60)
+    width = span / n_bins
+    where = np.minimum(((runs.ended - t0) // width).astype(np.int64), n_bins - 1)
+    counts = np.bincount(where, minlength=n_bins)
+    return {
+        "start": t0,
+        "span_seconds": span,
+        "bin_seconds": width,
+        "counts": counts.tolist(),
+        "per_minute": (counts * 60 / width).round(3).tolist(),
     }
 
 
@@ -245,26 +270,28 @@ def _occupancy(runs: Runs, where: np.ndarray, n_rows: int, t0: float, span: floa
     return image
 
 
-def throughput_svg(runs: Runs) -> str:
-    """Attempts finished per minute over time, and the overall average."""
-    t0 = float(runs.started.min())
-    span = max(float(runs.ended.max()) - t0, 1.0)
+def throughput_svg(runs: Runs, bins: dict[str, Any] | None = None) -> str:
+    """Attempts finished per minute over time, in bins that fit the batch (`_bins`), and the
+    overall average."""
+    bins = bins or _bins(runs)
+    span, width = bins["span_seconds"], bins["bin_seconds"]
     scale, unit = _unit(span)
-    width = max(span / 60, 1.0)
-    n_bins = int(span // width) + 1
-    bins = np.minimum(((runs.ended - t0) // width).astype(np.int64), n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
-    per_minute = counts * 60 / width
-    edges = np.arange(n_bins + 1) * width / scale
+    edges = np.arange(len(bins["counts"]) + 1) * width / scale
     fig = Figure(figsize=(10, 3))
     ax = fig.add_subplot()
-    ax.stairs(per_minute, edges, fill=True, color="#1565c0", alpha=0.6, label="per bin")
+    ax.stairs(bins["per_minute"], edges, fill=True, color="#1565c0", alpha=0.6, label="per bin")
     ax.axhline(60 * len(runs) / span, color="#0d47a1", linestyle="--", label="overall")
     ax.set_xlabel(f"{unit} since the first command started")
     ax.set_ylabel("commands / minute")
     ax.set_title("Throughput")
     ax.legend(loc="upper right")
     return _svg(fig)
+
+
+def _bins_said(bins: dict[str, Any]) -> str:
+    ended, n, width = sum(bins["counts"]), len(bins["counts"]), bins["bin_seconds"]
+    each = f"{width:.1f} s" if width < 10 else fmt_duration(width)  # not 0.6 s called "1s"
+    return f"<p>{plural(ended, 'attempt')} ended, in {plural(n, 'bin')} of {each}</p>"
 
 
 def durations_svg(runs: Runs) -> str:
@@ -302,6 +329,7 @@ table { border-collapse: collapse; width: 100%; font-size: .9em; }
 td, th { border-bottom: 1px solid #eee; padding: .3em .5em; text-align: left;
   vertical-align: top; }
 code { white-space: pre-wrap; word-break: break-all; }
+td { overflow-wrap: anywhere; }
 svg { max-width: 100%; height: auto; }
 """
 
@@ -314,7 +342,9 @@ def _cards(summary: dict[str, Any]) -> str:
         ("commands", summary["total"]),
         ("succeeded", summary["succeeded"]),
         ("failed", summary["failed"]),
+        ("failed attempts", summary["failed_attempts"]),
         ("skipped", summary["skipped"]),
+        ("cancelled", summary["cancelled"]),
         ("still queued or running", summary["queued"] + summary["running"]),
         ("worker nodes / slots", f"{summary['nodes']} / {summary['slots']}"),
         ("wall time", fmt_duration(summary["makespan_seconds"])),
@@ -327,34 +357,6 @@ def _cards(summary: dict[str, Any]) -> str:
     ]
     return "".join(
         f'<div class="card">{html.escape(k)}<b>{html.escape(str(v))}</b></div>' for k, v in cards
-    )
-
-
-def _failures_table(failures: Sequence[TaskRecord]) -> str:
-    if not failures:
-        return "<p>No command failed.</p>"
-    rows = []
-    for f in failures[:FAILURES_SHOWN]:
-        command = f.text + (f"  (ran: {f.ran_text})" if f.ran_text else "")
-        cells = (f.line, command, f.cause or "", f.exit_code, f.node or "", f.why)
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td><code>{html.escape(str(c))}</code></td>"
-                if i == 1
-                else f"<td>{html.escape('' if c is None else str(c))}</td>"
-                for i, c in enumerate(cells)
-            )
-            + "</tr>"
-        )
-    more = (
-        f"<p>… and {len(failures) - FAILURES_SHOWN} more (tbss-queue failures).</p>"
-        if len(failures) > FAILURES_SHOWN
-        else ""
-    )
-    return (
-        '<table id="failures"><tr><th>line</th><th>command</th><th>cause</th><th>exit</th>'
-        "<th>node</th><th>message</th></tr>" + "".join(rows) + "</table>" + more
     )
 
 
@@ -375,8 +377,10 @@ def render_html(
         css += CSS
         subjects = f"<h2>Subject matrix</h2>{matrix_html(matrix)}"
     if len(runs):
+        bins = data["throughput"] or _bins(runs)
         plots = (
-            f'<h2>Throughput</h2><div id="throughput">{throughput_svg(runs)}</div>'
+            f'<h2>Throughput</h2><div id="throughput">{throughput_svg(runs, bins)}'
+            f"{_bins_said(bins)}</div>"
             f'<h2>Timeline</h2><div id="timeline">{timeline_svg(runs)}</div>'
             f'<h2>Durations</h2><div id="durations">{durations_svg(runs)}</div>'
         )
@@ -392,6 +396,7 @@ def render_html(
         f"<p><code>{html.escape(status.path)}</code> · report made {made}</p>"
         f'<div class="cards" id="summary">{_cards(data["summary"])}</div>'
         f"{subjects}{plots}"
-        f"<h2>Failures ({len(failures)})</h2>{_failures_table(failures)}"
+        "<h2>Failures</h2>"  # a count here read as "none" above a timeline of red attempts
+        f"{failures_said(data['summary'], len(failures))}{failures_table(failures)}"
         "</body></html>\n"
     )

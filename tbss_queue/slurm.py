@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from string import Template
@@ -51,6 +53,29 @@ def check_memory(text: str) -> str:
     return text.strip().upper()
 
 
+def policy_argv(
+    allow: Sequence[str] = (),
+    allow_file: str | None = None,
+    allow_any: bool = False,
+    roots: Sequence[str] = (),
+    max_time_limit: float | None = None,
+) -> tuple[str, ...]:
+    """The worker's policy options as its command line in a pilot script. Paths are made
+    absolute: the job runs in whatever directory sbatch was called from."""
+    args: list[str] = []
+    for entry in allow:
+        args += ["--allow", entry]
+    if allow_file:
+        args += ["--allow-file", os.path.abspath(allow_file)]
+    if allow_any:
+        args.append("--allow-any")
+    for root in roots:
+        args += ["--root", os.path.abspath(root)]
+    if max_time_limit is not None:
+        args += ["--max-time-limit", f"{max_time_limit:g}"]
+    return tuple(args)
+
+
 @dataclass(frozen=True)
 class PilotJob:
     nodes: int
@@ -60,6 +85,8 @@ class PilotJob:
     expected: int = DEFAULT_EXPECTED  # seconds one command may take to finish after the last start
     mem_per_cpu: str = DEFAULT_MEM_PER_CPU
     job_name: str = "tbss-queue"
+    worker_args: tuple[str, ...] = ()
+    """Further options of each pilot's worker (`policy_argv`): what it agrees to run."""
 
     def render(self) -> str:
         wall = parse_walltime(self.time)
@@ -82,6 +109,9 @@ class PilotJob:
         if self.partition:
             args.append(f"--partition {shlex.quote(self.partition)}")
         args += [f"--expected {self.expected}s", f"--mem-per-cpu {mem}"]
+        policy = shlex.join(self.worker_args)
+        if policy:
+            args.append(policy)
         template = Template(files("tbss_queue").joinpath("templates/slurm.sbatch").read_text())
         return template.substitute(
             args=" ".join(args),
@@ -97,4 +127,5 @@ class PilotJob:
             grace=PILOT_GRACE,
             drain=f"{self.expected + START_MARGIN} s",
             partition_line=f"#SBATCH --partition={self.partition}\n" if self.partition else "",
+            policy=f" \\\n    {policy}" if policy else "",
         )

@@ -68,7 +68,7 @@ def compute(batch_id: str, snap: dict[str, Any], fleet: Fleet | None = None) -> 
     remaining = counts.get("queued", 0) + counts.get("running", 0)
     rate = rate_recent if snap["recent"] >= MIN_RECENT else rate_overall
     eta = 60.0 * remaining / rate if remaining and rate > 0 else (0.0 if not remaining else None)
-    nodes = _nodes(snap["nodes"], fleet)
+    nodes = _nodes(snap["nodes"], fleet, counts.get("running", 0))
     online = fleet.online() if fleet else []
     submitted = float(meta.get("submitted", 0.0))
     silent = None
@@ -117,7 +117,10 @@ def fsl_version_warning(facts: dict[str, dict[str, Any]]) -> str | None:
     )
 
 
-def _nodes(raw: dict[str, str], fleet: Fleet | None) -> tuple[NodeStatus, ...]:
+def _nodes(raw: dict[str, str], fleet: Fleet | None, running_now: int) -> tuple[NodeStatus, ...]:
+    """Each node's part in the batch. A node's running count is never more than the batch's:
+    a cancel takes its commands out of the batch's count at once, while the node's own count
+    falls only when its runner reports, seconds later (or never, if it was killed first)."""
     by_node: dict[str, dict[str, str]] = {}
     for key, value in raw.items():
         node, _, fld = key.rpartition("|")
@@ -127,7 +130,7 @@ def _nodes(raw: dict[str, str], fleet: Fleet | None) -> tuple[NodeStatus, ...]:
             by_node.setdefault(node, {})
     out = []
     for node, f in sorted(by_node.items()):
-        running = max(0, int(f.get("running", 0)))
+        running = min(max(0, int(f.get("running", 0))), running_now)
         out.append(
             NodeStatus(
                 node=node,

@@ -16,6 +16,15 @@ from .batches import CHUNK, BatchStore, batch_key
 NICE_BINS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 """Bin widths (seconds) a chart may use: about 40 bins over what it shows."""
 TARGET_BINS = 40
+PER_BIN = 4
+"""Ends a bin holds on average, at least: fewer, and a bar is one command's end times 60."""
+
+
+def bin_count(ends: int, most: int = TARGET_BINS) -> int:
+    """How many bins a chart of `ends` commands may have: so many that the bars show how the
+    rate changed, so few that each holds a few ends (a 16-command batch: 4 bins, not 60 bars
+    of 150/min for the seconds where three commands ended)."""
+    return max(1, min(most, ends // PER_BIN))
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,8 @@ class Throughput:
         return d
 
 
-def _bin_width(span: float) -> int:
-    return next((b for b in NICE_BINS if b * TARGET_BINS >= span), NICE_BINS[-1])
+def _bin_width(span: float, ends: int) -> int:
+    return next((b for b in NICE_BINS if b * bin_count(ends) >= span), NICE_BINS[-1])
 
 
 def _ended_since(store: BatchStore, batch_id: str, since: float) -> list[tuple[str, float]]:
@@ -89,7 +98,7 @@ def throughput(store: BatchStore, minutes: float = 60.0) -> Throughput:
     if not live:  # an ended batch: its bins end at its last command, not at now
         now = max(t for t, _ in ends)
     span = now - min(t for t, _ in ends)
-    width = _bin_width(span)
+    width = _bin_width(span, len(ends))
     n = max(1, math.ceil(span / width) + 1)
     overall = [0] * n
     per_node: dict[str, list[int]] = {}

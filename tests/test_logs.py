@@ -30,6 +30,10 @@ if "--signal" in sys.argv:
     os.kill(os.getpid(), signal.SIGKILL)
 if "--exit" in sys.argv:
     sys.exit(int(sys.argv[sys.argv.index("--exit") + 1]))
+if "--fail-once" in sys.argv and not os.path.exists(sys.argv[-1]):
+    open(sys.argv[-1], "w").close()
+    print("first attempt fails", file=sys.stderr)
+    sys.exit(3)
 if "--fail-unless" in sys.argv and not os.path.exists(sys.argv[-1]):
     print(f"{sys.argv[-1]} is missing", file=sys.stderr)
     sys.exit(1)
@@ -145,11 +149,96 @@ def test_a_failed_fsl_reg_pair_is_found_by_its_pair(
         shown = tbss_queue("logs", batch.batch, pair, "--stderr", env=env)
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout == "flirt: cannot read image sub05_FA\n"
-        assert "line 1 (sub05_FA→sub01_FA), failed" in shown.stderr
+        assert "line 1 (sub05_FA→sub01_FA), attempt 1 of 1 on w1@" in shown.stderr
+        assert ": failed" in shown.stderr
     other = tbss_queue("logs", batch.batch, "sub01→sub05", env=env)
     assert other.stdout.startswith("fsl_reg sub01_FA sub05_FA")
     none = tbss_queue("logs", batch.batch, "sub05,sub09", env=env)
     assert none.returncode == 2 and "no command at pair sub05→sub09" in none.stderr
+
+
+def test_logs_finds_a_pair_by_any_name_in_this_studys_latest_batch(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a study whose sub05→sub01 registration failed (its log file is named
+    # 1.1.sub05_FA_to_sub01_FA.err), and then a later batch of another study on the same broker
+    (tmp_path / "bin").mkdir()
+    fsl_reg = tmp_path / "bin" / "fsl_reg"
+    fsl_reg.write_text(FAKE_FSL_REG.format(python=sys.executable))
+    fsl_reg.chmod(0o755)
+    fa = tmp_path / "study" / "FA"
+    fa.mkdir(parents=True)
+    lines = [f"{fsl_reg} {a}_FA {b}_FA {a}_FA_to_{b}_FA -e -FA" for a, b in [("sub05", "sub01")]]
+    workers("w1", 2)
+    ours = api.submit(write_commands(fa / ".commands", lines), settings=settings)
+    api.wait(ours.id, settings=settings, timeout=60)
+    other = tmp_path / "other" / "FA"
+    other.mkdir(parents=True)
+    later = api.submit(write_commands(other / ".commands", ["true"]), settings=settings)
+    api.wait(later.id, settings=settings, timeout=60)
+    assert api.status(settings=settings).batch == later.id
+    env = settings_env(settings, run_tag)
+    # When a user in the study (FA/ or its root) asks by any name they have, with no batch
+    for where in (fa, fa.parent):
+        for name in ("sub05_FA_to_sub01_FA", "sub05,sub01", "sub05→sub01", "1"):
+            shown = tbss_queue("logs", name, "--stderr", env=env, cwd=where)
+            # Then it is this study's batch's pair, not the later batch's line 1
+            assert shown.returncode == 0, (name, shown.stderr)
+            assert shown.stdout == "flirt: cannot read image sub05_FA\n", (name, shown.stdout)
+            assert f"batch {ours.id}, line 1 (sub05_FA→sub01_FA)" in shown.stderr
+    # and the batch can still be named first
+    shown = tbss_queue("logs", ours.id, "sub05_FA_to_sub01_FA", env=env)
+    assert shown.returncode == 0 and shown.stdout.startswith("fsl_reg sub05_FA"), shown.stderr
+    # and three words are a usage error naming the form
+    bad = tbss_queue("logs", ours.id, "1", "2", env=env)
+    assert bad.returncode == 2 and "[BATCH] LINE|PAIR" in bad.stderr, bad.stderr
+
+
+def test_the_logs_header_states_the_shown_attempts_own_outcome(
+    tmp_path: Path, fa: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a command that failed (exit 3), then was queued again with no worker to take it
+    w1 = workers("w1", 1)
+    mark = tmp_path / "mark"
+    cmds = write_commands(fa / ".commands", [say(tmp_path, "a", "--fail-once", str(mark))])
+    batch = api.submit(cmds, settings=settings)
+    assert api.wait(batch.id, settings=settings, timeout=60).failed == 1
+    w1.stop()
+    api.retry(batch.id, settings=settings)
+    env = settings_env(settings, run_tag)
+    # Then its header says the attempt failed, and that the command waits its turn again
+    queued = tbss_queue("logs", batch.id, "1", "--stderr", env=env).stderr.splitlines()[0]
+    assert ": failed: exit code 3; queued again:" in queued, queued
+    # Given it then succeeded on a second attempt
+    workers("w1", 1)
+    assert api.wait(batch.id, settings=settings, timeout=60).ok
+    # When the first attempt's stderr is shown
+    first = tbss_queue("logs", batch.id, "1", "--attempt", "1", "--stderr", env=env)
+    # Then the header says that attempt failed, and what became of the command after
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "stderr of a\nfirst attempt fails\n"
+    header = first.stderr.splitlines()[0]
+    assert "attempt 1 of 2 on w1@" in header and ": failed" in header, header
+    assert "then succeeded at attempt 2" in header, header
+    assert "queued again" not in header, header
+    # and the last attempt's header says it succeeded
+    last = tbss_queue("logs", batch.id, "1", env=env)
+    header = last.stderr.splitlines()[0]
+    assert "attempt 2 of 2 on w1@" in header and ": succeeded" in header, header
+    assert "failed" not in header, header
+
+    # Given the same with --retries, whose failed first attempt leaves no record of its end
+    other = write_commands(
+        fa / "retried.commands", [say(tmp_path, "b", "--fail-once", str(tmp_path / "mark2"))]
+    )
+    again = api.submit(other, retries=1, settings=settings)
+    assert api.wait(again.id, settings=settings, timeout=60).ok
+    shown = api.logs(again.id, 1, attempt=1, settings=settings)
+    # Then its header does not claim the command's success for it: it says what is known
+    header = shown.header("err")
+    assert ": how it ended is not recorded" in header, header
+    assert "then succeeded at attempt" in header, header
+    assert ": succeeded" not in header, header
 
 
 def test_a_node_that_cannot_write_the_logs_runs_the_command_and_says_why(

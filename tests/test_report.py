@@ -115,3 +115,49 @@ def test_a_timeline_of_many_attempts_is_drawn_as_an_image() -> None:
     svg = timeline_svg(runs)
     assert svg.count("<image") == 1
     assert all(f"w{k}@h #{s}" in svg for k in range(8) for s in (0, 1))
+
+
+FAIL_ONCE = """import os, sys, time
+mark = sys.argv[1]
+time.sleep(float(sys.argv[2]))
+if not os.path.exists(mark):
+    open(mark, "w").close()
+    sys.exit("first attempt fails")
+"""
+
+
+def test_the_report_counts_failed_attempts_and_says_what_became_of_them(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a 16-command batch whose first 12 commands failed once, then succeeded on retry
+    (tmp_path / "fail_once.py").write_text(FAIL_ONCE)
+    script = tmp_path / "fail_once.py"
+    lines = [f"python3 {script} {tmp_path}/m{i} 0.3" for i in range(12)]
+    lines += [f"python3 {script} {tmp_path}/keep 0.3{i}" for i in range(4)]
+    (tmp_path / "keep").write_text("")
+    workers("w1", 2)
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
+    assert api.wait(batch.id, settings=settings, timeout=90).failed == 12
+    api.retry(batch.id, settings=settings)
+    assert api.wait(batch.id, settings=settings, timeout=90).ok
+    # When its report is written
+    out = tmp_path / "report.html"
+    res = tbss_queue("report", batch.id, "-o", str(out), env=settings_env(settings, run_tag))
+    assert res.returncode == 0, res.stderr
+    page = out.read_text()
+    text = " ".join(re.sub(r"<[^>]+>", " ", page[page.index("<h2>Failures") :]).split())
+    # Then it does not say that nothing failed: it counts the 12 failed attempts and says
+    # what became of them
+    assert "No command failed" not in page and "Failures (0)" not in page
+    assert "12 failed attempts: 12 failed, then succeeded on retry" in text, text
+    data = api.report(batch.id, settings=settings)
+    assert data["summary"]["failed_attempts"] == 12
+    assert data["summary"]["failed_then_succeeded"] == 12
+    # and the throughput chart's bins fit the batch: a few attempts each, covering its length,
+    # with rates that are per minute of that bin (not a second's count times 60)
+    bins = data["throughput"]
+    assert 1 <= len(bins["per_minute"]) <= 28 // 4, bins
+    span = bins["bin_seconds"] * len(bins["per_minute"])
+    assert abs(span - bins["span_seconds"]) < 0.01, bins
+    assert sum(bins["counts"]) == 28
+    assert f"28 attempts ended, in {len(bins['counts'])} bin" in page

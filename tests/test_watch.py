@@ -17,8 +17,10 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.fsl.demo import make_demo
 
 from .conftest import Worker, settings_env, write_commands
+from .faults import wait_until
 from .test_reliability import job
 
 
@@ -114,3 +116,66 @@ def test_status_watch_follows_the_latest_batch_and_ctrl_c_leaves_it_running(
             time.sleep(0.1)
     assert rc.read_text().strip() == "rc=0"
     assert api.status(second.id, settings=settings).queued == 1
+
+
+def test_status_watch_matrix_updates_the_subject_matrix_live(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a 3-subject demo study queued with no worker yet
+    study = make_demo(tmp_path / "study", subjects=3, seconds=0.1)
+    batch = api.submit(study.commands, settings=settings)
+    rc = tmp_path / "rc"
+    with Tmux(settings, run_tag, f"status --watch --matrix; echo rc=$? > {rc}") as term:
+        # When it is watched with --matrix
+        screen = term.wait_for(r"0 of 9 pairs done")
+        # Then the matrix is on the dashboard, under the counts
+        assert f"batch {batch.id} · updated at" in screen
+        assert "subject matrix" in screen, screen
+        assert screen.index("subject matrix") > screen.index("total"), screen
+        # and when a worker runs the pairs, the matrix follows
+        workers("w1", 2)
+        screen = term.wait_for(r"9 of 9 pairs done")
+        assert "best target:" in screen, screen
+        term.keys("C-c")
+        term.wait_for("stopped watching")
+        deadline = time.monotonic() + 10
+        while not rc.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert rc.read_text().strip() == "rc=0"
+
+
+def test_a_cancelled_batch_is_not_called_finished_and_leaving_an_ended_one_says_so(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a batch of 16 of which 2 ran, then 14 were cancelled (one of them while running)
+    lines = ["true 1", "true 2"] + [f"sleep {60 + i}" for i in range(14)]
+    batch = api.submit(write_commands(tmp_path / "c", lines), settings=settings)
+    workers("w1", 1)
+
+    def two_ran_one_runs() -> bool:
+        s = api.status(batch.id, settings=settings)
+        return s.succeeded == 2 and s.running == 1
+
+    wait_until(two_ran_one_runs, what="2 succeeded, 1 running")
+    api.cancel(batch.id, settings=settings)
+    rc = tmp_path / "rc"
+    with Tmux(settings, run_tag, f"status --watch {batch.id}; echo rc=$? > {rc}") as term:
+        # When it is watched
+        screen = term.wait_for(f"batch {batch.id} · updated at")
+        # Then its figures count the 2 that ran as finished, and the 14 as cancelled
+        flat = screen.replace("\n", "")
+        assert "2/16 finished (12%), 14 cancelled" in flat, screen
+        assert "16/16" not in flat and "100%" not in flat, screen
+        # and the node table agrees with the counts: nothing runs any more
+        [w1_row] = [ln.split() for ln in screen.splitlines() if ln.strip().startswith("w1@")]
+        assert w1_row[2] == "0", screen
+        # and Ctrl-C says the batch has ended, not that it continues
+        term.keys("C-c")
+        screen = term.wait_for("stopped watching")
+        flat = screen.replace("\n", "")
+        assert f"stopped watching; batch {batch.id} has ended" in flat, screen
+        assert "continues" not in flat, screen
+        deadline = time.monotonic() + 10
+        while not rc.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert rc.read_text().strip() == "rc=0"

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_BROKER, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TbssQueueError
-from tbss_queue.local import Interrupted
+from tbss_queue.local import Interrupted, kept_broker
 
 EPILOG = """\b
 Examples:
@@ -96,7 +96,7 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name in CONNECTION_OPTIONS}
+        given = _inherited({name: kwargs.pop(name) for name in CONNECTION_OPTIONS})
         settings = Settings.resolve(**given)
         if settings.tls_insecure:
             err.print(
@@ -112,6 +112,84 @@ def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help=f"{text} [env {env}].",
         )(wrapper)
     return wrapper
+
+
+_GIVEN = "tbss_queue.connection"
+"""Key in click's context meta (shared by a verb and its subcommand) of the options given."""
+
+
+def _inherited(own: dict[str, Any]) -> dict[str, Any]:
+    """A subcommand's connection options over its verb's: `nodes --broker URL resume X` and
+    `nodes resume X --broker URL` mean the same; given on both, the subcommand's wins. What
+    the environment set is the same for both, so it never overrides a command-line value."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return own
+    merged = dict(ctx.meta.get(_GIVEN, {}))
+    for name, value in own.items():
+        typed = ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+        if value is not None and (typed or merged.get(name) is None):
+            merged[name] = value
+    ctx.meta[_GIVEN] = merged
+    return merged
+
+
+def read_broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """broker_options of a verb that reads what a batch left: with no broker configured it
+    opens the Redis data a `tbss-queue run` kept here (FA/.tbss-queue) for the call."""
+
+    @functools.wraps(f)
+    def opened(*args: Any, settings: Settings, **kwargs: Any) -> Any:
+        who = click.get_current_context().command_path
+        with kept_broker(settings, who=who) as (chosen, run_dir):
+            if run_dir is not None:
+                err.print(
+                    f"no broker configured: reading the data `tbss-queue run` kept in {run_dir}",
+                    highlight=False,
+                )
+            return f(*args, settings=chosen, **kwargs)
+
+    return broker_options(opened)
+
+
+def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """What a worker node agrees to run (--allow, --allow-file, --allow-any, --root,
+    --max-time-limit), declared once: `worker` and `slurm-script` (for its pilots' workers)."""
+    options = (
+        click.option(
+            "--allow",
+            multiple=True,
+            metavar="NAME_OR_PATH",
+            help="Also run this executable (default: FSL's registration tools). Repeatable.",
+        ),
+        click.option(
+            "--allow-file",
+            type=click.Path(dir_okay=False),
+            help="A file of further --allow entries, one per line.",
+        ),
+        click.option(
+            "--allow-any",
+            is_flag=True,
+            help="Run any command that reaches the queue (no executable check).",
+        ),
+        click.option(
+            "--root",
+            multiple=True,
+            metavar="DIR",
+            envvar="TBSS_QUEUE_STUDY_ROOT",
+            help="Only run commands whose directory lies under DIR. Repeatable; recommended "
+            "[env TBSS_QUEUE_STUDY_ROOT, space-separated].",
+        ),
+        click.option(
+            "--max-time-limit",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Cap every batch's own time limit on this node.",
+        ),
+    )
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 cwd_option = click.option(

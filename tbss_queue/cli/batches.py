@@ -7,21 +7,22 @@ import sys
 from typing import Any
 
 import click
+from rich.console import Group
 
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
-from tbss_queue.models import Batch
+from tbss_queue.models import Batch, BatchStatus
 from tbss_queue.paths import PathMap
 from tbss_queue.progress import (
     LiveProgress,
     StagingProgress,
     batches_table,
     failures_text,
-    fmt_duration,
     left_watching,
     notes,
     plural,
+    run_ended_line,
     status_table,
     submitted_line,
     summary_line,
@@ -36,6 +37,7 @@ from .app import (
     err,
     json_option,
     out,
+    read_broker_options,
     time_limit_option,
     wait_option,
 )
@@ -106,11 +108,12 @@ def submit(
 
 def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
     """Progress until the batch ends; Ctrl-C leaves the batch running and exits 0."""
+    live = LiveProgress(err)
     try:
-        with LiveProgress(err) as update:
+        with live as update:
             final = api.wait(batch_id, settings=settings, on_update=update)
     except KeyboardInterrupt:
-        err.print(left_watching(batch_id), highlight=False)
+        err.print(left_watching(batch_id, live.last), highlight=False)
         return EXIT_OK
     if as_json:
         click.echo(json.dumps(final.to_dict()))
@@ -136,6 +139,12 @@ def _print_final(final: Any, settings: Settings) -> None:
 )
 @time_limit_option
 @done_if_exists_option
+@click.option(
+    "--report",
+    "report_to",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the batch's HTML report here when it ends (as `tbss-queue report -o`).",
+)
 @json_option
 @broker_options
 def run(
@@ -144,6 +153,7 @@ def run(
     concurrency: int | None,
     time_limit: float | None,
     done_if_exists: str | None,
+    report_to: str | None,
     as_json: bool,
     settings: Settings,
 ) -> None:
@@ -169,8 +179,9 @@ def run(
         err.print(submitted_line(batch), highlight=False)
         sent.append(batch)
 
+    live = LiveProgress(err)
     try:
-        with LiveProgress(err) as update:
+        with live as update:
             result = run_local(
                 file,
                 cwd=cwd,
@@ -180,11 +191,12 @@ def run(
                 settings=settings,
                 on_update=update,
                 on_submitted=on_submitted,
+                report=report_to,
             )
     except KeyboardInterrupt:
         if not sent:  # the local batch stops with its workers: main says how to resume
             raise
-        err.print(left_watching(sent[0].id), highlight=False)
+        err.print(left_watching(sent[0].id, live.last), highlight=False)
         sys.exit(EXIT_OK)
     final = result.status
     if as_json:
@@ -199,13 +211,15 @@ def run(
         )
     else:
         err.print(summary_line(final), highlight=False)
-        if result.failures:
+        if result.matrix is not None:  # a tbss_2_reg -n study: which subjects, not 100 lines
+            for line in result.matrix.summary:
+                err.print(line, highlight=False)
+            err.print("every failure: tbss-queue failures (in this directory)", highlight=False)
+        elif result.failures:
             err.print(failures_text(result.failures), highlight=False)
-        err.print(
-            f"wall time {fmt_duration(result.wall_seconds)}"
-            + (f"; Redis data kept in {result.run_dir}" if result.run_dir else ""),
-            highlight=False,
-        )
+        if result.report:
+            err.print(f"wrote {result.report}", highlight=False)
+        err.print(run_ended_line(result), highlight=False)
     sys.exit(EXIT_OK if final.ok else EXIT_FAILED)
 
 
@@ -219,7 +233,7 @@ def run(
     help="Also the subject matrix of a tbss_2_reg -n study: every pair's state and cost.",
 )
 @json_option
-@broker_options
+@read_broker_options
 def status(
     batch: str | None, watch: bool, show_matrix: bool, as_json: bool, settings: Settings
 ) -> None:
@@ -230,14 +244,24 @@ def status(
     Example: tbss-queue status --watch
     """
     current = api.status(batch, settings=settings)
-    subjects = api.matrix(current.batch, settings=settings) if show_matrix else None
+    once = show_matrix and (as_json or not watch)  # --watch reads it anew for every frame
+    subjects = api.matrix(current.batch, settings=settings) if once else None
     if as_json:
         extra = {"matrix": subjects.to_dict() if subjects else None} if show_matrix else {}
         click.echo(json.dumps({**current.to_dict(), **extra}))
         return
     if watch:
-        last = watch_status(lambda: api.status(batch, settings=settings), out)
-        err.print(left_watching((last or current).batch), highlight=False)
+        from tbss_queue.fsl.matrix_views import matrix_view
+
+        def subjects_now(s: BatchStatus) -> Group:
+            return matrix_view(api.matrix(s.batch, settings=settings))
+
+        last = watch_status(
+            lambda: api.status(batch, settings=settings),
+            out,
+            extra=subjects_now if show_matrix else None,
+        )
+        err.print(left_watching((last or current).batch, last or current), highlight=False)
         return
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
@@ -252,7 +276,7 @@ def status(
 
 @cli.command()
 @json_option
-@broker_options
+@read_broker_options
 def batches(as_json: bool, settings: Settings) -> None:
     """List the batches on the broker with their counts.
 
@@ -277,7 +301,7 @@ def batches(as_json: bool, settings: Settings) -> None:
     help="Also write the failed commands as a new commands file.",
 )
 @json_option
-@broker_options
+@read_broker_options
 def failures(batch: str | None, write_to: str | None, as_json: bool, settings: Settings) -> None:
     """List the failed commands of BATCH with cause, exit code, node and stderr.
 
@@ -309,7 +333,7 @@ def failures(batch: str | None, write_to: str | None, as_json: bool, settings: S
     help="Write a GNU parallel --joblog of BATCH here instead (also the HTML with -o).",
 )
 @json_option
-@broker_options
+@read_broker_options
 def report(
     batch: str | None, output: str | None, joblog: str | None, as_json: bool, settings: Settings
 ) -> None:

@@ -22,14 +22,12 @@ from .app import (
 
 def print_matrix(matrix: SubjectMatrix | None) -> None:
     """`status --matrix`: the grid, then the summary naming broken subjects."""
-    if matrix is None:
-        err.print("no subject matrix: not a tbss_2_reg -n batch of fsl_reg lines", highlight=False)
-        return
-    from tbss_queue.fsl.matrix_views import matrix_table
+    from tbss_queue.fsl.matrix_views import NO_MATRIX, matrix_view
 
-    out.print(matrix_table(matrix))
-    for line in matrix.summary:
-        out.print(line, highlight=False)
+    if matrix is None:
+        err.print(NO_MATRIX, highlight=False)
+        return
+    out.print(matrix_view(matrix), highlight=False)
 
 
 @cli.command()

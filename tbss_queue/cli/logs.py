@@ -13,12 +13,11 @@ from tbss_queue.errors import EXIT_FAILED
 from tbss_queue.logfiles import copy_to
 from tbss_queue.visible import copy_visible, visible, visible_lines
 
-from .app import broker_options, cli, err, json_option
+from .app import cli, err, json_option, read_broker_options
 
 
 @cli.command()
-@click.argument("batch")
-@click.argument("command", metavar="LINE|PAIR")
+@click.argument("refs", nargs=-1, required=True, metavar="[BATCH] LINE|PAIR")
 @click.option(
     "--attempt",
     type=click.IntRange(min=1),
@@ -33,10 +32,9 @@ from .app import broker_options, cli, err, json_option
     "so that its escape sequences never reach your terminal).",
 )
 @json_option
-@broker_options
+@read_broker_options
 def logs(
-    batch: str,
-    command: str,
+    refs: tuple[str, ...],
     attempt: int | None,
     stderr: bool,
     path_only: bool,
@@ -44,15 +42,19 @@ def logs(
     as_json: bool,
     settings: Settings,
 ) -> None:
-    """Print the stdout (or --stderr) of a command of BATCH, by its LINE in the commands file
-    or, for fsl_reg, its PAIR (sub05→sub01 or sub05,sub01).
+    """Print the stdout (or --stderr) of a command of BATCH (default: the latest batch of the
+    study you are in), by its LINE in the commands file or, for fsl_reg, its PAIR
+    (sub05_FA_to_sub01_FA, sub05,sub01 or sub05→sub01).
 
     Every attempt's output is kept in the batch's directory, in
     .tbss-queue/logs/BATCH/LINE.ATTEMPT[.IN_to_REF].out and .err (with fsl_sub's -l: where
     fsl_sub puts them). Exit 1 when there is nothing to show.
 
-    Example: tbss-queue logs 1a2b3c4d sub05,sub01 --stderr
+    Example: tbss-queue logs sub05_FA_to_sub01_FA --stderr
     """
+    if len(refs) > 2:
+        raise click.UsageError(f"expected [BATCH] LINE|PAIR, got {len(refs)} words")
+    batch, command = (None, refs[0]) if len(refs) == 1 else refs
     found = api.logs(batch, command, attempt=attempt, settings=settings)
     stream = "err" if stderr else "out"
     if as_json:
@@ -61,15 +63,7 @@ def logs(
     if path_only:
         click.echo(found.path(stream))
         return
-    on = f" on {found.node}" if found.node else ""
-    err.print(
-        visible(
-            f"batch {found.batch}, line {found.line} ({found.label}), {found.state}: "
-            f"attempt {found.attempt} of {found.attempts}{on}: {found.path(stream)}"
-        ),
-        highlight=False,
-        markup=False,
-    )
+    err.print(visible(found.header(stream)), highlight=False, markup=False)
     out = sys.stdout.buffer
     if found.missing is None:
         if raw:

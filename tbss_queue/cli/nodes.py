@@ -25,6 +25,7 @@ from .app import (
     err,
     json_option,
     out,
+    policy_options,
 )
 
 
@@ -63,42 +64,13 @@ from .app import (
     help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
 )
 @click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
-@click.option(
-    "--allow",
-    multiple=True,
-    metavar="NAME_OR_PATH",
-    help="Also run this executable (default: FSL's registration tools). Repeatable.",
-)
-@click.option(
-    "--allow-file",
-    type=click.Path(dir_okay=False),
-    help="A file of further --allow entries, one per line.",
-)
-@click.option(
-    "--allow-any",
-    is_flag=True,
-    help="Run any command that reaches the queue (no executable check).",
-)
-@click.option(
-    "--root",
-    multiple=True,
-    metavar="DIR",
-    envvar="TBSS_QUEUE_STUDY_ROOT",
-    help="Only run commands whose directory lies under DIR. Repeatable; recommended "
-    "[env TBSS_QUEUE_STUDY_ROOT, space-separated].",
-)
+@policy_options
 @click.option(
     "--pass-env",
     multiple=True,
     metavar="NAME",
     help="Pass this variable of the worker's environment on to commands (they get FSL's, "
     "PATH, HOME, the locale and TMPDIR, never tbss-queue's own). Repeatable.",
-)
-@click.option(
-    "--max-time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Cap every batch's own time limit on this node.",
 )
 @broker_options
 def worker(
@@ -173,8 +145,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
 
 @nodes.command("resume")
 @click.argument("node")
-@click.pass_obj
-def nodes_resume(settings: Settings, node: str) -> None:
+@broker_options
+def nodes_resume(node: str, settings: Settings) -> None:
     """Let quarantined NODE (name@host, as `nodes` lists it) take commands again.
 
     Example: tbss-queue nodes resume w1@studyhost
@@ -256,6 +228,7 @@ def flower(
     metavar="SIZE",
     help="Memory per CPU, i.e. per running command (FNIRT needs 1-2 GB).",
 )
+@policy_options
 def slurm_script(
     nodes: int,
     walltime: str,
@@ -263,12 +236,18 @@ def slurm_script(
     partition: str | None,
     expected: str,
     mem_per_cpu: str,
+    allow: tuple[str, ...],
+    allow_file: str | None,
+    allow_any: bool,
+    root: tuple[str, ...],
+    max_time_limit: float | None,
 ) -> None:
-    """Print an sbatch script that runs one worker per node for the allocation.
+    """Print an sbatch script that runs one worker per node for the allocation, with the
+    worker's policy options (--allow, --root, ...) passed to each pilot's worker.
 
     Example: tbss-queue slurm-script --nodes 4 --time 12:00:00 --cpus-per-node 16 > pilot.sbatch
     """
-    from tbss_queue.slurm import PilotJob
+    from tbss_queue.slurm import PilotJob, policy_argv
     from tbss_queue.worker import parse_duration
 
     job = PilotJob(
@@ -278,6 +257,7 @@ def slurm_script(
         partition=partition,
         expected=int(parse_duration(expected, "--expected")),
         mem_per_cpu=mem_per_cpu,
+        worker_args=policy_argv(allow, allow_file, allow_any, root, max_time_limit),
     )
     click.echo(job.render(), nl=False)
 

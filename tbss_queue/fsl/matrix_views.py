@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -121,3 +122,14 @@ def matrix_table(m: SubjectMatrix) -> Table:
         moving = f"{k.moving_failed}/{k.moving_finished}"
         table.add_row(name, *cells, f" {moving} {k.reference_failed}/{k.reference_finished}")
     return table
+
+
+NO_MATRIX = "no subject matrix: not a tbss_2_reg -n batch of fsl_reg lines"
+
+
+def matrix_view(m: SubjectMatrix | None) -> Group:
+    """`status --matrix`, once or under --watch: the grid, then the summary naming broken
+    subjects; one line saying why there is none for any other batch."""
+    if m is None:
+        return Group(Text(NO_MATRIX))
+    return Group(matrix_table(m), *(Text(line) for line in m.summary))
