@@ -52,8 +52,19 @@ def task_args(batch_id: str, t: TaskSpec, cwd: str) -> list[Any]:
     return [batch_id, t.task_id, list(t.argv), cwd]
 
 
-HARD_LIMIT_MARGIN = 60
-"""Seconds Celery's own hard time limit lies beyond ours: a backstop if the runner hangs."""
+START_BUDGET = 300
+"""Seconds an attempt may take from its delivery to the command's spawn (the claim, the checks,
+a Redis that answers BUSY or not at all): past it, the runner hands the command back unstarted
+rather than start what Celery's hard limit might cut short."""
+
+RECORD_BUDGET = 600
+"""Seconds a runner waits out Redis trouble to record an attempt's outcome."""
+
+HARD_LIMIT_MARGIN = START_BUDGET + RECORD_BUDGET + 60
+"""Seconds Celery's own hard time limit, counted from the delivery, lies beyond a batch's time
+limit, counted from the spawn: only a backstop for a hung runner. A healthy attempt never
+reaches it, however long Redis made it wait: it starts within START_BUDGET, is stopped at its
+own limit, and records within RECORD_BUDGET."""
 
 
 def task_kwargs(meta: dict[str, Any]) -> dict[str, Any]:

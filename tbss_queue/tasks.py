@@ -41,7 +41,7 @@ from .opening import opened_workdir
 from .paths import PathMap, local_fsl_tool
 from .policy import Policy, locate
 from .preflight import CAUSE_LATE, CAUSE_REFUSED, admit, fault, workdir_fault
-from .publish import label
+from .publish import RECORD_BUDGET, START_BUDGET, label
 from .recovery import republish
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class Interrupts:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # when this attempt began: Celery's hard limit counts from about here, START_BUDGET too
+        self.began = time.monotonic()
 
     def _note(self, signum: int, frame: object) -> None:
         self.signum = signum
@@ -252,7 +254,7 @@ def _execute(
         def finish() -> str:
             return store.finish(batch_id, task_id, node, token, state, record, ran=ran)
 
-        outcome = patiently(finish, patience)
+        outcome = patiently(finish, RECORD_BUDGET)
         if outcome == "ok":
             try:
                 replicated(store.r, settings)
@@ -260,7 +262,7 @@ def _execute(
                 # the master went away before a replica confirmed the record: write it again
                 # on the new master ('not-owner' there means it had arrived)
                 with contextlib.suppress(redis.RedisError):
-                    patiently(finish, patience)
+                    patiently(finish, RECORD_BUDGET)
         return outcome
 
     env = with_fsl_sub_env(
@@ -301,6 +303,15 @@ def _execute(
             time_limit = min(time_limit, rules.max_time_limit)
         names = log_names(fields)
         _go_on_if_still_ours(task.app, store, settings, lease, node, token, "starting")
+        if (waited := time.monotonic() - interrupts.began) > START_BUDGET:
+            # its own time limit would count from a spawn so late that Celery's hard limit,
+            # counted from the delivery, could cut it short: another attempt starts it afresh
+            log.warning(
+                "command %s of batch %s waited %.0f s to start (over %d s): handed back",
+                task_id, batch_id, waited, START_BUDGET,
+            )  # fmt: skip
+            _hand_back(task.app, store, settings, batch_id, task_id, token)
+            raise Ignore()
         with contextlib.ExitStack() as files:
             outputs, log_error = None, None
             if fields.log_dir is not None and names is not None:

@@ -23,10 +23,14 @@ from tbss_queue.redis_server import free_port
 class HoldingProxy:
     """Forwards 127.0.0.1:port to 127.0.0.1:target. The first client request whose bytes match
     `hold` (a regex) is kept back, with everything after it on that connection, until
-    `release()`; `caught` is set when it is."""
+    `release()`; `caught` is set when it is. With `every`, each matching request until then
+    is held (a client that gives up on one and asks again waits again: a long stall)."""
 
-    def __init__(self, target: int, hold: bytes, *, drop: bool = False) -> None:
+    def __init__(
+        self, target: int, hold: bytes, *, drop: bool = False, every: bool = False
+    ) -> None:
         self.target, self.pattern, self.drop = target, re.compile(hold), drop
+        self.every = every
         self.port = free_port()
         self.caught, self.released = threading.Event(), threading.Event()
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -87,7 +91,8 @@ class HoldingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if requests and not self.caught.is_set() and self.pattern.search(data):
+                first = not self.caught.is_set() or (self.every and not self.released.is_set())
+                if requests and first and self.pattern.search(data):
                     if self.drop:
                         cut.set()
                     self.caught.set()
@@ -103,6 +108,8 @@ class HoldingProxy:
 
 
 @contextlib.contextmanager
-def holding(target: int, hold: bytes, *, drop: bool = False) -> Iterator[HoldingProxy]:
-    with HoldingProxy(target, hold, drop=drop) as proxy:
+def holding(
+    target: int, hold: bytes, *, drop: bool = False, every: bool = False
+) -> Iterator[HoldingProxy]:
+    with HoldingProxy(target, hold, drop=drop, every=every) as proxy:
         yield proxy

@@ -627,3 +627,28 @@ def test_a_lost_reply_to_a_hand_back_is_repaired_while_the_rest_of_the_batch_run
     # And every command completed once
     assert (final.succeeded, final.failed, final.queued) == (2, 0, 0)
     assert marks.counts(["long", "flaky"]) == {"long": (1, 1), "flaky": (2, 1)}
+
+
+def test_a_long_stall_before_the_spawn_does_not_let_celerys_hard_limit_cut_the_command_short(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], redis_server: RedisServer
+) -> None:
+    # Given a node whose reads after a claim stall for 62 s (every try waits: a Redis that
+    # does not answer), with LOST_AFTER above the stall so that the claim stays its own
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    after_claim = rb"HGET\r\n\$\d+\r\ntbssq:b:[^\r]+:cmd\r\n"
+    slow = {"TBSS_QUEUE_HEARTBEAT": "10", "TBSS_QUEUE_LOST_AFTER": "120"}
+    with holding(redis_server.port, after_claim, every=True) as proxy:
+        workers("w1", 1, env={**slow, "TBSS_QUEUE_BROKER": proxy.url})
+        # And a command with a time limit of 10 s that takes 9 s
+        line = marked("late", marks, log, "--sleep", "9")
+        cmds = write_commands(tmp_path / "cmds", [line])
+        batch = api.submit(cmds, settings=settings.with_(time_limit=10))
+        assert proxy.caught.wait(30), "w1 never claimed the command"
+        # When the stall ends 62 s after the command's delivery
+        time.sleep(62)
+        proxy.release()
+        final = api.wait(batch.id, settings=settings.with_(lost_after=120.0), timeout=90)
+    # Then the command, started late, ran its 9 s whole: its own limit counts from its spawn,
+    # and Celery's hard limit (from the delivery) did not kill it; it ran once
+    assert (final.succeeded, final.failed, final.queued, final.running) == (1, 0, 0, 0)
+    assert marks.counts(["late"]) == {"late": (1, 1)}
