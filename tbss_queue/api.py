@@ -423,6 +423,7 @@ def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
             online=n in fleet.online(),
             last_seen=fleet.heartbeats.get(n),
             quarantined=fleet.quarantine.get(n),
+            cannot=fleet.faults.get(n, ()),
             facts=facts.get(n, {}),
             state=fleet.state(n, len(running.get(n, ()))),
             heartbeat_age=fleet.heartbeat_age(n),

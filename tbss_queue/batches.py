@@ -25,6 +25,7 @@ Keys (prefix tbssq:), for batch B:
   quarantine          HASH  node -> JSON {cause, message, path}: takes no command until cleared
   late                HASH  node -> JSON {n, since}: its runners' recent lease losses (lua/late.lua)
   owed                ZSET  "B|task" -> time from which a requeued command is owed a message
+  faults              HASH  "node|scope" -> JSON {cause, message, path}: what a node can't run
   index:KK            HASH  command key -> B: latest batch of a command (its task id there is
                             task_id_for(B, key)), in 256 buckets by the key's first 2 hex
                             digits (index_key)
@@ -76,6 +77,8 @@ ALIVE = PREFIX + "alive"
 STOPPING = PREFIX + "stopping"
 QUARANTINE = PREFIX + "quarantine"
 LATE = PREFIX + "late"
+FAULTS = PREFIX + "faults"
+"""HASH "node|scope" -> JSON {cause, message, path}: what a node cannot run (lua/node_fault.lua)."""
 OWED = PREFIX + "owed"
 """ZSET "B|task" -> Redis time from which a requeued command is owed a message (release.lua)."""
 CANCEL_CHANNEL = PREFIX + "cancelled"
@@ -637,8 +640,9 @@ class BatchStore:
         reason: dict[str, Any],
         live_window: float,
     ) -> str:
-        """Hand a command back for a reason of this node: 'requeued' (node quarantined),
-        'failed' (every node taking commands refused it) or 'not-owner'."""
+        """Hand a command back for a reason of this node, which goes on with other work:
+        'requeued', 'again' (this node had refused it before), 'failed' (every node taking
+        commands refused it), 'gone' or 'not-owner'."""
         keys = [
             *_task_keys(batch_id, task_id),
             batch_key(batch_id, "result"),
@@ -648,6 +652,7 @@ class BatchStore:
             QUARANTINE,
             batch_key(batch_id, "failed"),
             OWED,
+            FAULTS,
         ]
         args = [task_id, member(batch_id, task_id), node, token, json.dumps(reason), live_window]
         args += [batch_id, int(DEFAULT_KEEP)]
@@ -782,13 +787,18 @@ class BatchStore:
         pipe.zrange(ALIVE, 0, -1, withscores=True)
         pipe.hgetall(STOPPING)
         pipe.hgetall(QUARANTINE)
-        beats, stopping, quarantine = pipe.execute()
+        pipe.hgetall(FAULTS)
+        beats, stopping, quarantine, faults = pipe.execute()
+        cannot: dict[str, list[str]] = {}
+        for key, raw in faults.items():
+            cannot.setdefault(str(key).partition("|")[0], []).append(json.loads(raw)["message"])
         return Fleet(
             now=self.redis_time() if now is None else now,
             lost_after=lost_after,
             heartbeats={str(n): float(t) for n, t in beats},
             stopping={str(n): float(t) for n, t in stopping.items()},
             quarantine={str(n): json.loads(v)["message"] for n, v in quarantine.items()},
+            faults={n: tuple(sorted(m)) for n, m in cannot.items()},
         )
 
     def live_nodes(self, window: float) -> list[str]:
@@ -808,7 +818,23 @@ class BatchStore:
         pipe = self.r.pipeline()
         pipe.hdel(QUARANTINE, node)
         pipe.hdel(LATE, node)
-        return bool(pipe.execute()[0])
+        released = bool(pipe.execute()[0])
+        for scope in self.faults(node).get(node, {}):
+            self.clear_fault(node, scope)
+        return released
+
+    def faults(self, node: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """node -> scope -> fault: what nodes (or the one named) found they cannot run."""
+        match = f"{node}|*" if node is not None else "*"
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, raw in self.r.hscan_iter(FAULTS, match=match, count=1000):
+            who, _, scope = str(key).partition("|")
+            out.setdefault(who, {})[scope] = json.loads(raw)
+        return out
+
+    def clear_fault(self, node: str, scope: str) -> None:
+        """The fault is gone (its path exists now, or the node was resumed or restarted)."""
+        self.r.hdel(FAULTS, f"{node}|{scope}")
 
     def late_renewal(
         self, node: str, limit: int, window: float, reason: dict[str, Any]

@@ -93,6 +93,17 @@ def check_broker(settings: Settings) -> list[Check]:
                 f"fix that node, then: tbss-queue nodes resume {node}",
             )
         )
+    for node, faults in sorted(BatchStore(client).faults().items()):
+        for fault in faults.values():
+            checks.append(
+                Check(
+                    f"node {node}",
+                    True,  # it takes every other command: a warning, not a failure
+                    f"cannot run some commands, takes the others: {fault.get('message')}",
+                    "mount what is missing there (it notices by itself), or give that node a "
+                    "--path-map or --allow",
+                )
+            )
     return checks
 
 

@@ -49,6 +49,11 @@ class Health(threading.Thread):
             if self.stopped.is_set():
                 return
             self.store.alive(self.node, stopping=self.draining)
+        for scope, fault in self.store.faults(self.node).get(self.node, {}).items():
+            path = fault.get("path")
+            if path and os.path.exists(path):
+                self.store.clear_fault(self.node, scope)
+                log.warning("can run commands in %s again: it exists now", path)
         why = self.store.quarantined(self.node).get(self.node)
         path = why.get("path") if why else None
         if why and path and os.path.exists(path):

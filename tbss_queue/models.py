@@ -66,6 +66,7 @@ class NodeStatus:
     state: str = ""  # node_state(): online, stopping, stopped, lost, quarantined
     heartbeat_age: float | None = None  # seconds since its last heartbeat (None: never)
     requeued: int = 0  # its commands of this batch that went back to the queue
+    cannot: tuple[str, ...] = ()  # what it found it cannot run (a study not mounted...)
 
     @property
     def per_hour(self) -> float:
@@ -89,6 +90,7 @@ class NodeInfo:
     state: str = ONLINE  # node_state(): online, stopping, stopped, lost, quarantined
     heartbeat_age: float | None = None  # seconds since its last heartbeat (Redis's clock)
     running: tuple[str, ...] = ()  # labels of the commands it runs now (any batch)
+    cannot: tuple[str, ...] = ()  # what it found it cannot run; it takes other work
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

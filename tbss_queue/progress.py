@@ -147,6 +147,8 @@ def notes(s: BatchStatus) -> list[str]:
                 f"{n.node} quarantined: {n.quarantined} "
                 f"(fix it, then: tbss-queue nodes resume {n.node})"
             )
+        for why in n.cannot:
+            lines.append(f"{n.node} cannot run some commands, and takes the others: {why}")
     if s.requeued:
         lost = f", {s.lost} because a node was lost" if s.lost else ""
         lines.append(f"requeued {plural(s.requeued, 'time')}{lost}")

@@ -51,10 +51,17 @@ KOMBU_UNACKED, KOMBU_UNACKED_INDEX = "unacked", "unacked_index"
 
 
 def republish(
-    app: Celery, store: BatchStore, settings: Settings, batch_id: str, task_id: str
+    app: Celery,
+    store: BatchStore,
+    settings: Settings,
+    batch_id: str,
+    task_id: str,
+    *,
+    front: bool = True,
 ) -> bool:
     """Send a command's message again, to the FRONT of the queue (it was lost or handed back:
-    it has waited its turn already), with a fresh message id.
+    it has waited its turn already), or to its back (`front=False`: a node that cannot run it
+    goes on with what waits behind it), with a fresh message id.
 
     With message signing the records in Redis are not trusted: only the submitter's own signed
     message is sent again, after checking its signature; False if there is none to send.
@@ -78,7 +85,7 @@ def republish(
     # kombu's consumers pop from the right end (BRPOP): RPUSH is the front; and the debt the
     # requeue recorded is paid in the same step (a lost reply here leaves it to be paid again)
     pipe = store.r.pipeline(transaction=True)
-    pipe.rpush(settings.queue, raw)
+    (pipe.rpush if front else pipe.lpush)(settings.queue, raw)
     pipe.zrem(OWED, member(batch_id, task_id))
     pipe.execute()
     return True

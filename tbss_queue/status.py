@@ -31,6 +31,7 @@ class Fleet:
     heartbeats: dict[str, float] = field(default_factory=dict)  # node -> last heartbeat
     stopping: dict[str, float] = field(default_factory=dict)  # node -> when it began to stop
     quarantine: dict[str, str] = field(default_factory=dict)  # node -> why
+    faults: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> what it can't run
 
     def state(self, node: str, running: int = 0) -> str:
         return node_state(
@@ -140,6 +141,7 @@ def _nodes(raw: dict[str, str], fleet: Fleet | None, running_now: int) -> tuple[
                 busy_seconds=float(f.get("busy", 0.0)),
                 last_seen=float(f["seen"]) if "seen" in f else None,
                 quarantined=fleet.quarantine.get(node) if fleet else None,
+                cannot=fleet.faults.get(node, ()) if fleet else (),
                 state=fleet.state(node, running) if fleet else "",
                 heartbeat_age=fleet.heartbeat_age(node) if fleet else None,
                 requeued=int(f.get("requeued", 0)),

@@ -449,16 +449,19 @@ def _hand_back_fault(
     token: str,
     fault: dict[str, Any],
 ) -> None:
-    """The command can't start on this node: back to the queue, and this node quarantined (or
-    the command failed, if every node taking commands refused it). Always raises."""
+    """The command can't start on this node: back to the queue, behind what waits, and the node
+    goes on with other work (or the command failed, if every node taking commands refused it).
+    Always raises."""
     outcome = patiently(
         lambda: store.node_fault(batch_id, task_id, node, token, fault, settings.lost_after),
         10 * settings.lost_after,
     )
-    if outcome == "requeued":
-        log.error("node quarantined, taking no more commands: %s", fault["message"])
-        task.app.control.cancel_consumer(settings.queue, destination=[node], reply=False)
-        republish(task.app, store, settings, batch_id, task_id)
+    if outcome in ("requeued", "again"):
+        if outcome == "requeued":
+            log.error("cannot run this command here, taking others: %s", fault["message"])
+        else:  # taken here again: let another node come to it first
+            time.sleep(settings.heartbeat)
+        republish(task.app, store, settings, batch_id, task_id, front=False)
         raise Ignore()
     if outcome == "failed":
         raise CommandFailed(fault["message"])

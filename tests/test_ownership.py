@@ -180,39 +180,51 @@ def test_a_node_cut_off_from_redis_kills_its_copy_before_another_node_reruns_it(
         server.stop()
 
 
-def test_a_node_with_a_wrong_path_map_is_quarantined_and_the_study_completes(
+def test_a_node_that_cannot_see_one_study_runs_another_and_notices_when_it_is_mounted(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
 ) -> None:
-    # Given a good node and a node whose --path-map leads nowhere
+    # Given a good node, and a node on which study2 is not mounted (its --path-map leads to a
+    # folder that is not there) while it sees study5
     marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
-    workers("good", 2)
-    workers("bad", 2, "--allow-any", "--path-map", f"{tmp_path}=/nonexistent/study")
-    ids = [str(i) for i in range(200)]
-    # When 200 commands are submitted
-    batch = api.submit(
-        write_commands(tmp_path / "cmds", [marked(i, marks, log) for i in ids]), settings=settings
+    study2, study5, mount = tmp_path / "study2", tmp_path / "study5", tmp_path / "mnt" / "study2"
+    study2.mkdir()
+    study5.mkdir()
+    workers("good", 1)
+    workers("bad", 2, "--allow-any", "--path-map", f"{study2}={mount}")
+    # When 40 commands of study2 and then 16 of study5 are submitted
+    ids2 = [f"s2-{i}" for i in range(40)]
+    ids5 = [f"s5-{i}" for i in range(16)]
+    first = api.submit(
+        write_commands(study2 / "cmds", [marked(i, marks, log) for i in ids2]), settings=settings
     )
-    final = api.wait(batch.id, settings=settings, timeout=240)
-    # Then all 200 succeed, each exactly once, all on the good node
-    assert (final.succeeded, final.failed, final.queued, final.running) == (200, 0, 0, 0)
-    marks.assert_exactly_once(ids)
-    assert {t.node.split("@")[0] for t in api.tasks(batch.id, settings=settings) if t.node} == {
-        "good"
-    }
-    # and the bad node is shown quarantined, with the reason, in `nodes` and in `status`
+    second = api.submit(
+        write_commands(study5 / "cmds", [marked(i, marks, log) for i in ids5]), settings=settings
+    )
+    finals = [api.wait(b.id, settings=settings, timeout=240) for b in (first, second)]
+    # Then every command succeeds exactly once: study2's all on the good node, and the bad
+    # node, never out of service, ran some of study5's
+    assert [(f.succeeded, f.failed, f.queued) for f in finals] == [(40, 0, 0), (16, 0, 0)]
+    marks.assert_exactly_once([*ids2, *ids5])
+    where2 = {t.node.split("@")[0] for t in api.tasks(first.id, settings=settings) if t.node}
+    where5 = [t.node.split("@")[0] for t in api.tasks(second.id, settings=settings) if t.node]
+    assert where2 == {"good"} and "bad" in where5
+    # and what it cannot run is shown, without calling it quarantined, in `nodes`, `status`
+    # and `doctor`
     env = settings_env(settings, run_tag)
     listed = json.loads(tbss_queue("nodes", "--json", env=env).stdout)
     [bad] = [n for n in listed if n["node"].startswith("bad@")]
-    assert bad["quarantined"] == "working directory /nonexistent/study not found on this node"
-    assert bad["online"] is True
-    shown = tbss_queue("status", batch.id, env=env).stdout
-    assert f"{bad['node']} quarantined: working directory /nonexistent/study not found" in shown
+    assert bad["quarantined"] is None and bad["state"] == "online"
+    assert bad["cannot"] == [f"working directory {mount} not found on this node"]
+    shown = tbss_queue("status", first.id, env=env).stdout
+    assert f"{bad['node']} cannot run some commands, and takes the others: working" in shown
     checked = tbss_queue("doctor", env=env)
-    assert "quarantined, takes no commands: working directory" in checked.stdout + checked.stderr
-    # and `nodes resume` lets it take commands again
-    res = tbss_queue("nodes", "resume", bad["node"], env=env)
-    assert res.returncode == 0, res.stderr
-    assert not [n for n in api.nodes(settings=settings) if n.quarantined]
+    assert "cannot run some commands, takes the others: working directory" in checked.stdout
+    # And when the study is mounted there, the node notices by itself
+    mount.mkdir(parents=True)
+    wait_until(
+        lambda: not [n for n in api.nodes(settings=settings) if n.cannot],
+        what="the bad node to see study2",
+    )
 
 
 def test_a_command_every_node_refuses_fails_with_each_nodes_reason(
@@ -225,13 +237,40 @@ def test_a_command_every_node_refuses_fails_with_each_nodes_reason(
     lines = [marked(i, marks, log) for i in range(6)] + ["/no/such/fsl_reg a b c"]
     batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings)
     final = api.wait(batch.id, settings=settings, timeout=90)
-    # Then that command fails, naming both nodes; the others ran once; no node stays quarantined
+    # Then that command fails, naming both nodes; the others ran once; no node is out of
+    # service or keeps a record of a fault that was the command's
     assert (final.succeeded, final.failed) == (6, 1)
     marks.assert_exactly_once([str(i) for i in range(6)])
     [failed] = api.failures(batch.id, settings=settings)
     assert failed.cause == "not-found" and "refused by every node" in failed.message
     assert "w1@" in failed.message and "w2@" in failed.message
-    assert not [n for n in api.nodes(settings=settings) if n.quarantined]
+    assert not [n for n in api.nodes(settings=settings) if n.quarantined or n.cannot]
+
+
+def test_a_batch_every_node_refuses_by_policy_fails_and_ends_and_the_nodes_stay_in_service(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given two nodes that run only what they are allowed to (python here, not /bin/true)
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    for name in ("w1", "w2"):
+        workers(name, 2, "--root", str(tmp_path), "--allow", sys.executable)
+    # When a batch of 16 commands that every node refuses is submitted
+    refused = write_commands(tmp_path / "refused", [f"/bin/true {i}" for i in range(16)])
+    wrong = api.submit(refused, settings=settings)
+    final = api.wait(wrong.id, settings=settings, timeout=120)
+    # Then every one of them fails as refused, naming both nodes, and the batch ends
+    assert (final.failed, final.queued, final.running, final.succeeded) == (16, 0, 0, 0)
+    failures = api.failures(wrong.id, settings=settings)
+    assert {f.cause for f in failures} == {"refused"}
+    assert all("refused by every node" in f.message for f in failures)
+    # and the nodes stay in service: a batch they may run, submitted next, runs once each
+    assert not [n for n in api.nodes(settings=settings) if n.quarantined or n.cannot]
+    ids = [str(i) for i in range(8)]
+    good = api.submit(
+        write_commands(tmp_path / "good", [marked(i, marks, log) for i in ids]), settings=settings
+    )
+    assert api.wait(good.id, settings=settings, timeout=60).succeeded == 8
+    marks.assert_exactly_once(ids)
 
 
 BUSY_SCRIPT = """

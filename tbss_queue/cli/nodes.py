@@ -138,7 +138,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     for n in items:
         seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
-        shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, n.quarantined or "")
+        why = "; ".join([*([n.quarantined] if n.quarantined else []), *n.cannot])
+        shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, why)
         table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
 

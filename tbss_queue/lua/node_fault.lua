@@ -1,27 +1,36 @@
 -- node_fault: the owner of a command could not start it for a reason of its node (working
 -- directory missing, executable not found, refused by its policy). The command goes back to the
--- queue unfailed and the node is quarantined, unless every node that is taking commands has now
--- refused it: then the fault is the command's, it fails with each node's reason, and those nodes
--- are let out of quarantine.
+-- queue unfailed, and the node keeps taking other work: the fault is recorded for its scope
+-- alone (faults: "node|scope" -> reason; scope: the path whose absence is the fault, or the
+-- refusal itself), where `nodes` and `status` show it and the node re-checks it by itself.
+-- Unless every node that is taking commands has now refused this command: then the fault is
+-- the command's, and it fails with each node's reason, once.
 -- A command failed here may be the last outcome of its batch: it ends it (ending.lua).
 -- A command requeued here is owed a message (owed; see release.lua).
 -- KEYS: state counts nodes running lease result ended refusals alive quarantine failed owed
---       [ending: from 13, its meta at 15]
+--       faults [ending: from 14, its meta at 16]
 -- ARGV: cid member node token reason_json live_window_seconds batch_id default_ttl
--- Returns 'requeued', 'failed', 'gone' (no longer running, or its batch forgotten) or
--- 'not-owner'.
+-- Returns 'requeued' (refused here for the first time), 'again' (this node had refused it
+-- before), 'failed', 'gone' (no longer running, or its batch forgotten) or 'not-owner'.
+-- a fault's scope: the path whose appearance ends it, else the refusal itself
+local function scope(r)
+  if r['path'] == nil or r['path'] == cjson.null then return r['message'] end
+  return r['path']
+end
 local rec = redis.call('HGET', KEYS[4], ARGV[2])
 if not rec or cjson.decode(rec)['token'] ~= ARGV[4] then return 'not-owner' end
 redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
-if gone(KEYS[15]) then return 'gone' end
+if gone(KEYS[16]) then return 'gone' end
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
 local reason = cjson.decode(ARGV[5])
 local raw = redis.call('HGET', KEYS[8], ARGV[1])
 local refused = {}
 if raw then refused = cjson.decode(raw) end
+local again = refused[ARGV[3]] ~= nil
 refused[ARGV[3]] = reason
 redis.call('HSET', KEYS[8], ARGV[1], cjson.encode(refused))
+redis.call('HSET', KEYS[13], ARGV[3] .. '|' .. scope(reason), ARGV[5])
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 'gone' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -36,8 +45,8 @@ redis.call('HINCRBY', KEYS[2], 'running', -1)
 if not every then
   redis.call('HSET', KEYS[1], ARGV[1], 'queued')
   redis.call('HINCRBY', KEYS[2], 'queued', 1)
-  redis.call('HSET', KEYS[10], ARGV[3], ARGV[5])
   redis.call('ZADD', KEYS[12], now, ARGV[2])
+  if again then return 'again' end
   return 'requeued'
 end
 local parts, names = {}, {}
@@ -45,7 +54,8 @@ for node, r in pairs(refused) do table.insert(names, node) end
 table.sort(names)
 for _, node in ipairs(names) do
   table.insert(parts, node .. ': ' .. refused[node]['message'])
-  redis.call('HDEL', KEYS[10], node)
+  -- the command's fault, not theirs: their records of it go
+  redis.call('HDEL', KEYS[13], node .. '|' .. scope(refused[node]))
 end
 local msg = reason['message'] .. ' - refused by every node taking commands (' ..
   table.concat(parts, '; ') .. ')'
@@ -57,5 +67,5 @@ redis.call('HSET', KEYS[6], ARGV[1], cjson.encode({cause=reason['cause'], messag
   stderr_tail=msg, refusals=refused}))
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|failed', 1)
-end_if_idle(13, ARGV[7], ARGV[8])
+end_if_idle(14, ARGV[7], ARGV[8])
 return 'failed'
