@@ -382,7 +382,11 @@ class BatchStore:
             PENDING,
             *(batch_key(b, p) for p in BATCH_PARTS[4:]),
             staging.messages_key,
-            *(k for i in range(staging.chunks) for k in staging.chunk_keys(i)),
+            *(
+                k
+                for i in range(staging.chunks)
+                for k in (*staging.chunk_keys(i), staging.keys_key(i))
+            ),
         ]
         args = [
             b,
