@@ -336,7 +336,7 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> BatchStatus:
     settings, store = _store(settings)
     if hold := store.held().get(batch_id):  # held (fsl_sub's -j): it comes to be, cancelled
         after = ", ".join(hold["after"])
-        store.release(batch_id, f"cancelled while held until batch(es) {after} ended")
+        store.release(batch_id, cancel=f"cancelled while held until batch(es) {after} ended")
     bid = store.resolve_id(batch_id)
     store.cancel(bid)
     return status(bid, settings=settings)

@@ -45,6 +45,7 @@ Celery message carries a fresh id of its own (see publish.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -361,6 +362,7 @@ class BatchStore:
         *,
         file_owner: str = "*",
         releasing: bool = False,
+        pending: dict[str, Any] | None = None,
     ) -> int:
         """The constant-time switch that makes a staged submission certain to be applied whole
         (then `apply` carries it out in bounded steps).
@@ -395,7 +397,7 @@ class BatchStore:
             int(releasing),
             file_owner,
             staging.mode,
-            staging.to_json(next=0),
+            staging.to_json(next=0, **(pending or {})),
         ]
         return int(self._run("commit", keys, args))
 
@@ -442,6 +444,9 @@ class BatchStore:
         have died): before judging the queue, or tidying."""
         for batch_id in self.pending():
             self.apply(batch_id)
+            raw = self.r.hget(PENDING, batch_id)
+            if raw and json.loads(raw).get("cancel"):  # its canceller died before marking it
+                self.cancel(batch_id)
 
     def hold(self, staging: Staging, file_key: str, after: Sequence[str]) -> None:
         """Keep a staged submission (no expiry) until every batch in `after` is done."""
@@ -452,17 +457,22 @@ class BatchStore:
         pipe.hset(HELD, staging.batch_id, json.dumps(hold))
         pipe.execute()
 
-    def release(self, batch_id: str, note: str = "") -> bool:
-        """Commit the held submission of `batch_id` now (its messages still staged): True if
-        this call did, False if it was not held (any more). `note` goes into its metadata
-        (`dependency`), where `status` shows it."""
+    def release(self, batch_id: str, *, cancel: str = "") -> bool:
+        """Commit the held submission of `batch_id` now: True if this call did, False if it
+        was not held (any more). With `cancel` (why, shown by `status` from its metadata) it is
+        committed to be cancelled in the same step: no one applies its messages until every
+        command of it is marked cancelled (`cancel`, which this call then does)."""
         hold = self.held().get(batch_id)
         if hold is None:
             return False
-        if self.commit(hold["staging"], hold["file_key"], releasing=True) < 0:
+        staging: Staging = hold["staging"]
+        if cancel:  # staged: it arrives with the commit, or not at all
+            self.r.hset(staging.whole_keys[0], "dependency", _enc(cancel))
+        extra = {"cancel": True} if cancel else {}
+        if self.commit(staging, hold["file_key"], releasing=True, pending=extra) < 0:
             return False
-        if note:
-            self.r.hset(batch_key(batch_id), "dependency", _enc(note))
+        if cancel:
+            self.cancel(batch_id)
         return True
 
     def held(self) -> dict[str, dict[str, Any]]:
@@ -601,6 +611,7 @@ class BatchStore:
         count_loss: bool = True,
         ignore_heartbeat: bool = False,
         delay: float = 0.0,
+        record: dict[str, Any] | None = None,
     ) -> str:
         """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'.
         A requeued task is owed a message from `delay` seconds on (see `republish_owed`)."""
@@ -614,13 +625,29 @@ class BatchStore:
         ]
         args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
         args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP), delay]
+        args += [json.dumps(record) if record is not None else ""]
         return str(self._run("release", [*keys, *ending_keys(batch_id)], args))
 
-    def hand_back(self, batch_id: str, task_id: str, token: str, delay: float = 0.0) -> str:
+    def hand_back(
+        self,
+        batch_id: str,
+        task_id: str,
+        token: str,
+        delay: float = 0.0,
+        record: dict[str, Any] | None = None,
+    ) -> str:
         """The owner gives its command up, unfailed (not a loss): 'requeued' (queue it again,
-        in `delay` seconds), or 'gone' (cancelled meanwhile, or not ours any more)."""
+        in `delay` seconds, keeping `record` of the attempt), or 'gone' (cancelled meanwhile,
+        or not ours any more)."""
         return self.requeue(
-            batch_id, task_id, token, limit=1, count_loss=False, ignore_heartbeat=True, delay=delay
+            batch_id,
+            task_id,
+            token,
+            limit=1,
+            count_loss=False,
+            ignore_heartbeat=True,
+            delay=delay,
+            record=record,
         )
 
     def owe(self, batch_id: str, task_id: str) -> None:
@@ -643,6 +670,7 @@ class BatchStore:
         token: str,
         reason: dict[str, Any],
         live_window: float,
+        again_delay: float = 0.0,
     ) -> str:
         """Hand a command back for a reason of this node, which goes on with other work:
         'requeued', 'again' (this node had refused it before), 'failed' (every node taking
@@ -659,7 +687,7 @@ class BatchStore:
             FAULTS,
         ]
         args = [task_id, member(batch_id, task_id), node, token, json.dumps(reason), live_window]
-        args += [batch_id, int(DEFAULT_KEEP)]
+        args += [batch_id, int(DEFAULT_KEEP), again_delay]
         return str(self._run("node_fault", [*keys, *ending_keys(batch_id)], args))
 
     def cancel(self, batch_id: str) -> int:
@@ -679,8 +707,10 @@ class BatchStore:
             if str(cursor) == "0":
                 break
         self.apply(batch_id)  # its messages, if one was pending: the claims drop them
-        # the runners renew now instead of at their next heartbeat, and so see the cancel
-        self.r.publish(CANCEL_CHANNEL, batch_id)
+        # the runners renew now instead of at their next heartbeat, and so see the cancel; a
+        # nudge is a courtesy (a user without pub/sub rights: the renewals do it)
+        with contextlib.suppress(redis.RedisError):
+            self.r.publish(CANCEL_CHANNEL, batch_id)
         return total
 
     # -- retention -------------------------------------------------------------------------------
@@ -854,10 +884,6 @@ class BatchStore:
         """Redis's clock, the one every host's comparisons use."""
         seconds, micros = self.r.time()
         return float(seconds) + float(micros) / 1e6
-
-    def save_result(self, batch_id: str, task_id: str, record: dict[str, Any]) -> None:
-        """Keep the record of an attempt that will be retried (its state stays queued)."""
-        self.r.hset(batch_key(batch_id, "result"), task_id, json.dumps(record))
 
     def announce(self, node: str, facts: dict[str, Any]) -> None:
         """Record what a worker node runs with (FSL version, host, CPUs), for status."""

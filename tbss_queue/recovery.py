@@ -25,6 +25,7 @@ from .batches import (
     CANCELLED,
     CHUNK,
     FAILED,
+    HELD,
     OWED,
     PENDING,
     QUEUED,
@@ -317,6 +318,8 @@ def release_held(store: BatchStore) -> list[str]:
     released = []
     for batch_id, hold in store.held().items():
         pending, unmet = 0, []
+        if any(store.r.hexists(PENDING, o) or store.r.hexists(HELD, o) for o in hold["after"]):
+            continue  # one it waits for has not come to be whole yet: its counts say nothing
         for other in hold["after"]:
             counts = store.r.hmget(batch_key(other, "counts"), QUEUED, "running", FAILED, CANCELLED)
             queued, running, failed, cancelled = (int(c or 0) for c in counts)
@@ -327,8 +330,7 @@ def release_held(store: BatchStore) -> list[str]:
             continue
         if unmet:
             why = f"dependency never satisfied: {'; '.join(unmet)}"
-            if store.release(batch_id, why):
-                store.cancel(batch_id)
+            if store.release(batch_id, cancel=why):
                 log.warning("batch %s will not run: %s", batch_id, why)
             continue
         if store.release(batch_id):

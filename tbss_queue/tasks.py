@@ -254,6 +254,7 @@ def _execute(
         def finish() -> str:
             return store.finish(batch_id, task_id, node, token, state, record, ran=ran)
 
+        by = time.monotonic() + RECORD_BUDGET  # both tries below share it: see HARD_LIMIT_MARGIN
         outcome = patiently(finish, RECORD_BUDGET)
         if outcome == "ok":
             try:
@@ -262,7 +263,7 @@ def _execute(
                 # the master went away before a replica confirmed the record: write it again
                 # on the new master ('not-owner' there means it had arrived)
                 with contextlib.suppress(redis.RedisError):
-                    patiently(finish, RECORD_BUDGET)
+                    patiently(finish, max(0.0, by - time.monotonic()))
         return outcome
 
     env = with_fsl_sub_env(
@@ -390,9 +391,10 @@ def _execute(
     if task.request.retries < fields.retries and result.cause != runner.CAUSE_TOO_LONG:
         # owed a message in RETRY_DELAY: Celery's retry sends it; if this hand-back's reply is
         # lost (or this process dies), a reaper does, within a heartbeat of when it was due
-        back = patiently(lambda: store.hand_back(batch_id, task_id, token, RETRY_DELAY), patience)
+        back = patiently(
+            lambda: store.hand_back(batch_id, task_id, token, RETRY_DELAY, record), patience
+        )
         if back == "requeued":
-            store.save_result(batch_id, task_id, record)
             try:
                 task.retry(
                     countdown=RETRY_DELAY,
@@ -453,7 +455,9 @@ def _hand_back_fault(
     goes on with other work (or the command failed, if every node taking commands refused it).
     Always raises."""
     outcome = patiently(
-        lambda: store.node_fault(batch_id, task_id, node, token, fault, settings.lost_after),
+        lambda: store.node_fault(
+            batch_id, task_id, node, token, fault, settings.lost_after, settings.heartbeat
+        ),
         10 * settings.lost_after,
     )
     if outcome in ("requeued", "again"):

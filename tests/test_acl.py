@@ -98,6 +98,9 @@ def test_each_role_does_its_job_and_nothing_more(
         queued.publish("/0.celery.pidbox", "{}")
     with pytest.raises(redis.exceptions.NoPermissionError):
         queued.hset("unacked", "x", "{}")
+    # but it cancels a batch, nudging its runners on the one channel it may publish to
+    assert api.cancel(batch.id, settings=submit).succeeded == 1
+    queued.publish("tbssq:cancelled", batch.id)
     # no role has anything @dangerous (INFO alone is granted back)
     for role in ROLES:
         c = client(role)

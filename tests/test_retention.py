@@ -398,3 +398,32 @@ def test_a_batch_held_on_one_that_failed_never_runs_and_says_why(
     final = api.status(second.id, settings=settings)
     assert (final.cancelled, final.queued, final.succeeded, final.running) == (3, 0, 0, 0)
     assert marks.ids() == []
+
+
+def test_a_held_batch_whose_canceller_died_after_the_commit_is_still_cancelled(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a held batch, and a cancel of it that dies right after committing it (before it
+    # marked a single command)
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    first = api.submit(write_commands(tmp_path / "first", [job("a", log)]), settings=settings)
+    lines = [job(f"b{i}", log, "--marker", str(marks.dir)) for i in range(3)]
+    second = api.submit(
+        write_commands(tmp_path / "second", lines), settings=settings, after=[first.id]
+    )
+    monkeypatch.setattr(BatchStore, "cancel", lambda self, batch_id: 0)
+    api.cancel(second.id, settings=settings)
+    monkeypatch.undo()
+    store = BatchStore(connect(settings))
+    assert store.pending() == [second.id] and not store.held()
+    # When workers come, whose reapers apply what is pending
+    workers("w1", 2)
+    assert api.wait(first.id, settings=settings, timeout=60).succeeded == 1
+    wait_until(lambda: not store.pending(), what="the pending submission to be carried out")
+    # Then none of it ran: the commit said it was to be cancelled, and it was
+    final = api.status(second.id, settings=settings)
+    assert (final.cancelled, final.queued, final.succeeded, final.running) == (3, 0, 0, 0)
+    assert marks.ids() == []

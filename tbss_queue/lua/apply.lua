@@ -74,7 +74,9 @@ if p['next'] < p['chunks'] then
   if skipped > 0 then return 'more:' .. skipped end
   return 'more'
 end
-if ARGV[9] == '1' then return 'states' end
+-- a submission committed to be cancelled (a held batch cancelled, or whose dependency was never
+-- satisfied) stops here for every caller until cancel.lua has marked it
+if ARGV[9] == '1' or p['cancel'] then return 'states' end
 local limit = tonumber(ARGV[4])
 local moved = 0
 while moved < limit and redis.call('LMOVE', KEYS[6], KEYS[7], 'RIGHT', 'LEFT') do

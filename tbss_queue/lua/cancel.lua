@@ -32,5 +32,17 @@ for i = 1, #st, 2 do
     n = n + 1
   end
 end
-if scan[1] == '0' then end_if_idle(4, ARGV[3], ARGV[4]) end
+if scan[1] == '0' then
+  -- every command marked: a submission committed to be cancelled may move its messages now
+  -- (the claims drop them)
+  local raw = redis.call('HGET', KEYS[5], ARGV[3])
+  if raw then
+    local p = cjson.decode(raw)
+    if p['cancel'] then
+      p['cancel'] = nil
+      redis.call('HSET', KEYS[5], ARGV[3], cjson.encode(p))
+    end
+  end
+  end_if_idle(4, ARGV[3], ARGV[4])
+end
 return {scan[1], n}

@@ -10,13 +10,16 @@
 -- Returns 1; -1 a hold released by someone else already; -2 the batch is not what was planned
 -- against (another submission of the same file committed first: plan again); -3 an earlier
 -- submission of this batch is still being applied (apply it, then plan again).
-if ARGV[4] == '1' and redis.call('HDEL', KEYS[11], ARGV[1]) == 0 then return -1 end
+if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[11], ARGV[1]) == 0 then return -1 end
 if ARGV[5] ~= '*' and (redis.call('HGET', KEYS[10], ARGV[3]) or '') ~= ARGV[5] then
   return -2
 end
 if redis.call('HEXISTS', KEYS[13], ARGV[1]) == 1 then return -3 end
 local new = redis.call('EXISTS', KEYS[3]) == 0
 if ARGV[6] == 'new' and not new then return -2 end
+-- a held submission stops being held only by the commit that makes it visible: one refused
+-- above stays held, to be released again
+if ARGV[4] == '1' then redis.call('HDEL', KEYS[11], ARGV[1]) end
 local kv = redis.call('HGETALL', KEYS[6])
 for i = 1, #kv, 2 do redis.call('HSET', KEYS[1], kv[i], kv[i + 1]) end
 if ARGV[6] == 'new' then

@@ -10,6 +10,8 @@
 -- KEYS: state counts nodes running lease result ended refusals alive quarantine failed owed
 --       faults [ending: from 14, its meta at 16]
 -- ARGV: cid member node token reason_json live_window_seconds batch_id default_ttl
+--       again_delay (seconds before a command this node refused before is owed its message:
+--       another node comes to it first)
 -- Returns 'requeued' (refused here for the first time), 'again' (this node had refused it
 -- before), 'failed', 'gone' (no longer running, or its batch forgotten) or 'not-owner'.
 -- a fault's scope: the path whose appearance ends it, else the refusal itself
@@ -23,6 +25,9 @@ redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
 if gone(KEYS[16]) then return 'gone' end
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. '|running', -1)
+-- cancelled (and perhaps ended) meanwhile: nothing of it is written, no key of an ended batch
+-- made again without its TTL
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 'gone' end
 local reason = cjson.decode(ARGV[5])
 local raw = redis.call('HGET', KEYS[8], ARGV[1])
 local refused = {}
@@ -31,12 +36,14 @@ local again = refused[ARGV[3]] ~= nil
 refused[ARGV[3]] = reason
 redis.call('HSET', KEYS[8], ARGV[1], cjson.encode(refused))
 redis.call('HSET', KEYS[13], ARGV[3] .. '|' .. scope(reason), ARGV[5])
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 'gone' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local every = true
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], now - tonumber(ARGV[6]), '+inf')) do
-  if node ~= ARGV[3] and not refused[node] and redis.call('HEXISTS', KEYS[10], node) == 0 then
+  -- a node refuses it still only while its fault stands (a study mounted since: it may run it)
+  local still = refused[node] and
+    redis.call('HEXISTS', KEYS[13], node .. '|' .. scope(refused[node])) == 1
+  if node ~= ARGV[3] and not still and redis.call('HEXISTS', KEYS[10], node) == 0 then
     every = false
     break
   end
@@ -45,8 +52,11 @@ redis.call('HINCRBY', KEYS[2], 'running', -1)
 if not every then
   redis.call('HSET', KEYS[1], ARGV[1], 'queued')
   redis.call('HINCRBY', KEYS[2], 'queued', 1)
+  if again then
+    redis.call('ZADD', KEYS[12], now + tonumber(ARGV[9]), ARGV[2])
+    return 'again'
+  end
   redis.call('ZADD', KEYS[12], now, ARGV[2])
-  if again then return 'again' end
   return 'requeued'
 end
 local parts, names = {}, {}

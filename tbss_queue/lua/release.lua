@@ -9,6 +9,7 @@
 -- KEYS: state counts nodes running lease attempts result ended failed owed [ending: from 11,
 --       its meta at 13]
 -- ARGV: cid member token limit count_loss ignore_lease batch_id default_ttl delay
+--       record_json ('' none: the attempt's record, kept with the requeue in the same step)
 -- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
 -- command was no longer running: cancelled, or already taken, or its batch forgotten).
 -- Counts every requeue in attempts ('requeued', and 'lost' for lost runners) and per node
@@ -50,6 +51,7 @@ if new == 'failed' then
 end
 redis.call('HINCRBY', KEYS[6], 'requeued', 1)
 redis.call('HINCRBY', KEYS[3], r['node'] .. '|requeued', 1)
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[7], ARGV[1], ARGV[10]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[10], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[9]), ARGV[2])
 return 'requeued'
