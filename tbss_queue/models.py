@@ -75,7 +75,7 @@ class NodeStatus:
         return 3600.0 * done / self.busy_seconds if self.busy_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "per_hour": round(self.per_hour, 2)}
+        return {**asdict(self), "cannot": list(self.cannot), "per_hour": round(self.per_hour, 2)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class NodeInfo:
     cannot: tuple[str, ...] = ()  # what it found it cannot run; it takes other work
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "running": list(self.running), "cannot": list(self.cannot)}
 
 
 @dataclass(frozen=True)

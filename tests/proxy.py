@@ -83,7 +83,8 @@ class HoldingProxy:
     def _pump(
         self, src: socket.socket, dst: socket.socket, requests: bool, cut: threading.Event
     ) -> None:
-        with contextlib.suppress(OSError):
+        # the other direction's pump may close both sockets first: select then says ValueError
+        with contextlib.suppress(OSError, ValueError):
             while not self._stop.is_set():
                 ready, _, _ = select.select([src], [], [], 0.2)
                 if not ready:
