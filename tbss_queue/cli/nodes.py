@@ -64,6 +64,11 @@ from .app import (
     help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
 )
 @click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
+@click.option(
+    "--idle-exit",
+    metavar="DURATION",
+    help="Exit once no command has run for this long (90s, 10m); pilot jobs use it.",
+)
 @policy_options
 @click.option(
     "--pass-env",
@@ -81,6 +86,7 @@ def worker(
     grace: float,
     stop_after: str | None,
     until: str | None,
+    idle_exit: str | None,
     allow: tuple[str, ...],
     allow_file: str | None,
     allow_any: bool,
@@ -96,7 +102,7 @@ def worker(
 
     Example: tbss-queue worker --broker redis://head:6379/0 -c 8
     """
-    from tbss_queue.worker import WorkerOptions, run_worker, stop_after_seconds
+    from tbss_queue.worker import WorkerOptions, parse_duration, run_worker, stop_after_seconds
 
     options = WorkerOptions(
         concurrency=concurrency,
@@ -108,6 +114,7 @@ def worker(
         policy=Policy.build(allow, allow_file, allow_any, root, refuse_patterns=True),
         max_time_limit=max_time_limit,
         pass_env=pass_env_names(pass_env),
+        idle_exit=parse_duration(idle_exit, "--idle-exit") if idle_exit else None,
     )
     run_worker(settings, options)
 
@@ -229,6 +236,11 @@ def flower(
     metavar="SIZE",
     help="Memory per CPU, i.e. per running command (FNIRT needs 1-2 GB).",
 )
+@click.option(
+    "--idle",
+    metavar="DURATION",
+    help="End the job once its workers have had no command for this long (10m).",
+)
 @policy_options
 def slurm_script(
     nodes: int,
@@ -237,6 +249,7 @@ def slurm_script(
     partition: str | None,
     expected: str,
     mem_per_cpu: str,
+    idle: str | None,
     allow: tuple[str, ...],
     allow_file: str | None,
     allow_any: bool,
@@ -259,6 +272,7 @@ def slurm_script(
         expected=int(parse_duration(expected, "--expected")),
         mem_per_cpu=mem_per_cpu,
         worker_args=policy_argv(allow, allow_file, allow_any, root, max_time_limit),
+        idle=int(parse_duration(idle, "--idle")) if idle else None,
     )
     click.echo(job.render(), nl=False)
 

@@ -1,0 +1,169 @@
+"""Elastic pilots (issue 25): the manager's decision in milliseconds, then `tbss-queue
+autoalloc` against the real single-node Slurm the suite starts, with real workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tbss_queue import api
+from tbss_queue.autoalloc import STATE, PartitionView, backoff_delay, decide, pilots_needed
+from tbss_queue.broker import connect
+from tbss_queue.config import Settings
+from tbss_queue.procs import kill_tagged
+
+from .faults import Markers, job, wait_until
+from .slurm_cluster import INSTALL, SlurmCluster, missing, slurm_cluster
+from .test_slurm import job_env
+
+# -- the decision, no Slurm ----------------------------------------------------------------------
+
+
+def test_nothing_is_submitted_while_nothing_waits() -> None:
+    # Given: an empty queue and room for pilots; When/Then: none is asked for
+    assert decide(0, 24, [PartitionView("a")], max_pilots=4, backlog=4) == {"a": 0}
+    assert pilots_needed(0, 24) == 0
+
+
+def test_enough_pilots_for_the_work_within_max_pilots_and_backlog() -> None:
+    # 200 commands, 24 per pilot within its wall time: 9 pilots wanted
+    assert pilots_needed(200, 24) == 9
+    assert decide(200, 24, [PartitionView("a")], max_pilots=4, backlog=8) == {"a": 4}
+    assert decide(200, 24, [PartitionView("a")], max_pilots=20, backlog=2) == {"a": 2}
+    # pilots already pending or running count, whether pending or running
+    assert decide(200, 24, [PartitionView("a", 1, 2)], max_pilots=4, backlog=2) == {"a": 1}
+    assert decide(30, 24, [PartitionView("a", 0, 2)], max_pilots=4, backlog=2) == {"a": 0}
+    assert decide(200, 24, [PartitionView("a", 2, 0)], max_pilots=9, backlog=2) == {"a": 0}
+
+
+def test_work_spills_to_the_next_partition_and_a_blocked_one_takes_none() -> None:
+    views = [PartitionView("a", 0, 2), PartitionView("b")]
+    assert decide(100, 24, views, max_pilots=2, backlog=4) == {"a": 0, "b": 2}
+    assert decide(100, 24, views, max_pilots=4, backlog=4) == {"a": 2, "b": 1}
+    views = [PartitionView("a", blocked=True), PartitionView("b")]
+    assert decide(30, 24, views, max_pilots=4, backlog=4) == {"a": 0, "b": 2}
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff_delay(n, 30, 200) for n in (1, 2, 3, 4)] == [30, 60, 120, 200]
+
+
+# -- the manager under a real Slurm --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """test_slurm's single-node Slurm (proctrack/linuxproc: pilots only need jobs to run)."""
+    lacking = missing()
+    if lacking:
+        pytest.fail(f"{', '.join(lacking)} not installed: {INSTALL}")
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-autoalloc"), "linuxproc") as c:
+        yield c
+
+
+class Autoalloc:
+    """`tbss-queue autoalloc` in a subprocess, with Slurm's client commands at hand."""
+
+    def __init__(self, slurm: SlurmCluster, settings: Settings, env: dict[str, str]) -> None:
+        self.slurm, self.env = slurm, env
+        self.r: redis.Redis = connect(settings)
+        self.name = f"tq-auto-{os.urandom(4).hex()}"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, tmp_path: Path, *options: str) -> Autoalloc:
+        argv = [sys.executable, "-m", "tbss_queue", "autoalloc", "--job-name", self.name]
+        argv += ["--mem-per-cpu", "100M", "--dir", str(tmp_path), "--allow-any", *options]
+        self.log = tmp_path / "autoalloc.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        self.slurm.run("scancel", "--name", self.name, "--signal=KILL", "--full", check=False)
+
+    def jobs(self) -> dict[str, str]:
+        """job id -> state, of the pilots Slurm lists as pending or running."""
+        out = self.slurm.run("squeue", "-h", "-n", self.name, "-o", "%i %T")
+        return dict(line.split() for line in out.splitlines())
+
+    def state(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self.r.hgetall(STATE).items()}
+
+    def ticks(self) -> int:
+        return int(self.state().get("ticks", 0))
+
+    def wait_ticks(self, n: int, timeout: float = 60) -> None:
+        """Wait for the manager to look at the queue and Slurm `n` more times."""
+        target = self.ticks() + n
+        wait_until(lambda: self.ticks() >= target, timeout=timeout, what=f"{n} ticks")
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def autoalloc(
+    slurm: SlurmCluster, settings: Settings, tmp_path: Path, run_tag: str
+) -> Iterator[Callable[..., Autoalloc]]:
+    made: list[Autoalloc] = []
+    env = {**job_env(tmp_path, settings, run_tag), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+
+    def start(*options: str) -> Autoalloc:
+        made.append(Autoalloc(slurm, settings, env).start(tmp_path, *options))
+        return made[-1]
+
+    try:
+        yield start
+    finally:
+        for a in made:
+            a.stop()
+        kill_tagged(run_tag)
+
+
+@pytest.mark.slow
+def test_pilots_come_with_the_work_and_go_with_it(
+    autoalloc: Callable[..., Autoalloc], settings: Settings, tmp_path: Path
+) -> None:
+    # Given: a manager with nothing to do: it submits nothing
+    manager = autoalloc(
+        "--time", "00:03:00", "--expected", "10s", "--idle", "5s", "--cpus-per-node", "2",
+        "--max-pilots", "2", "--backlog", "2", "--interval", "1",
+    )  # fmt: skip
+    manager.wait_ticks(3)
+    assert manager.jobs() == {} and int(manager.state()["submitted"]) == 0
+    # When: 200 short commands arrive
+    marks = Markers(tmp_path / "marks")
+    ids = [f"c{i:03}" for i in range(200)]
+    cmds = tmp_path / "cmds"
+    cmds.write_text("\n".join(job(i, tmp_path / "ran", f"--marker {marks.dir}") for i in ids))
+    batch = api.submit(cmds, settings=settings)
+    # Then: pilots are submitted, within --max-pilots, and run every command once
+    wait_until(lambda: manager.jobs() != {}, timeout=30, what="a pilot to be submitted")
+    final = api.wait(batch.id, settings=settings, timeout=240)
+    assert (final.succeeded, final.failed) == (200, 0), manager.text()
+    marks.assert_exactly_once(ids)
+    submitted = int(manager.state()["submitted"])
+    assert 1 <= submitted <= 4, manager.text()
+    # ... the pilots end on their own once idle, freeing their allocations ...
+    wait_until(lambda: manager.jobs() == {}, timeout=60, what="the pilots to end when idle")
+    manager.wait_ticks(2)
+    state = manager.state()
+    assert int(state.get("ended:COMPLETED", 0)) == submitted, manager.text()
+    for log in tmp_path.glob("tbss-queue-pilot-*.log"):
+        assert "idle for 5 s: taking no new commands" in log.read_text(), log.read_text()
+    # ... and while the queue stays empty, none is submitted
+    manager.wait_ticks(5)
+    assert manager.jobs() == {}
+    assert int(manager.state()["submitted"]) == submitted
