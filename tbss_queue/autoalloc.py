@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from .batches import ACTIVE, PREFIX, QUEUED, batch_key
+from .batches import ACTIVE, NODES, PREFIX, QUEUED, batch_key
 from .broker import connect
 from .config import Settings
 from .errors import ConfigError
@@ -212,7 +212,13 @@ class Manager:
         now = time.time() if now is None else now
         queued = self.queued()
         live = squeue(self.options.pilot.job_name)
-        self._reconcile(live)
+        connected = {str(n).split("@")[0] for n in self.r.hkeys(NODES)}
+        self._reconcile(live, connected, now)
+        for p in live:  # a pilot whose worker connected: its partition works again
+            if f"slurm{p.job_id}" in connected:
+                for part in self.options.partitions:
+                    if not part or p.partition == part:
+                        self.backoff.pop(part, None)
         views = []
         for part in self.options.partitions:
             mine = [p for p in live if not part or p.partition == part]
@@ -267,7 +273,8 @@ class Manager:
             job_id = out.strip().split(";")[0]
             self.r.hset(PILOTS, job_id, json.dumps({"partition": part, "submitted": now}))
             log.info("pilot %s submitted to %s", job_id, part or "the default partition")
-            self.backoff.pop(part, None)
+            if part in self.backoff:  # submitted again; failures count on until a worker connects
+                self.backoff[part].error = ""
             done += 1
         return done
 
@@ -279,19 +286,29 @@ class Manager:
         name = part or "the default partition"
         log.error("%s: %s (failure %d; next try in %.0f s)", name, why, b.failures, wait)
 
-    def _reconcile(self, live: Sequence[Pilot]) -> None:
+    def _reconcile(self, live: Sequence[Pilot], connected: set[str], now: float) -> None:
         """Forget the pilots Slurm no longer runs, saying how each ended: `decide` then counts
-        them out and replaces them if work waits. Their commands come back through the leases."""
-        known = [str(k) for k in self.r.hkeys(PILOTS)]
+        them out and replaces them if work waits. Their commands come back through the leases.
+        One that ended before its worker ever connected (a broken script, a node that cannot
+        reach Redis) counts as a failed submission: its partition backs off, no job storm."""
+        known = {str(k): json.loads(v) for k, v in self.r.hgetall(PILOTS).items()}
         alive = {p.job_id for p in live}
-        for job_id in known:
-            if job_id in alive:
-                continue
+        gone = [job_id for job_id in known if job_id not in alive]
+        for job_id in gone:
             state = final_state(job_id)
-            level = logging.INFO if state == "COMPLETED" else logging.WARNING
-            log.log(level, "pilot %s ended: %s", job_id, state)
+            part = str(known[job_id].get("partition", ""))
             self.r.hdel(PILOTS, job_id)
             self.r.hincrby(STATE, f"ended:{state}", 1)
+            if f"slurm{job_id}" not in connected and not state.startswith("CANCELLED"):
+                self._failed(
+                    part,
+                    f"pilot {job_id} ended {state} before its worker connected "
+                    f"(see tbss-queue-pilot-{job_id}.log in {self.options.directory})",
+                    now,
+                )
+                continue
+            level = logging.INFO if state == "COMPLETED" else logging.WARNING
+            log.log(level, "pilot %s ended: %s", job_id, state)
 
     def _save(
         self,

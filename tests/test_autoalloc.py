@@ -167,3 +167,94 @@ def test_pilots_come_with_the_work_and_go_with_it(
     manager.wait_ticks(5)
     assert manager.jobs() == {}
     assert int(manager.state()["submitted"]) == submitted
+
+
+@pytest.mark.slow
+def test_a_cancelled_pilot_is_replaced_and_its_commands_run_again_once(
+    autoalloc: Callable[..., Autoalloc], slurm: SlurmCluster, settings: Settings, tmp_path: Path
+) -> None:
+    # Given: one pilot (at most) on 2 CPUs, running two 8 s commands
+    manager = autoalloc(
+        "--time", "00:05:00", "--expected", "20s", "--idle", "5s", "--cpus-per-node", "2",
+        "--max-pilots", "1", "--backlog", "1", "--interval", "1",
+    )  # fmt: skip
+    marks = Markers(tmp_path / "marks")
+    ids = ["c0", "c1"]
+    cmds = tmp_path / "cmds"
+    cmds.write_text(
+        "\n".join(job(i, tmp_path / "ran", "--sleep 8", f"--marker {marks.dir}") for i in ids)
+    )
+    batch = api.submit(cmds, settings=settings)
+    wait_until(lambda: len(marks.ids()) == 2, timeout=60, what="both commands to start")
+    (first,) = manager.jobs()
+    # When: the user (or Slurm) cancels the pilot mid-command
+    slurm.run("scancel", first)
+    # Then: the manager says how it ended and submits another pilot ...
+    wait_until(
+        lambda: set(manager.jobs()) - {first} != set(), timeout=60, what="a replacement pilot"
+    )
+    assert f"pilot {first} ended: CANCELLED" in manager.text()
+    # ... which runs each command again, once, to completion; none failed
+    final = api.wait(batch.id, settings=settings, timeout=120)
+    assert (final.succeeded, final.failed) == (2, 0), manager.text()
+    assert marks.counts(ids) == {"c0": (2, 1), "c1": (2, 1)}
+    assert int(manager.state()["submitted"]) == 2
+
+
+@pytest.mark.slow
+def test_a_wrong_partition_backs_off_with_one_clear_message(
+    autoalloc: Callable[..., Autoalloc], settings: Settings, tmp_path: Path
+) -> None:
+    # Given: work waiting, and a manager told of a partition Slurm does not have, ticking
+    # every 0.2 s, whose sbatch waits 1 s after a first failure, doubled up to 4 s
+    cmds = tmp_path / "cmds"
+    cmds.write_text("\n".join(job(i, tmp_path / "ran") for i in range(3)))
+    api.submit(cmds, settings=settings)
+    manager = autoalloc(
+        "--partition", "nosuch", "--time", "00:05:00", "--expected", "20s",
+        "--interval", "0.2", "--retry-after", "1", "--max-backoff", "4",
+    )  # fmt: skip
+    # When: it has looked at the queue some 40 times (8 s or more)
+    manager.wait_ticks(40)
+    # Then: sbatch was tried a few times, not 40: after 1, 2, 4, 4 s ...
+    log = manager.text()
+    tries = [line for line in log.splitlines() if "sbatch failed" in line]
+    assert 2 <= len(tries) <= 5, log
+    waits = [line.split("next try in ")[1] for line in tries]
+    assert waits[:3] == ["1 s)", "2 s)", "4 s)"], log
+    # ... each a single line that names the partition and Slurm's reason ...
+    assert all("nosuch: sbatch failed: invalid partition" in t.lower() for t in tries), log
+    assert manager.jobs() == {}
+    # ... which `status` shows too
+    res = subprocess.run(
+        [sys.executable, "-m", "tbss_queue", "status"],
+        capture_output=True, text=True, env=manager.env, timeout=60,
+    )  # fmt: skip
+    said = [line for line in res.stdout.splitlines() if "autoalloc submits no pilot" in line]
+    assert len(said) == 1 and "nosuch" in said[0] and "invalid partition" in said[0].lower(), (
+        res.stdout
+    )
+
+
+@pytest.mark.slow
+def test_pilots_that_fail_before_their_worker_connects_back_off(
+    autoalloc: Callable[..., Autoalloc], settings: Settings, tmp_path: Path
+) -> None:
+    # Given: work waiting, and pilots whose worker cannot start (its --allow-file is missing)
+    cmds = tmp_path / "cmds"
+    cmds.write_text("\n".join(job(i, tmp_path / "ran") for i in range(3)))
+    api.submit(cmds, settings=settings)
+    manager = autoalloc(
+        "--time", "00:05:00", "--expected", "20s", "--interval", "0.2",
+        "--retry-after", "2", "--max-backoff", "60", "--allow-file", str(tmp_path / "missing"),
+    )  # fmt: skip
+    # When: the first pilots have failed
+    wait_until(lambda: "failure 2;" in manager.text(), timeout=90, what="two failed pilots")
+    manager.wait_ticks(10)
+    # Then: each failure says which pilot and where its log is, and the waits double
+    log = manager.text()
+    failed = [line for line in log.splitlines() if "before its worker connected" in line]
+    assert [line.split("next try in ")[1] for line in failed[:2]] == ["2 s)", "4 s)"], log
+    assert "tbss-queue-pilot-" in failed[0] and str(tmp_path) in failed[0]
+    # ... and pilots were submitted one at a time, after each wait, not one per tick
+    assert int(manager.state()["submitted"]) <= 3, log
