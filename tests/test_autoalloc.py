@@ -19,6 +19,7 @@ from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.procs import kill_tagged
 
+from .conftest import tbss_queue
 from .faults import Markers, job, wait_until
 from .slurm_cluster import INSTALL, SlurmCluster, missing, slurm_cluster
 from .test_slurm import job_env
@@ -187,6 +188,18 @@ def test_a_cancelled_pilot_is_replaced_and_its_commands_run_again_once(
     batch = api.submit(cmds, settings=settings)
     wait_until(lambda: len(marks.ids()) == 2, timeout=60, what="both commands to start")
     (first,) = manager.jobs()
+    # (seen: `status` counts the pilot per partition, `nodes` names its worker by its job id)
+    env = manager.env
+    wait_until(
+        lambda: (
+            "pilots (autoalloc): default 0 pending, 1 running"
+            in tbss_queue("status", env=env).stdout
+        ),
+        timeout=30,
+        what="status to count the running pilot",
+    )
+    listed = tbss_queue("nodes", env=env).stdout
+    assert f"slurm{first}@" in listed and "default 0 pending, 1 running" in listed, listed
     # When: the user (or Slurm) cancels the pilot mid-command
     slurm.run("scancel", first)
     # Then: the manager says how it ended and submits another pilot ...

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbss_queue import api
+from tbss_queue.autoalloc import pilot_notes
 from tbss_queue.config import Settings
 from tbss_queue.environment import pass_env_names
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK
@@ -136,8 +137,11 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     if as_json:
         click.echo(json.dumps([n.to_dict() for n in items]))
         return
+    pilots = pilot_notes(api.autoalloc_state(settings=settings))
     if not items:
         err.print("no worker has connected to this broker yet (start one: tbss-queue worker)")
+        for line in pilots:
+            out.print(line, highlight=False)
         return
     table = Table(box=None)
     for col in ("node", "state", "heartbeat", "running", "FSL", "why"):
@@ -149,6 +153,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
         shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, why)
         table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
+    for line in pilots:  # a pilot's node is slurmJOBID@host
+        out.print(line, highlight=False)
 
 
 @nodes.command("resume")
