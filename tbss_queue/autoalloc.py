@@ -7,6 +7,7 @@ the script `slurm-script` writes (`PilotJob.render`) with `sbatch`. Never throug
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -238,8 +240,9 @@ class Manager:
         self._save(queued, views, submitted, live, now)
         return submitted
 
-    def run(self, stop: object = None) -> None:
-        """Tick until `stop` (a threading.Event) is set or the process is signalled."""
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Tick until `stop` is set or the process is signalled (SIGTERM: the pilots stay, and
+        end when idle). A failing Redis or Slurm is said and tried again next tick."""
         log.info(
             "autoalloc: partitions %s, at most %d pilots (%d pending), %d commands per pilot",
             ", ".join(p or "(default)" for p in self.options.partitions),
@@ -247,12 +250,13 @@ class Manager:
             self.options.backlog,
             self.options.per_pilot,
         )
-        while stop is None or not stop.is_set():  # type: ignore[attr-defined]
+        while stop is None or not stop.is_set():
             try:
                 self.tick()
             except (OSError, redis.RedisError, subprocess.SubprocessError) as exc:
                 log.error("autoalloc: %s", exc)
-                self.r.hset(STATE, mapping={"error": str(exc), "updated": time.time()})
+                with contextlib.suppress(redis.RedisError):
+                    self.r.hset(STATE, "error", f"autoalloc: {exc}")
             time.sleep(self.options.interval)
 
     def _submit(self, part: str, n: int, now: float) -> int:

@@ -3,10 +3,12 @@ autoalloc` against the real single-node Slurm the suite starts, with real worker
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +16,14 @@ import pytest
 import redis
 
 from tbss_queue import api
-from tbss_queue.autoalloc import STATE, PartitionView, backoff_delay, decide, pilots_needed
+from tbss_queue.autoalloc import (
+    STATE,
+    PartitionView,
+    backoff_delay,
+    decide,
+    pilot_notes,
+    pilots_needed,
+)
 from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.procs import kill_tagged
@@ -54,6 +63,18 @@ def test_work_spills_to_the_next_partition_and_a_blocked_one_takes_none() -> Non
 
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [backoff_delay(n, 30, 200) for n in (1, 2, 3, 4)] == [30, 60, 120, 200]
+
+
+def test_status_lines_say_the_pilots_and_why_none_is_submitted() -> None:
+    parts = {"compute": {"pending": 1, "running": 3}}
+    state = {"partitions": json.dumps(parts), "updated": "1000", "interval": "30"}
+    assert pilot_notes({}) == []
+    assert pilot_notes(state, now=1010) == ["pilots (autoalloc): compute 1 pending, 3 running"]
+    failing = {**state, "error": "compute: sbatch failed: invalid partition"}
+    assert pilot_notes(failing, now=1010)[1] == (
+        "autoalloc submits no pilot: compute: sbatch failed: invalid partition"
+    )
+    assert "is `tbss-queue autoalloc` running?" in pilot_notes(state, now=2000)[1]
 
 
 # -- the manager under a real Slurm --------------------------------------------------------------
@@ -150,15 +171,22 @@ def test_pilots_come_with_the_work_and_go_with_it(
     cmds = tmp_path / "cmds"
     cmds.write_text("\n".join(job(i, tmp_path / "ran", f"--marker {marks.dir}") for i in ids))
     batch = api.submit(cmds, settings=settings)
+    began = time.monotonic()
     # Then: pilots are submitted, within --max-pilots, and run every command once
     wait_until(lambda: manager.jobs() != {}, timeout=30, what="a pilot to be submitted")
+    first_pilot = time.monotonic() - began
     final = api.wait(batch.id, settings=settings, timeout=240)
+    all_done = time.monotonic() - began
     assert (final.succeeded, final.failed) == (200, 0), manager.text()
     marks.assert_exactly_once(ids)
     submitted = int(manager.state()["submitted"])
     assert 1 <= submitted <= 4, manager.text()
     # ... the pilots end on their own once idle, freeing their allocations ...
     wait_until(lambda: manager.jobs() == {}, timeout=60, what="the pilots to end when idle")
+    print(
+        f"200 commands: first pilot after {first_pilot:.1f} s, all done after {all_done:.1f} s, "
+        f"{submitted} pilots, all ended after {time.monotonic() - began:.1f} s"
+    )
     manager.wait_ticks(2)
     state = manager.state()
     assert int(state.get("ended:COMPLETED", 0)) == submitted, manager.text()
