@@ -433,6 +433,14 @@ def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
     ]
 
 
+def autoalloc_state(*, settings: Settings | None = None) -> dict[str, str]:
+    """What `tbss-queue autoalloc` last saw and did (empty if none ever ran on this broker)."""
+    from .autoalloc import read_state
+
+    _, store = _store(settings)
+    return read_state(store.r)
+
+
 def resume_node(node: str, *, settings: Settings | None = None) -> bool:
     """Let a quarantined node take commands again (it does within one heartbeat); False if it
     was not quarantined. Give the full name (name@host), as `nodes` lists it."""

@@ -119,9 +119,10 @@ def summary_line(s: BatchStatus) -> str:
     )
 
 
-def notes(s: BatchStatus) -> list[str]:
-    """Lines that need a person's attention: no worker, lost and quarantined nodes."""
-    lines = []
+def notes(s: BatchStatus, more: Sequence[str] = ()) -> list[str]:
+    """Lines that need a person's attention: no worker, lost and quarantined nodes, and `more`
+    (the Slurm pilots)."""
+    lines = list(more)
     if not s.done and s.no_worker_for is not None:
         lines.append(
             f"no worker online for {fmt_duration(s.no_worker_for)}: nothing runs until one "

@@ -87,6 +87,14 @@ class PilotJob:
     job_name: str = "tbss-queue"
     worker_args: tuple[str, ...] = ()
     """Further options of each pilot's worker (`policy_argv`): what it agrees to run."""
+    idle: int | None = None
+    """Seconds without work after which each node's worker exits (`worker --idle-exit`), so
+    that the job ends and frees its allocation once the queue has emptied."""
+
+    @property
+    def stop_after(self) -> int:
+        """Seconds from the start during which the pilot takes commands."""
+        return parse_walltime(self.time) - self.expected - START_MARGIN
 
     def render(self) -> str:
         wall = parse_walltime(self.time)
@@ -109,6 +117,8 @@ class PilotJob:
         if self.partition:
             args.append(f"--partition {shlex.quote(self.partition)}")
         args += [f"--expected {self.expected}s", f"--mem-per-cpu {mem}"]
+        if self.idle is not None:
+            args.append(f"--idle {self.idle}s")
         policy = shlex.join(self.worker_args)
         if policy:
             args.append(policy)
@@ -125,6 +135,7 @@ class PilotJob:
             margin=START_MARGIN,
             stop_after=stop_after,
             grace=PILOT_GRACE,
+            idle=f" --idle-exit {self.idle}s" if self.idle is not None else "",
             drain=f"{self.expected + START_MARGIN} s",
             partition_line=f"#SBATCH --partition={self.partition}\n" if self.partition else "",
             policy=f" \\\n    {policy}" if policy else "",

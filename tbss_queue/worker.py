@@ -64,6 +64,7 @@ class WorkerOptions:
     policy: Policy = field(default_factory=Policy)
     max_time_limit: float | None = None  # caps each batch's own time limit on this node
     pass_env: tuple[str, ...] = ()  # variables passed on to commands beyond the allowlist
+    idle_exit: float | None = None  # seconds with no command; then stop as at stop_after
 
     @property
     def nodename(self) -> str:
@@ -162,6 +163,13 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
                 target=_drain,
                 args=(sender, settings.queue, options.stop_after, health),
                 name="tbss-queue-stop-after",
+                daemon=True,
+            ).start()
+        if options.idle_exit is not None:
+            threading.Thread(
+                target=_idle_exit,
+                args=(sender, settings.queue, options.idle_exit, health),
+                name="tbss-queue-idle-exit",
                 daemon=True,
             ).start()
 
@@ -284,12 +292,29 @@ class Consumer(celery_consumer.Consumer):
                 log.warning("could not record the refusal of %s", ref, exc_info=True)
 
 
-def _drain(consumer: Any, queue: str, after: float, health: Health) -> None:
+def _drain(
+    consumer: Any, queue: str, after: float, health: Health, why: str = "stop-after reached"
+) -> None:
     """After `after` seconds: stop consuming, wait for running commands, then shut down."""
     time.sleep(after)
+    if health.draining:  # the other of stop-after and idle-exit came first
+        return
     health.draining = True
-    log.warning("stop-after reached: taking no new commands; exiting when running ones end")
+    log.warning("%s: taking no new commands; exiting when running ones end", why)
     consumer.cancel_task_queue(queue)
     while worker_state.active_requests or worker_state.reserved_requests:
         time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _idle_exit(consumer: Any, queue: str, idle: float, health: Health) -> None:
+    """Once no command has run nor waited on this node for `idle` seconds, stop as `_drain`
+    does (a pilot job thus ends and frees its allocation when the queue has emptied)."""
+    last_busy = time.monotonic()
+    while not health.draining:
+        if worker_state.active_requests or worker_state.reserved_requests:
+            last_busy = time.monotonic()
+        elif time.monotonic() - last_busy >= idle:
+            _drain(consumer, queue, 0.0, health, f"idle for {idle:.0f} s")
+            return
+        time.sleep(min(1.0, idle / 4))

@@ -10,6 +10,7 @@ import click
 from rich.console import Group
 
 from tbss_queue import api
+from tbss_queue.autoalloc import pilot_notes
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from tbss_queue.models import Batch, BatchStatus
@@ -266,7 +267,7 @@ def status(
     for warning in current.warnings:
         err.print(f"warning: {warning}", highlight=False)
     out.print(status_table(current))
-    for note in notes(current):
+    for note in notes(current, pilot_notes(api.autoalloc_state(settings=settings))):
         out.print(note, highlight=False)
     if current.failed:
         out.print(failures_text(api.failures(current.batch, settings=settings)), highlight=False)

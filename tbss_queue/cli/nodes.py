@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbss_queue import api
+from tbss_queue.autoalloc import pilot_notes
 from tbss_queue.config import Settings
 from tbss_queue.environment import pass_env_names
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK
@@ -64,6 +65,11 @@ from .app import (
     help="Take no new command after this long (90s, 10m, 2h); exit when idle.",
 )
 @click.option("--until", metavar="HH:MM", help="Take no new command after this time.")
+@click.option(
+    "--idle-exit",
+    metavar="DURATION",
+    help="Exit once no command has run for this long (90s, 10m); pilot jobs use it.",
+)
 @policy_options
 @click.option(
     "--pass-env",
@@ -81,6 +87,7 @@ def worker(
     grace: float,
     stop_after: str | None,
     until: str | None,
+    idle_exit: str | None,
     allow: tuple[str, ...],
     allow_file: str | None,
     allow_any: bool,
@@ -96,7 +103,7 @@ def worker(
 
     Example: tbss-queue worker --broker redis://head:6379/0 -c 8
     """
-    from tbss_queue.worker import WorkerOptions, run_worker, stop_after_seconds
+    from tbss_queue.worker import WorkerOptions, parse_duration, run_worker, stop_after_seconds
 
     options = WorkerOptions(
         concurrency=concurrency,
@@ -108,6 +115,7 @@ def worker(
         policy=Policy.build(allow, allow_file, allow_any, root, refuse_patterns=True),
         max_time_limit=max_time_limit,
         pass_env=pass_env_names(pass_env),
+        idle_exit=parse_duration(idle_exit, "--idle-exit") if idle_exit else None,
     )
     run_worker(settings, options)
 
@@ -129,8 +137,11 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     if as_json:
         click.echo(json.dumps([n.to_dict() for n in items]))
         return
+    pilots = pilot_notes(api.autoalloc_state(settings=settings))
     if not items:
         err.print("no worker has connected to this broker yet (start one: tbss-queue worker)")
+        for line in pilots:
+            out.print(line, highlight=False)
         return
     table = Table(box=None)
     for col in ("node", "state", "heartbeat", "running", "FSL", "why"):
@@ -142,6 +153,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
         shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, why)
         table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
+    for line in pilots:  # a pilot's node is slurmJOBID@host
+        out.print(line, highlight=False)
 
 
 @nodes.command("resume")
@@ -229,6 +242,11 @@ def flower(
     metavar="SIZE",
     help="Memory per CPU, i.e. per running command (FNIRT needs 1-2 GB).",
 )
+@click.option(
+    "--idle",
+    metavar="DURATION",
+    help="End the job once its workers have had no command for this long (10m).",
+)
 @policy_options
 def slurm_script(
     nodes: int,
@@ -237,6 +255,7 @@ def slurm_script(
     partition: str | None,
     expected: str,
     mem_per_cpu: str,
+    idle: str | None,
     allow: tuple[str, ...],
     allow_file: str | None,
     allow_any: bool,
@@ -259,6 +278,7 @@ def slurm_script(
         expected=int(parse_duration(expected, "--expected")),
         mem_per_cpu=mem_per_cpu,
         worker_args=policy_argv(allow, allow_file, allow_any, root, max_time_limit),
+        idle=int(parse_duration(idle, "--idle")) if idle else None,
     )
     click.echo(job.render(), nl=False)
 
