@@ -582,8 +582,12 @@ def wait(
     poll: float = 1.0,
     on_update: Callable[[BatchStatus], None] | None = None,
     timeout: float | None = None,
+    on_outage: Callable[[float | None], None] | None = None,
 ) -> BatchStatus:
-    """Block until the batch has nothing queued or running; returns its final status."""
+    """Block until the batch has nothing queued or running; returns its final status.
+
+    A broker outage is ridden out: `on_outage` hears when it began (a Unix time) and, with
+    None, that the broker answers again, so that a watcher can say so and carry on."""
     settings = settings or Settings.resolve()
     client = connect(settings)
     bid = BatchStore(client).resolve_id(batch_id)
@@ -591,7 +595,7 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
-            current = _poll_status(bid, settings)
+            current = status_riding_out(bid, settings=settings, on_outage=on_outage)
         except BatchNotFound as exc:  # gone while we waited: lost in a restart?
             raise lost_or_not_found(client, bid, known, exc) from None
         if on_update is not None:
@@ -603,13 +607,33 @@ def wait(
         time.sleep(poll)
 
 
-def _poll_status(batch_id: str, settings: Settings) -> BatchStatus:
-    """Status that rides out a broker restart: keep asking until Redis answers again."""
+BROKER_DOWN = (BrokerUnavailable, redis.ConnectionError, redis.TimeoutError)
+"""What a call raises while the broker is out (stopped, restarting, out of reach)."""
+
+
+def status_riding_out(
+    batch_id: str | None = None,
+    *,
+    settings: Settings | None = None,
+    on_outage: Callable[[float | None], None] | None = None,
+    retry_every: float = 1.0,
+) -> BatchStatus:
+    """`status` that rides out a broker outage: keep asking until Redis answers again.
+    `on_outage(since)` is told once when the outage begins, `on_outage(None)` once it ends."""
+    since: float | None = None
     while True:
         try:
-            return status(batch_id, settings=settings)
-        except (BrokerUnavailable, redis.ConnectionError, redis.TimeoutError):
-            time.sleep(1.0)
+            current = status(batch_id, settings=settings)
+        except BROKER_DOWN:
+            if since is None:
+                since = time.time()
+                if on_outage is not None:
+                    on_outage(since)
+            time.sleep(retry_every)
+            continue
+        if since is not None and on_outage is not None:
+            on_outage(None)
+        return current
 
 
 def logs(
