@@ -12,14 +12,17 @@ right for work done before Flower started), and the chart as inline SVG from
 
 from __future__ import annotations
 
+import copy
 import html
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from tornado import template, web
 
-from .batches import BatchStore
+from .batches import QUEUED, BatchStore, batch_key
 from .config import Settings
 from .models import BatchStatus
 from .publish import study_name
@@ -168,6 +171,44 @@ def _batches_handler(settings: Settings) -> type[web.RequestHandler]:
     return BatchesPage
 
 
+DUPLICATE = "DUPLICATE"
+"""What the Tasks page calls a message its worker dropped because its command had ended or ran
+elsewhere (Celery's Ignore sends no event, so Flower would show it RECEIVED for ever)."""
+
+
+BATCH_IN_NAME = re.compile(r" · batch ([0-9a-f]+) · ")
+"""The batch in a task's name (publish.shadow_name): Flower's events carry no arguments."""
+
+
+def message_state(client: redis.Redis, name: str) -> str | None:
+    """DUPLICATE for a message Flower still shows as received or started whose batch, by our
+    records, has nothing queued or running: it runs nothing, whatever Flower last heard. None
+    while the batch goes on (a runner may wait a while for an earlier one's lease: only the
+    batch's end tells for sure), or for a name that is not ours."""
+    found = BATCH_IN_NAME.search(name or "")
+    if found is None:
+        return None
+    queued, running = client.hmget(batch_key(found.group(1), "counts"), QUEUED, "running")
+    return None if int(queued or 0) or int(running or 0) else DUPLICATE
+
+
+def _tasks_table(client: redis.Redis) -> type[web.RequestHandler]:
+    """Flower's Tasks table, with a dropped duplicate message said to be one."""
+    from flower.views.tasks import TasksDataTable
+
+    class TasksTable(TasksDataTable):
+        def format_task(self, task: tuple[str, Any]) -> tuple[str, Any]:
+            uuid, shown = super().format_task(task)
+            if getattr(shown, "state", None) in ("RECEIVED", "STARTED"):
+                with_state = message_state(client, getattr(shown, "name", ""))
+                if with_state is not None:
+                    shown = shown if shown is not task[1] else copy.copy(shown)
+                    shown.state = with_state
+            return uuid, shown
+
+    return TasksTable
+
+
 def install(client: redis.Redis, settings: Settings) -> None:
     """Add the pages to Flower's routes and navigation; call before Flower starts."""
     from flower import urls
@@ -178,6 +219,9 @@ def install(client: redis.Redis, settings: Settings) -> None:
         urls.handlers.insert(-1, web.url(r"/throughput", _handler(client), name="throughput"))
     if "batches" not in named:
         urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(settings), name="batches"))
+    for i, h in enumerate(urls.handlers):
+        if getattr(h, "regex", None) is not None and h.regex.pattern == "/tasks/datatable$":
+            urls.handlers[i] = web.url(r"/tasks/datatable", _tasks_table(client))
     urls.settings["template_loader"] = PagesLoader(urls.settings["template_path"])
 
 

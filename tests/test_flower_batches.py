@@ -116,3 +116,41 @@ def test_flower_batches_page_agrees_with_status_for_work_done_before_it_started(
         wait_for(lambda: any("sub01_FA→sub02_FA" in n for n in names()), "the pair's task")
         [name] = [n for n in names() if "sub01_FA→sub02_FA" in n]
         assert name == f"sub01_FA→sub02_FA · batch {pair.id} · study5", name
+
+
+def test_flower_shows_a_dropped_duplicate_as_such_not_as_running_or_cancelled(
+    tmp_path: Path, workers: Callable[..., Worker], settings: Settings, run_tag: str
+) -> None:
+    from tbss_queue.app import make_app
+    from tbss_queue.batches import BatchStore
+    from tbss_queue.broker import connect
+    from tbss_queue.recovery import republish
+
+    env = settings_env(settings, run_tag)
+    # Given a command that succeeded while Flower watched
+    w1 = workers("w1", 2)
+    auth = "lab:" + os.urandom(6).hex()
+    with flower(env, tmp_path, "--basic-auth", auth) as base:
+        wait_for_task_events(w1)
+        batch = api.submit(write_commands(tmp_path / "c", ["touch once.out"]), settings=settings)
+        assert api.wait(batch.id, settings=settings, timeout=60).succeeded == 1
+        # When a second message of it arrives (a duplicate, as a redelivery makes one)
+        [record] = api.tasks(batch.id, settings=settings)
+        store = BatchStore(connect(settings))
+        assert republish(make_app(settings), store, settings, batch.id, record.task_id)
+        query = urllib.parse.urlencode(
+            {"draw": 1, "start": 0, "length": 50, "order[0][column]": 0, "columns[0][data]": "name"}
+        )
+
+        def states() -> list[str]:
+            code, text = fetch_as(base + "/tasks/datatable?" + query, auth)
+            assert code == 200
+            return sorted(row["state"] for row in json.loads(text)["data"])
+
+        wait_for(lambda: len(states()) == 2, "both messages in Flower")
+        wait_for(lambda: "w1" in w1.log.read_text() and "SUCCESS" in states(), "the first")
+        # Then Flower shows the first as its success and the duplicate as dropped, in words
+        wait_for(lambda: "DUPLICATE" in states(), f"the duplicate said so: {states()}", timeout=20)
+        assert states() == ["DUPLICATE", "SUCCESS"], states()
+        # and status agrees: one command, succeeded
+        assert api.status(batch.id, settings=settings).succeeded == 1
