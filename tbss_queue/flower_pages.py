@@ -209,6 +209,23 @@ def _tasks_table(client: redis.Redis) -> type[web.RequestHandler]:
     return TasksTable
 
 
+def _workers_view() -> type[web.RequestHandler]:
+    """Flower's Workers page, with an offline worker running nothing: Flower keeps the active
+    count of its last heartbeat, so a node that went down mid-command showed "Offline, 1
+    active" (its command goes back to the queue when its lease lapses: status says so)."""
+    from flower.views.workers import WorkersView
+
+    class Workers(WorkersView):
+        @classmethod
+        def _as_dict(cls, worker: Any) -> dict[str, Any]:
+            info = dict(super()._as_dict(worker))
+            if not worker.alive:
+                info["active"] = 0
+            return info
+
+    return Workers
+
+
 def install(client: redis.Redis, settings: Settings) -> None:
     """Add the pages to Flower's routes and navigation; call before Flower starts."""
     from flower import urls
@@ -220,8 +237,11 @@ def install(client: redis.Redis, settings: Settings) -> None:
     if "batches" not in named:
         urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(settings), name="batches"))
     for i, h in enumerate(urls.handlers):
-        if getattr(h, "regex", None) is not None and h.regex.pattern == "/tasks/datatable$":
+        pattern = getattr(getattr(h, "regex", None), "pattern", None)
+        if pattern == "/tasks/datatable$":
             urls.handlers[i] = web.url(r"/tasks/datatable", _tasks_table(client))
+        elif pattern in ("/$", "/workers$"):
+            urls.handlers[i] = web.url(pattern[:-1], _workers_view(), name=h.name)
     urls.settings["template_loader"] = PagesLoader(urls.settings["template_path"])
 
 

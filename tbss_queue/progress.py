@@ -334,7 +334,9 @@ class LiveProgress:
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
         done = finished_count(s)
-        self.progress.update(self._task, completed=done, total=s.total, detail=detail)
+        self.progress.update(
+            self._task, description=f"batch {s.batch}", completed=done, total=s.total, detail=detail
+        )
 
     def outage(self, since: float | None) -> None:
         """A broker outage began at `since`, or (None) has ended: said beside the bar, which

@@ -15,6 +15,7 @@ from tbss_queue import api
 from tbss_queue.config import Settings
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import job
 from .test_flower import fetch_as, flower, wait_for, wait_for_task_events
 from .test_fsl_outputs import FAKE_FSL_REG
 
@@ -154,3 +155,35 @@ def test_flower_shows_a_dropped_duplicate_as_such_not_as_running_or_cancelled(
         assert states() == ["DUPLICATE", "SUCCESS"], states()
         # and status agrees: one command, succeeded
         assert api.status(batch.id, settings=settings).succeeded == 1
+
+
+def test_flower_shows_a_stopped_worker_running_nothing(
+    tmp_path: Path, workers: Callable[..., Worker], settings: Settings, run_tag: str
+) -> None:
+    env = settings_env(settings, run_tag)
+    # Given a worker running a long command while Flower watches
+    w1 = workers("w1", 1)
+    auth = "lab:" + os.urandom(6).hex()
+    with flower(env, tmp_path, "--basic-auth", auth) as base:
+        wait_for_task_events(w1)
+        long = job(1, tmp_path / "log", "--sleep", "600")
+        api.submit(write_commands(tmp_path / "c", [long]), settings=settings)
+
+        def shown() -> dict[str, object]:
+            code, text = fetch_as(base + "/workers?json=1", auth)
+            assert code == 200
+            [row] = [r for r in json.loads(text)["data"] if r["hostname"].startswith("w1@")]
+            return dict(row)
+
+        wait_for(lambda: shown().get("active") == 1, "Flower to see the command running")
+        # When the worker is stopped (its machine goes down: no goodbye)
+        w1.stop()
+        # Then, once Flower calls it offline, it shows it running nothing
+        wait_for(lambda: shown()["status"] is False, "Flower to call w1 offline", timeout=60)
+        assert shown()["active"] == 0, shown()
+        # and so does the page itself (status False: Flower's script words it Offline)
+        page = fetch_as(base + "/workers", auth)[1]
+        row = re.search(r'<tr id="w1%40[^"]*">(.*?)</tr>', page, re.S)
+        assert row is not None, page
+        cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td>(.*?)</td>", row[1])]
+        assert cells[1] == "False" and cells[2] != "1", cells
