@@ -98,6 +98,17 @@ BATCHES_PAGE = """{% extends "base.html" %}
 {% end %}
 """
 
+SINCE_NOTE = """
+      <p class="page-description" id="tbssq-since">Counts and tasks since this Flower started
+        (Flower sees only the events sent while it runs): every batch, from its start, with the
+        counts of <code>tbss-queue status</code>, is on
+        <a href="{{ reverse_url('batches') }}">Batches</a>.</p>"""
+EYEBROWS = (
+    '<p class="page-eyebrow">Cluster overview</p>',
+    '<p class="page-eyebrow">Task history</p>',
+)
+"""Where Flower's Workers and Tasks pages start: the note goes under them."""
+
 WRAP_STYLE = """
 <style>/* tbss-queue: long exception text wraps inside its cell instead of running off */
 #tasks-table td, #task-page td { white-space: normal; overflow-wrap: anywhere; }</style>
@@ -114,6 +125,11 @@ class PagesLoader(template.Loader):
             return template.Template(PAGE, name=name, loader=self)
         if name == "tbssq_batches.html":
             return template.Template(BATCHES_PAGE, name=name, loader=self)
+        if name in ("workers.html", "tasks.html"):
+            text = (Path(self.root) / name).read_text()
+            for eyebrow in EYEBROWS:
+                text = text.replace(eyebrow, eyebrow + SINCE_NOTE, 1)
+            return template.Template(text, name=name, loader=self)
         if name == "navbar.html":
             text = (Path(self.root) / name).read_text()
             at = text.index("</ul>")  # the end of Flower's Workers / Tasks / Broker list

@@ -86,6 +86,12 @@ def test_flower_batches_page_agrees_with_status_for_work_done_before_it_started(
         assert (parser.rows[one.id]["failed"], parser.rows[five.id]["failed"]) == ("1", "0")
         status_out = tbss_queue("status", one.id, env=env).stdout
         assert re.search(r"\b6\s+0\s+0\s+5\s+1\s+0\s+0\b", status_out), status_out
+        # and Flower's own pages, empty of that work, point to it rather than say nothing ran
+        for own in ("/workers", "/tasks"):
+            text = fetch_as(base + own, auth)[1]
+            note = re.search(r'<p[^>]*id="tbssq-since"[^>]*>(.*?)</p>', text, re.S)
+            assert note is not None, text
+            assert "since this Flower started" in note[1] and 'href="/batches"' in note[1]
         # and its JSON is `batches --json`
         code, text = fetch_as(page + "?json=1", auth)
         assert {d["batch"]: d["succeeded"] for d in json.loads(text)["batches"]} == {
