@@ -110,8 +110,11 @@ EYEBROWS = (
 """Where Flower's Workers and Tasks pages start: the note goes under them."""
 
 WRAP_STYLE = """
-<style>/* tbss-queue: long exception text wraps inside its cell instead of running off */
-#tasks-table td, #task-page td { white-space: normal; overflow-wrap: anywhere; }</style>
+<style>/* tbss-queue: a task's name (pair · batch · study) wraps between its words, and long
+exception text wraps inside its cell instead of running off the page */
+#tasks-table td:nth-child(1) { min-width: 16em; white-space: normal; }
+#tasks-table td.text-nowrap:nth-child(7), #task-page td { white-space: normal !important;
+  overflow-wrap: anywhere; min-width: 12em; }</style>
 """
 
 COLOURS = ("#1565c0", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#ad1457", "#5d4037")

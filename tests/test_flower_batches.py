@@ -11,9 +11,14 @@ from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
 from tbss_queue import api
 from tbss_queue.config import Settings
 
+from .browser import browser, screenshot  # noqa: F401 - the fixture
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 from .faults import job
 from .test_flower import fetch_as, flower, wait_for, wait_for_task_events
@@ -52,7 +57,11 @@ class Rows(HTMLParser):
 
 
 def test_flower_batches_page_agrees_with_status_for_work_done_before_it_started(
-    tmp_path: Path, workers: Callable[..., Worker], settings: Settings, run_tag: str
+    tmp_path: Path,
+    workers: Callable[..., Worker],
+    settings: Settings,
+    run_tag: str,
+    browser: webdriver.Chrome,  # noqa: F811
 ) -> None:
     env = settings_env(settings, run_tag)
     # Given two studies' batches that ended before Flower started: one with a failure
@@ -92,6 +101,15 @@ def test_flower_batches_page_agrees_with_status_for_work_done_before_it_started(
             note = re.search(r'<p[^>]*id="tbssq-since"[^>]*>(.*?)</p>', text, re.S)
             assert note is not None, text
             assert "since this Flower started" in note[1] and 'href="/batches"' in note[1]
+        # and a person finds it from Flower's Workers page, in Chromium
+        user, password = auth.split(":")
+        browser.get(base.replace("://", f"://{user}:{password}@") + "/workers")
+        browser.find_element(By.ID, "nav-batches").click()
+        WebDriverWait(browser, 30).until(lambda d: d.current_url.endswith("/batches"))
+        row = browser.find_element(By.ID, f"batch-{one.id}")
+        assert row.find_element(By.CSS_SELECTOR, "td.failed").text == "1"
+        assert row.find_element(By.CSS_SELECTOR, "td.study").text == "study1"
+        screenshot(browser, "flower-batches")
         # and its JSON is `batches --json`
         code, text = fetch_as(page + "?json=1", auth)
         assert {d["batch"]: d["succeeded"] for d in json.loads(text)["batches"]} == {
