@@ -28,6 +28,7 @@ from .batches import (
     NODES,
     QUEUED,
     SKIPPED,
+    SUCCEEDED,
     BatchStore,
     Staging,
     TaskSpec,
@@ -40,7 +41,7 @@ from .batches import (
 from .broker import broker_full, connect, replicated
 from .commands import Command, parse_commands_file
 from .config import Settings
-from .done import DoneMarker, done_marker
+from .done import DoneMarker, done_marker, judge_done
 from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, LogNotFound
 from .fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
 from .logfiles import (
@@ -92,10 +93,12 @@ def submit(
 
     Submitting the same file again (same path and working directory) resumes its batch: only
     commands that are new, failed or cancelled are queued; queued, running and succeeded ones
-    are left alone, whatever their order in the file. With `after` (batch ids), nothing runs
-    until those batches have ended (fsl_sub's -j hold). Commands whose outputs exist (fsl_reg's
-    .msf and warp, or `done_if_exists`), or that are queued, running or succeeded in another
-    batch, are skipped. Raises CommandsFileError for a bad file before Redis is touched.
+    are left alone, whatever their order in the file, except a succeeded one whose outputs are
+    gone (fsl_reg's, or `done_if_exists`): it is queued again, and a warning says how many.
+    With `after` (batch ids), nothing runs until those batches have ended (fsl_sub's -j hold).
+    Commands whose outputs exist (fsl_reg's .msf and warp, or `done_if_exists`), or that are
+    queued, running or succeeded in another batch, are skipped.
+    Raises CommandsFileError for a bad file before Redis is touched.
     """
     settings = settings or Settings.resolve()
     parsed = parse_commands_file(path)
@@ -123,10 +126,12 @@ def submit(
     }
 
     tally: Counter[str] = Counter()  # of the last plan: commands changed, skipped
+    redone: list[int] = []  # of the last plan: lines of succeeded commands whose outputs are gone
 
     def plan(batch_id: str) -> Iterator[list[TaskSpec]]:
         """The changes to batch `batch_id`, a chunk of the file at a time."""
         tally.clear()
+        redone.clear()
         for chunk in parsed.chunks(CHUNK):
             markers = [done_marker(c.argv, local_workdir, done_if_exists) for c in chunk]
             if path_map:
@@ -137,6 +142,7 @@ def submit(
                 changed=len(changes),
                 skipped=sum(c.state == SKIPPED for c in changes),
             )
+            redone.extend(c.line for c in changes if c.expect == SUCCEEDED)
             yield changes
             if on_progress is not None:
                 on_progress(tally["read"], parsed.count)
@@ -166,6 +172,8 @@ def submit(
     )
     if warning:
         warnings += (warning,)
+    if redone:
+        warnings += (redone_line(redone),)
     with contextlib.suppress(redis.RedisError):  # the batch is committed: report it anyway
         if persisted := persistence_warning(store.r):
             warnings += (persisted,)
@@ -182,6 +190,14 @@ def submit(
     )
 
 
+def redone_line(lines: Sequence[int], shown: int = 10) -> str:
+    """What a resubmit says of succeeded commands it queued again: how many, why, which."""
+    some = ", ".join(str(n) for n in lines[:shown]) + (", …" if len(lines) > shown else "")
+    which = f"line {some}" if len(lines) == 1 else f"lines {some}"
+    why = "its output is gone" if len(lines) == 1 else "their outputs are gone"
+    return f"{len(lines):,} queued again: {why} ({which})"
+
+
 def _plan(
     store: BatchStore,
     batch_id: str,
@@ -191,14 +207,19 @@ def _plan(
 ) -> list[TaskSpec]:
     """What a submission changes in batch `batch_id` (new or existing), for some commands.
 
-    A command already queued, running or done in this batch is left alone; one whose outputs
-    exist, or that is live in another batch, is skipped; the rest are queued. Each change
-    carries the state it was planned against, which the commit checks (lua/apply.lua)."""
+    A command already queued, running or done in this batch is left alone, unless it succeeded
+    and its outputs (its marker) are gone: success is judged by outputs, so it is queued again.
+    One whose outputs exist, or that is live in another batch, is skipped; the rest are queued.
+    Each change carries the state it was planned against, which the commit checks
+    (lua/apply.lua): a succeeded command queued again is changed only if still 'succeeded'."""
     ids = [task_id_for(batch_id, k) for k in keys]
     mine = store.states_of(batch_id, ids)
     elsewhere = store.live_tasks(k for k, t in zip(keys, ids, strict=True) if t not in mine)
     changes: list[TaskSpec] = []
     for command, key, tid, marker in zip(commands, keys, ids, markers, strict=True):
+        if mine.get(tid) == SUCCEEDED and _outputs_gone(marker):
+            changes.append(TaskSpec(tid, command.line, command.argv, key, QUEUED, expect=SUCCEEDED))
+            continue
         if mine.get(tid) in _LIVE:
             continue  # resubmission: already queued, running or done in this batch
         state, note = QUEUED, ""
@@ -210,6 +231,13 @@ def _plan(
         expect = mine.get(tid, "")
         changes.append(TaskSpec(tid, command.line, command.argv, key, state, note, expect=expect))
     return changes
+
+
+def _outputs_gone(marker: DoneMarker | None) -> bool:
+    """A command that tells its outputs (fsl_reg, --done-if-exists) and whose outputs are not
+    there; one that can't be judged (a FIFO where its .msf should be) is left as it was."""
+    done, unjudged = judge_done(marker)
+    return marker is not None and not done and unjudged is None
 
 
 def _check_time_limit(time_limit: float | None, settings: Settings) -> None:
@@ -591,8 +619,12 @@ def wait(
     poll: float = 1.0,
     on_update: Callable[[BatchStatus], None] | None = None,
     timeout: float | None = None,
+    on_outage: Callable[[float | None], None] | None = None,
 ) -> BatchStatus:
-    """Block until the batch has nothing queued or running; returns its final status."""
+    """Block until the batch has nothing queued or running; returns its final status.
+
+    A broker outage is ridden out: `on_outage` hears when it began (a Unix time) and, with
+    None, that the broker answers again, so that a watcher can say so and carry on."""
     settings = settings or Settings.resolve()
     client = connect(settings)
     bid = BatchStore(client).resolve_id(batch_id)
@@ -600,7 +632,7 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
-            current = _poll_status(bid, settings)
+            current = status_riding_out(bid, settings=settings, on_outage=on_outage)
         except BatchNotFound as exc:  # gone while we waited: lost in a restart?
             raise lost_or_not_found(client, bid, known, exc) from None
         if on_update is not None:
@@ -612,13 +644,33 @@ def wait(
         time.sleep(poll)
 
 
-def _poll_status(batch_id: str, settings: Settings) -> BatchStatus:
-    """Status that rides out a broker restart: keep asking until Redis answers again."""
+BROKER_DOWN = (BrokerUnavailable, redis.ConnectionError, redis.TimeoutError)
+"""What a call raises while the broker is out (stopped, restarting, out of reach)."""
+
+
+def status_riding_out(
+    batch_id: str | None = None,
+    *,
+    settings: Settings | None = None,
+    on_outage: Callable[[float | None], None] | None = None,
+    retry_every: float = 1.0,
+) -> BatchStatus:
+    """`status` that rides out a broker outage: keep asking until Redis answers again.
+    `on_outage(since)` is told once when the outage begins, `on_outage(None)` once it ends."""
+    since: float | None = None
     while True:
         try:
-            return status(batch_id, settings=settings)
-        except (BrokerUnavailable, redis.ConnectionError, redis.TimeoutError):
-            time.sleep(1.0)
+            current = status(batch_id, settings=settings)
+        except BROKER_DOWN:
+            if since is None:
+                since = time.time()
+                if on_outage is not None:
+                    on_outage(since)
+            time.sleep(retry_every)
+            continue
+        if since is not None and on_outage is not None:
+            on_outage(None)
+        return current
 
 
 def logs(

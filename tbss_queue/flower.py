@@ -3,7 +3,8 @@
 Flower's API can launch tasks, i.e. run commands on every worker, so it always runs
 --read-only; it binds to 127.0.0.1 unless told otherwise, and refuses another address without
 authentication. Its /metrics page (Prometheus) is never authenticated: keep the port private.
-It gains a Throughput page (flower_pages.py) drawn from our records in Redis.
+It gains Batches and Throughput pages (flower_pages.py) drawn from our records in Redis, and
+names each task as its pair with its batch and study (publish.shadow_name).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ RUNTIME_BUCKETS = "30,60,120,180,240,300,450,600,900,1800,3600"
 """Seconds: Flower's default histogram stops at 10 s, useless for 3-5 minute registrations."""
 TASK_COLUMNS = "name,state,worker,received,started,runtime,exception,uuid"
 """The tasks page: each task's name is its command's label (publish.label: the pair for
-fsl_reg, else the command), one row per attempt."""
+fsl_reg, else the command) with its batch and study (publish.shadow_name), one row per
+attempt."""
 
 
 @dataclass(frozen=True)
@@ -81,5 +83,5 @@ def run_flower(settings: Settings, options: FlowerOptions) -> None:
     from .flower_pages import install
 
     argv = flower_argv(options)
-    install(connect(settings))
+    install(connect(settings), settings)
     make_app(settings).start(argv=argv)

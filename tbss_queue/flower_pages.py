@@ -1,26 +1,39 @@
-"""A Throughput page inside the Flower that `tbss-queue flower` starts.
+"""Throughput and Batches pages inside the Flower that `tbss-queue flower` starts.
 
-Flower 2 dropped 1.x's monitor graphs. This adds one page to Flower's own tornado application,
+Flower 2 dropped 1.x's monitor graphs, and its own counts hold only the events it saw while it
+ran. This adds two pages to Flower's own tornado application,
 before it is built: a route in `flower.urls.handlers` (so `--url_prefix` applies to it), a
 handler derived from Flower's (so `--basic_auth` and `--auth` guard it as every other page),
-and a template loader that adds "Throughput" to Flower's navigation bar. The chart is inline
-SVG drawn here from `throughput.throughput` (our records in Redis): nothing is fetched from
-anywhere, and the page reloads itself every `refresh` seconds.
+and a template loader that adds "Batches" and "Throughput" to Flower's navigation bar. Both are
+drawn from our records in Redis: the batches with the very counts `status` gives (so they are
+right for work done before Flower started), and the chart as inline SVG from
+`throughput.throughput`. Nothing is fetched from anywhere; the pages reload every `refresh` s.
 """
 
 from __future__ import annotations
 
+import copy
 import html
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from tornado import template, web
 
-from .batches import BatchStore
+from .batches import QUEUED, BatchStore, batch_key
+from .config import Settings
+from .models import BatchStatus
+from .publish import study_name
 from .throughput import Throughput, throughput
 
 NAV_ITEM = """
+        <li class="nav-item">
+          <a class="nav-link{% if active_tab == 'batches' %} active{% end %}"
+            id="nav-batches" href="{{ reverse_url('batches') }}"
+            {% if active_tab == 'batches' %}aria-current="page"{% end %}>Batches</a>
+        </li>
         <li class="nav-item">
           <a class="nav-link{% if active_tab == 'throughput' %} active{% end %}"
             id="nav-throughput" href="{{ reverse_url('throughput') }}"
@@ -54,6 +67,56 @@ PAGE = """{% extends "base.html" %}
 {% end %}
 """
 
+BATCH_COLUMNS = (
+    "batch", "study", "file", "submitted", "total", "queued", "running", "succeeded", "failed",
+    "skipped", "cancelled", "state",
+)  # fmt: skip
+
+BATCHES_PAGE = """{% extends "base.html" %}
+{% block title %}Batches · Flower{% end %}
+{% block navbar %}{% module Template("navbar.html", active_tab="batches") %}{% end %}
+{% block container %}
+<div class="page-section" id="batches-page">
+  <header class="page-header mb-2"><div>
+    <p class="page-eyebrow">Batches on this broker, as tbss-queue status counts them</p>
+    <p class="page-description" id="batches-caption">{{ caption }}</p>
+  </div></header>
+  <table class="table table-sm" id="batches-table">
+    <thead><tr>{% for col in columns %}<th>{{ col }}</th>{% end %}</tr></thead>
+    <tbody>{% for bid, row in rows %}<tr id="batch-{{ bid }}">{% for col, cell in row %}
+      <td class="{{ col }}">{{ cell }}</td>{% end %}</tr>
+    {% end %}</tbody>
+  </table>
+  <p class="text-body-secondary">From tbss-queue's records in Redis, not from Flower's own task
+    list (which holds only what happened while Flower ran). A command counts once, in its
+    current state; a message dropped as a duplicate is not a command.</p>
+</div>
+{% end %}
+{% block extra_scripts %}
+{% if refresh %}<script>setTimeout(function () { location.reload(); }, {{ refresh }} * 1000);
+</script>{% end %}
+{% end %}
+"""
+
+SINCE_NOTE = """
+      <p class="page-description" id="tbssq-since">Counts and tasks since this Flower started
+        (Flower sees only the events sent while it runs): every batch, from its start, with the
+        counts of <code>tbss-queue status</code>, is on
+        <a href="{{ reverse_url('batches') }}">Batches</a>.</p>"""
+EYEBROWS = (
+    '<p class="page-eyebrow">Cluster overview</p>',
+    '<p class="page-eyebrow">Task history</p>',
+)
+"""Where Flower's Workers and Tasks pages start: the note goes under them."""
+
+WRAP_STYLE = """
+<style>/* tbss-queue: a task's name (pair · batch · study) wraps between its words, and long
+exception text wraps inside its cell instead of running off the page */
+#tasks-table td:nth-child(1) { min-width: 16em; white-space: normal; }
+#tasks-table td.text-nowrap:nth-child(7), #task-page td { white-space: normal !important;
+  overflow-wrap: anywhere; min-width: 12em; }</style>
+"""
+
 COLOURS = ("#1565c0", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#ad1457", "#5d4037")
 
 
@@ -63,10 +126,18 @@ class PagesLoader(template.Loader):
     def _create_template(self, name: str) -> template.Template:
         if name == "tbssq_throughput.html":
             return template.Template(PAGE, name=name, loader=self)
+        if name == "tbssq_batches.html":
+            return template.Template(BATCHES_PAGE, name=name, loader=self)
+        if name in ("workers.html", "tasks.html"):
+            text = (Path(self.root) / name).read_text()
+            for eyebrow in EYEBROWS:
+                text = text.replace(eyebrow, eyebrow + SINCE_NOTE, 1)
+            return template.Template(text, name=name, loader=self)
         if name == "navbar.html":
             text = (Path(self.root) / name).read_text()
             at = text.index("</ul>")  # the end of Flower's Workers / Tasks / Broker list
-            return template.Template(text[:at] + NAV_ITEM + text[at:], name=name, loader=self)
+            text = text[:at] + NAV_ITEM + text[at:] + WRAP_STYLE
+            return template.Template(text, name=name, loader=self)
         return super()._create_template(name)
 
 
@@ -94,14 +165,133 @@ def _handler(client: redis.Redis) -> type[web.RequestHandler]:
     return ThroughputPage
 
 
-def install(client: redis.Redis) -> None:
-    """Add the page to Flower's routes and navigation; call before Flower starts."""
+def _batches_handler(settings: Settings) -> type[web.RequestHandler]:
+    """The Batches page's handler: `api.list_batches`, the figures `status` prints."""
+    from flower.views import BaseHandler
+
+    from . import api
+
+    class BatchesPage(BaseHandler):
+        @web.authenticated
+        def get(self) -> None:
+            refresh = int(self.get_argument("refresh", "10"))
+            items = api.list_batches(settings=settings)
+            if self.get_argument("json", ""):
+                self.write({"batches": [b.to_dict() for b in items]})
+                return
+            self.render(
+                "tbssq_batches.html",
+                caption=batches_caption(items),
+                columns=BATCH_COLUMNS,
+                rows=[(b.batch, batch_row(b)) for b in reversed(items)],
+                refresh=refresh,
+            )
+
+    return BatchesPage
+
+
+DUPLICATE = "DUPLICATE"
+"""What the Tasks page calls a message its worker dropped because its command had ended or ran
+elsewhere (Celery's Ignore sends no event, so Flower would show it RECEIVED for ever)."""
+
+
+BATCH_IN_NAME = re.compile(r" · batch ([0-9a-f]+) · ")
+"""The batch in a task's name (publish.shadow_name): Flower's events carry no arguments."""
+
+
+def message_state(client: redis.Redis, name: str) -> str | None:
+    """DUPLICATE for a message Flower still shows as received or started whose batch, by our
+    records, has nothing queued or running: it runs nothing, whatever Flower last heard. None
+    while the batch goes on (a runner may wait a while for an earlier one's lease: only the
+    batch's end tells for sure), or for a name that is not ours."""
+    found = BATCH_IN_NAME.search(name or "")
+    if found is None:
+        return None
+    queued, running = client.hmget(batch_key(found.group(1), "counts"), QUEUED, "running")
+    return None if int(queued or 0) or int(running or 0) else DUPLICATE
+
+
+def _tasks_table(client: redis.Redis) -> type[web.RequestHandler]:
+    """Flower's Tasks table, with a dropped duplicate message said to be one."""
+    from flower.views.tasks import TasksDataTable
+
+    class TasksTable(TasksDataTable):
+        def format_task(self, task: tuple[str, Any]) -> tuple[str, Any]:
+            uuid, shown = super().format_task(task)
+            if getattr(shown, "state", None) in ("RECEIVED", "STARTED"):
+                with_state = message_state(client, getattr(shown, "name", ""))
+                if with_state is not None:
+                    shown = shown if shown is not task[1] else copy.copy(shown)
+                    shown.state = with_state
+            return uuid, shown
+
+    return TasksTable
+
+
+def _workers_view() -> type[web.RequestHandler]:
+    """Flower's Workers page, with an offline worker running nothing: Flower keeps the active
+    count of its last heartbeat, so a node that went down mid-command showed "Offline, 1
+    active" (its command goes back to the queue when its lease lapses: status says so)."""
+    from flower.views.workers import WorkersView
+
+    class Workers(WorkersView):
+        @classmethod
+        def _as_dict(cls, worker: Any) -> dict[str, Any]:
+            info = dict(super()._as_dict(worker))
+            if not worker.alive:
+                info["active"] = 0
+            return info
+
+    return Workers
+
+
+def install(client: redis.Redis, settings: Settings) -> None:
+    """Add the pages to Flower's routes and navigation; call before Flower starts."""
     from flower import urls
 
-    if not any(getattr(h, "name", None) == "throughput" for h in urls.handlers):
-        # before the last route, Flower's catch-all 404
+    named = {getattr(h, "name", None) for h in urls.handlers}
+    # before the last route, Flower's catch-all 404
+    if "throughput" not in named:
         urls.handlers.insert(-1, web.url(r"/throughput", _handler(client), name="throughput"))
+    if "batches" not in named:
+        urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(settings), name="batches"))
+    for i, h in enumerate(urls.handlers):
+        pattern = getattr(getattr(h, "regex", None), "pattern", None)
+        if pattern == "/tasks/datatable$":
+            urls.handlers[i] = web.url(r"/tasks/datatable", _tasks_table(client))
+        elif pattern in ("/$", "/workers$"):
+            urls.handlers[i] = web.url(pattern[:-1], _workers_view(), name=h.name)
     urls.settings["template_loader"] = PagesLoader(urls.settings["template_path"])
+
+
+def batch_row(b: BatchStatus) -> list[tuple[str, str]]:
+    """One batch as the page shows it: the counts of `status`, its study, how it stands."""
+    from .progress import fmt_duration
+
+    if b.done:
+        state = "ended" + (f" {_clock(b.last_ended)}" if b.last_ended is not None else "")
+    else:
+        state = f"running · ETA {fmt_duration(b.eta_seconds)}"
+    cells = {
+        "batch": b.batch,
+        "study": study_name(b.cwd),
+        "file": b.path,
+        "submitted": time.strftime("%Y-%m-%d %H:%M", time.localtime(b.submitted)),
+        "state": state,
+        **{c: str(getattr(b, c)) for c in BATCH_COLUMNS[4:-1]},
+    }
+    return [(col, cells[col]) for col in BATCH_COLUMNS]
+
+
+def batches_caption(items: list[BatchStatus]) -> str:
+    if not items:
+        return "No batch on this broker yet."
+    running = sum(not b.done for b in items)
+    return f"{len(items)} batches, {running} running · updated {time.strftime('%H:%M:%S')}"
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
 def caption(t: Throughput) -> str:

@@ -85,13 +85,15 @@ def run(
     on_update: Callable[[BatchStatus], None] | None = None,
     on_submitted: Callable[[Batch], None] | None = None,
     report: str | os.PathLike[str] | None = None,
+    on_outage: Callable[[float | None], None] | None = None,
 ) -> RunResult:
     """Run a commands file to the end on this machine (or on the configured broker's workers:
     then `on_submitted` hears of the batch before the wait, so that a caller can say where it
     went and what Ctrl-C leaves running). `done_if_exists`: as for `api.submit`; it is also
     what tells a resumed run that a command which ended just before an interruption, unrecorded,
     need not run again (fsl_reg lines are told by their outputs). `report`: write the batch's
-    HTML report there at the end, while its Redis still runs."""
+    HTML report there at the end, while its Redis still runs. `on_outage`: as for
+    `api.wait` (a broker outage began, or ended)."""
     settings = settings or Settings.resolve()
     started = time.monotonic()
     parse_commands_file(path)  # a bad file fails before anything is started
@@ -105,7 +107,7 @@ def run(
         batch = submit(settings)
         if on_submitted is not None:
             on_submitted(batch)
-        final = api.wait(batch.id, settings=settings, on_update=on_update)
+        final = api.wait(batch.id, settings=settings, on_update=on_update, on_outage=on_outage)
         return _result(final, settings, None, started, report)
     run_dir = Path(api.workdir_for(path, cwd)) / RUN_DIR
     with (
@@ -120,7 +122,7 @@ def run(
             if on_update is not None:
                 on_update(status)
 
-        final = api.wait(batch.id, settings=local, on_update=update)
+        final = api.wait(batch.id, settings=local, on_update=update, on_outage=on_outage)
         return replace(_result(final, local, str(run_dir), started, report), resumed=resumed)
 
 

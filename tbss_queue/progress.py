@@ -207,20 +207,43 @@ def watch_screen(s: BatchStatus, width: int, *more: RenderableType) -> Group:
     return Group(head, bar, status_table(s), *(Text(line) for line in notes(s)), *more)
 
 
+def outage_line(since: float) -> str:
+    """What every watcher says while the broker is out: it is not an error, it waits."""
+    return f"broker unreachable since {clock(since)}, retrying"
+
+
+def back_line(since: float) -> str:
+    return f"broker back after {fmt_duration(time.time() - since)}"
+
+
+OutageSink = Callable[[float | None], None]
+"""Told when a broker outage began (a Unix time), then None once the broker answers."""
+
+
 def watch(
-    fetch: Callable[[], BatchStatus],
+    fetch: Callable[[OutageSink], BatchStatus],
     console: Console,
     interval: float = 3.0,
     extra: Callable[[BatchStatus], RenderableType] | None = None,
 ) -> BatchStatus | None:
     """A live dashboard redrawn every `interval` seconds until Ctrl-C; returns the last status
     shown (leaving is not an error: the batch goes on). `extra`: more of the same moment
-    under the table, redrawn with it (`--matrix`)."""
+    under the table, redrawn with it (`--matrix`). `fetch` rides out a broker outage and
+    tells of it, so the last frame stays up under a line saying so."""
     last: BatchStatus | None = None
+    more: tuple[RenderableType, ...] = ()
     try:
         with Live(console=console, auto_refresh=False, screen=False) as live:
+
+            def on_outage(since: float | None) -> None:
+                line = Text(outage_line(since)) if since is not None else Text("")
+                if last is not None:
+                    live.update(watch_screen(last, console.width, *more, line), refresh=True)
+                else:
+                    live.update(line, refresh=True)
+
             while True:
-                last = fetch()
+                last = fetch(on_outage)
                 more = () if extra is None else (extra(last),)
                 live.update(watch_screen(last, console.width, *more), refresh=True)
                 time.sleep(interval)
@@ -292,6 +315,7 @@ class LiveProgress:
         self._task: TaskID | None = None
         self.last: BatchStatus | None = None
         """The status last shown (what Ctrl-C leaves behind)."""
+        self._out_since: float | None = None
 
     def __enter__(self) -> Callable[[BatchStatus], None]:
         self.progress.start()
@@ -313,7 +337,24 @@ class LiveProgress:
         if self._task is None:
             self._task = self.progress.add_task(f"batch {s.batch}", total=s.total, detail=detail)
         done = finished_count(s)
-        self.progress.update(self._task, completed=done, total=s.total, detail=detail)
+        self.progress.update(
+            self._task, description=f"batch {s.batch}", completed=done, total=s.total, detail=detail
+        )
+
+    def outage(self, since: float | None) -> None:
+        """A broker outage began at `since`, or (None) has ended: said beside the bar, which
+        stays where it was, and once over, how long it lasted, above it."""
+        if since is not None:
+            self._out_since = since
+            if self._task is None:
+                self._task = self.progress.add_task("batch", total=None, detail="")
+            self.progress.update(self._task, detail=outage_line(since))
+            return
+        if self._out_since is not None:
+            self.progress.console.print(back_line(self._out_since), highlight=False)
+            self._out_since = None
+        if self.last is not None:
+            self.update(self.last)
 
 
 PROGRESS_LINES_FROM = 50_000

@@ -42,6 +42,25 @@ def label(argv: Sequence[str]) -> str:
     return text if len(text) <= LABEL_LENGTH else text[: LABEL_LENGTH - 1] + "…"
 
 
+STUDY_SUBDIRS = ("FA", "origdata", "stats")
+"""TBSS's own folders: a command run in one belongs to the study holding it."""
+
+
+def study_name(cwd: str) -> str:
+    """The study a command belongs to, as a person calls it: `/data/study5/FA` -> `study5`."""
+    path = cwd.rstrip("/") or "/"
+    base = os.path.basename(path)
+    if base in STUDY_SUBDIRS:
+        return os.path.basename(os.path.dirname(path)) or base
+    return base or path
+
+
+def shadow_name(batch_id: str, cwd: str, argv: Sequence[str]) -> str:
+    """The task's name in Flower: its label with its batch and study, so that the same pair of
+    five studies (`sub01_FA→sub02_FA`) are told apart."""
+    return f"{label(argv)} · batch {batch_id} · {study_name(cwd)}"
+
+
 REF_HEADER = "tbssq"
 """Message header holding "batch|command id": recovery finds a message's command without
 decoding (or verifying) its body."""
@@ -119,7 +138,7 @@ def celery_messages(
                     headers={REF_HEADER: f"{batch_id}|{t.task_id}"},
                     producer=producer,
                     # Flower and the worker's log show this as the task's name
-                    shadow=label(t.argv),
+                    shadow=shadow_name(batch_id, cwd, t.argv),
                     # nothing is sent here (see capture): kombu's reconnect wrapper only costs
                     retry=False,
                     ignore_result=True,
@@ -161,7 +180,7 @@ def build_messages(
             "headers": {
                 **headers,
                 "id": attempt,
-                "shadow": label(t.argv),
+                "shadow": shadow_name(batch_id, cwd, t.argv),
                 REF_HEADER: f"{batch_id}|{t.task_id}",
             },
             "properties": {**properties, "delivery_tag": new_message_id()},

@@ -36,6 +36,7 @@ from .batches import (
     member,
 )
 from .config import Settings
+from .health import BROKER
 from .publish import (
     REF_HEADER,
     build_messages,
@@ -377,5 +378,7 @@ class Reaper(threading.Thread):
                     republish_orphans(self.app, self.store, self.settings)
                     missing = False
                 suspicious = missing
-            except Exception:  # a broker outage must not kill the worker; try again later
-                log.warning("lost-task check failed; retrying", exc_info=True)
+            except Exception as exc:  # a broker outage must not kill the worker; try again
+                BROKER.failed("lost-task check", exc)
+            else:
+                BROKER.answered()

@@ -295,4 +295,15 @@ def test_flower_rows_after_a_retry_are_one_per_attempt(
         assert "CommandFailed" in failed
         assert "CommandFailed" not in succeeded and "Failed" not in succeeded
         assert sum("SUCCESS" in r for r in rows) == 4 and sum("FAILURE" in r for r in rows) == 3
+        # and the failed attempt's exception text wraps inside the page, not off its edge
+        wraps = "return getComputedStyle(arguments[0]).whiteSpace"
+        assert [
+            browser.execute_script(wraps, c)
+            for c in browser.find_elements(By.CSS_SELECTOR, f"{rows_css} td:nth-child(7)")
+        ] == ["normal"] * 7
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        assert all(
+            c.rect["x"] + c.rect["width"] <= width
+            for c in browser.find_elements(By.CSS_SELECTOR, f"{rows_css} td:nth-child(7)")
+        )
         screenshot(browser, "flower-tasks-after-retry")

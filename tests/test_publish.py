@@ -42,13 +42,14 @@ def test_fast_messages_equal_celerys_own(settings: Settings) -> None:
             f"b1|{t.task_id}" for t in tasks
         ]
     # what a worker never reads is left out (Redis memory), the required headers kept; the body
-    # is plain JSON text; the shadow name is the command's label (fsl_reg: the pair)
+    # is plain JSON text; the shadow name is the command's label (fsl_reg: the pair) with its
+    # batch and study (the folder above FA/), which Flower shows as the task's name
     message = json.loads(fast[0][1])
     unread = {"eta", "expires", "retries", "stamps", "root_id", "parent_id", "group", "origin"}
     assert not unread & message["headers"].keys()
     assert not {"argsrepr", "kwargsrepr", "ignore_result"} & message["headers"].keys()
     assert not {"reply_to", "correlation_id", "body_encoding"} & message["properties"].keys()
     assert {"lang", "task", "id", "timelimit"} <= message["headers"].keys()
-    assert message["headers"]["shadow"] == "s0→t"
+    assert message["headers"]["shadow"] == "s0→t · batch b1 · study"
     assert json.loads(message["body"])[0][:2] == ["b1", tasks[0].task_id]
     assert build_messages(app, "b1", "/", [], {}, {}) == []

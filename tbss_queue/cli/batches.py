@@ -112,7 +112,7 @@ def _wait_and_report(batch_id: str, settings: Settings, as_json: bool) -> int:
     live = LiveProgress(err)
     try:
         with live as update:
-            final = api.wait(batch_id, settings=settings, on_update=update)
+            final = api.wait(batch_id, settings=settings, on_update=update, on_outage=live.outage)
     except KeyboardInterrupt:
         err.print(left_watching(batch_id, live.last), highlight=False)
         return EXIT_OK
@@ -191,6 +191,7 @@ def run(
                 done_if_exists=done_if_exists,
                 settings=settings,
                 on_update=update,
+                on_outage=live.outage,
                 on_submitted=on_submitted,
                 report=report_to,
             )
@@ -258,7 +259,7 @@ def status(
             return matrix_view(api.matrix(s.batch, settings=settings))
 
         last = watch_status(
-            lambda: api.status(batch, settings=settings),
+            lambda on_outage: api.status_riding_out(batch, settings=settings, on_outage=on_outage),
             out,
             extra=subjects_now if show_matrix else None,
         )
