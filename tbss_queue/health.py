@@ -55,10 +55,11 @@ BROKER = BrokerWatch()
 
 
 class Health(threading.Thread):
-    """Says every heartbeat that this node is up, and keeps it out of the queue while it is
-    quarantined: a fault of the node (study not mounted, FSL missing, a policy that refuses the
-    study's commands) stops its consumer instead of failing command after command. It comes
-    back by `tbss-queue nodes resume NAME`, or by itself once the missing path exists."""
+    """Says every heartbeat that this node is up; clears what it found it cannot run once the
+    missing path exists (a study mounted since: lua/node_fault.lua records such faults, and the
+    node takes every other command meanwhile); and keeps it out of the queue while it is
+    quarantined (its runners kept renewing late), until `tbss-queue nodes resume NAME` or a
+    restart."""
 
     def __init__(self, app: Any, settings: Settings, store: BatchStore, node: str) -> None:
         super().__init__(name="tbss-queue-health", daemon=True)
