@@ -622,10 +622,12 @@ class BatchStore:
             batch_key(batch_id, "ended"),
             batch_key(batch_id, "failed"),
             OWED,
+            batch_key(batch_id, "runs"),
         ]
         args = [task_id, member(batch_id, task_id), token, limit, int(count_loss)]
         args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP), delay]
-        args += [json.dumps(record) if record is not None else ""]
+        # a retried attempt's record, and its line in the run log: it ran, and failed
+        args += [json.dumps(record), run_line(record)] if record is not None else ["", ""]
         return str(self._run("release", [*keys, *ending_keys(batch_id)], args))
 
     def hand_back(

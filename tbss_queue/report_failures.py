@@ -22,8 +22,8 @@ def failed_attempts(
     """The failed attempts in the run log (`failed_lines`: the line of each; `succeeded_lines`:
     of each succeeded one), by what became of their command: succeeded on a later attempt,
     failed now, or neither yet (queued or running again). A batch that recovered by retries
-    is not one where nothing failed. (A failure retried by `--retries` leaves no entry: the
-    run log has the attempts that ended a command's run.)"""
+    is not one where nothing failed. (A failure retried by `--retries` is there too: its
+    hand-back writes its line.)"""
     lines, counts = np.unique(failed_lines, return_counts=True)
     per_line = dict(zip(lines.tolist(), counts.tolist(), strict=True))
     ended_ok = np.unique(succeeded_lines)

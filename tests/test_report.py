@@ -161,3 +161,27 @@ def test_the_report_counts_failed_attempts_and_says_what_became_of_them(
     assert abs(span - bins["span_seconds"]) < 0.01, bins
     assert sum(bins["counts"]) == 28
     assert f"28 attempts ended, in {len(bins['counts'])} bin" in page
+
+
+def test_a_failure_retried_by_retries_is_counted_and_shown(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given 3 commands that fail once, submitted with --retries 1, so that each is retried by
+    # the worker itself (not by `tbss-queue retry`) and then succeeds
+    (tmp_path / "fail_once.py").write_text(FAIL_ONCE)
+    script = tmp_path / "fail_once.py"
+    workers("w1", 2)
+    lines = [f"python3 {script} {tmp_path}/m{i} 0.2" for i in range(3)]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), settings=settings, retries=1)
+    assert api.wait(batch.id, settings=settings, timeout=90).succeeded == 3
+    # When its report is written
+    out = tmp_path / "report.html"
+    res = tbss_queue("report", batch.id, "-o", str(out), env=settings_env(settings, run_tag))
+    assert res.returncode == 0, res.stderr
+    page = out.read_text()
+    text = " ".join(re.sub(r"<[^>]+>", " ", page[page.index("<h2>Failures") :]).split())
+    # Then the 3 failed attempts are counted, and said to have succeeded on retry
+    assert "3 failed attempts: 3 failed, then succeeded on retry" in text, text
+    data = api.report(batch.id, settings=settings)
+    assert (data["summary"]["failed_attempts"], data["summary"]["failed_then_succeeded"]) == (3, 3)
+    assert sum(data["throughput"]["counts"]) == 6

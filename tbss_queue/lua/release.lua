@@ -6,10 +6,11 @@
 -- A requeued command is owed a message from `delay` seconds on (owed): whoever requeued it
 -- publishes one and pays the debt in the same step; if its reply to this script was lost, or it
 -- died first, a reaper finds the debt and publishes the message (recovery.republish_owed).
--- KEYS: state counts nodes running lease attempts result ended failed owed [ending: from 11,
---       its meta at 13]
+-- KEYS: state counts nodes running lease attempts result ended failed owed runs [ending: from
+--       12, its meta at 14]
 -- ARGV: cid member token limit count_loss ignore_lease batch_id default_ttl delay
 --       record_json ('' none: the attempt's record, kept with the requeue in the same step)
+--       run_line ('' none: the attempt ran and failed, and is retried: its line in the run log)
 -- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
 -- command was no longer running: cancelled, or already taken, or its batch forgotten).
 -- Counts every requeue in attempts ('requeued', and 'lost' for lost runners) and per node
@@ -21,7 +22,7 @@ if r['token'] ~= ARGV[3] then return 'gone' end
 if ARGV[6] == '0' and redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
 redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
-if gone(KEYS[13]) then return 'gone' end
+if gone(KEYS[14]) then return 'gone' end
 redis.call('HINCRBY', KEYS[3], r['node'] .. '|running', -1)
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old ~= 'running' then return 'gone' end
@@ -46,12 +47,13 @@ if new == 'failed' then
   redis.call('ZADD', KEYS[8], now, ARGV[1])
   redis.call('SADD', KEYS[9], ARGV[1])
   redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
-  end_if_idle(11, ARGV[7], ARGV[8])
+  end_if_idle(12, ARGV[7], ARGV[8])
   return 'lost'
 end
 redis.call('HINCRBY', KEYS[6], 'requeued', 1)
 redis.call('HINCRBY', KEYS[3], r['node'] .. '|requeued', 1)
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[7], ARGV[1], ARGV[10]) end
+if ARGV[11] ~= '' then redis.call('RPUSH', KEYS[11], ARGV[11] .. '\tfailed') end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[10], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[9]), ARGV[2])
 return 'requeued'
