@@ -23,19 +23,6 @@ CAUSE_LATE = "late renewals"
 resumed or restarted, never let out because it is the last node standing."""
 
 
-def node_fault(
-    argv: Sequence[str], cwd: str, env: Mapping[str, str], policy: Policy | None
-) -> dict[str, Any] | None:
-    """Why this node can't start the command ({cause, message, path}), or None.
-
-    `path` is what would have to appear for the fault to go away by itself (the worker checks
-    it at every heartbeat and leaves quarantine once it exists); None for a policy refusal.
-    """
-    if not os.path.isdir(cwd):
-        return fault(CAUSE_NO_CWD, f"working directory {cwd} not found on this node", cwd)
-    return admit(argv, cwd, env, policy)[0]
-
-
 def admit(
     argv: Sequence[str], cwd: str, env: Mapping[str, str], policy: Policy | None
 ) -> tuple[dict[str, Any] | None, str]:
