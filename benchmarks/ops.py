@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tbss_queue import api
-from tbss_queue.app import make_app
-from tbss_queue.batches import (
+from tbss_queue.config import Settings
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.batches import (
     CHUNK,
     QUARANTINE,
     BatchStore,
@@ -36,9 +37,8 @@ from tbss_queue.batches import (
     batch_key,
     run_line,
 )
-from tbss_queue.broker import connect
-from tbss_queue.config import Settings
-from tbss_queue.recovery import keep_tidy, missing_messages, republish_orphans
+from tbss_queue.queue.broker import connect
+from tbss_queue.queue.recovery import keep_tidy, missing_messages, republish_orphans
 
 from .run import _commands_file, machine
 from .systems import REPO, fresh_redis

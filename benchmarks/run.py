@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tbss_queue import api
-from tbss_queue.batches import BatchStore
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
-from tbss_queue.recovery import heartbeats_judgeable
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect
+from tbss_queue.queue.recovery import heartbeats_judgeable
 
 from .systems import (
     REPO,

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from tbss_queue import api
-from tbss_queue.batches import BatchStore
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.errors import TbssQueueError
 from tbss_queue.fsl.jobs import Job, hold_batches, load_job, new_job_id, save_job
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect
 
 from .options import coprocessor_asked, unsupported
 

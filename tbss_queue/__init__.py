@@ -1,6 +1,6 @@
 """tbss-queue: run the registration commands of an FSL TBSS study on many machines."""
 
-from .api import (
+from tbss_queue.api import (
     cancel,
     failures,
     forget,
@@ -17,12 +17,11 @@ from .api import (
     tasks,
     wait,
 )
-from .config import Settings
-from .errors import TbssQueueError
-from .logfiles import CommandLog
-from .models import Batch, BatchStatus, NodeInfo, NodeStatus, TaskRecord
-
-__version__ = "0.1.0"
+from tbss_queue.config import Settings
+from tbss_queue.errors import TbssQueueError
+from tbss_queue.models import Batch, BatchStatus, NodeInfo, NodeStatus, TaskRecord
+from tbss_queue.version import __version__
+from tbss_queue.views.logfiles import CommandLog
 
 __all__ = [
     "Batch",

@@ -1,3 +1,3 @@
-from .cli import main
+from tbss_queue.cli import main
 
 main()

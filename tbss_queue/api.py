@@ -20,8 +20,16 @@ from typing import Any
 
 import redis
 
-from .app import make_app
-from .batches import (
+from tbss_queue.commands import Command, parse_commands_file
+from tbss_queue.config import Settings
+from tbss_queue.errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, LogNotFound
+from tbss_queue.execution.done import DoneMarker, done_marker, judge_done
+from tbss_queue.execution.logs import batch_log_dir, log_stem
+from tbss_queue.fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
+from tbss_queue.models import Batch, BatchStatus, NodeInfo, TaskRecord
+from tbss_queue.paths import PathMap
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.batches import (
     CANCELLED,
     CHUNK,
     FAILED,
@@ -38,29 +46,31 @@ from .batches import (
     run_line,
     task_id_for,
 )
-from .broker import broker_full, connect, replicated
-from .commands import Command, parse_commands_file
-from .config import Settings
-from .done import DoneMarker, done_marker, judge_done
-from .errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, LogNotFound
-from .fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
-from .logfiles import (
+from tbss_queue.queue.broker import broker_full, connect, replicated
+from tbss_queue.queue.persistence import (
+    lost_or_not_found,
+    persistence_warning,
+    remember,
+    server_run_id,
+)
+from tbss_queue.queue.publish import (
+    HARD_LIMIT_MARGIN,
+    build_messages,
+    label,
+    send_options,
+    task_kwargs,
+)
+from tbss_queue.views.logfiles import (
     CommandLog,
     attempt_outcome,
-    batch_log_dir,
     find_commands,
     fsl_sub_paths,
     latest_batch_in,
-    log_stem,
     parse_ref,
     recorded_ends,
     write_joblog,
 )
-from .models import Batch, BatchStatus, NodeInfo, TaskRecord
-from .paths import PathMap
-from .persistence import lost_or_not_found, persistence_warning, remember, server_run_id
-from .publish import HARD_LIMIT_MARGIN, build_messages, label, send_options, task_kwargs
-from .status import compute, fsl_version_warning
+from tbss_queue.views.status import compute, fsl_version_warning
 
 _LIVE = ("queued", "running", "succeeded")
 _OPTIONS = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
@@ -463,7 +473,7 @@ def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
 
 def autoalloc_state(*, settings: Settings | None = None) -> dict[str, str]:
     """What `tbss-queue autoalloc` last saw and did (empty if none ever ran on this broker)."""
-    from .autoalloc import read_state
+    from tbss_queue.autoalloc import read_state
 
     _, store = _store(settings)
     return read_state(store.r)
@@ -586,7 +596,11 @@ def report(
     Reads the batch's run log and its failed commands, not every command's record.
     `timeline=False`: None in its place (a second saved per million attempts, when only the
     HTML is wanted)."""
-    from .report import Runs, render_html, report_data  # matplotlib: loaded only for reports
+    from tbss_queue.views.report import (  # matplotlib: loaded only for reports
+        Runs,
+        render_html,
+        report_data,
+    )
 
     current = status(batch_id, settings=settings)
     store = _store(settings)[1]

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import redis
 
-from .batches import ACTIVE, NODES, PREFIX, QUEUED, batch_key
-from .broker import connect
-from .config import Settings
-from .errors import ConfigError
-from .slurm import PilotJob
+from tbss_queue.config import Settings
+from tbss_queue.errors import ConfigError
+from tbss_queue.queue.batches import ACTIVE, NODES, PREFIX, QUEUED, batch_key
+from tbss_queue.queue.broker import connect
+from tbss_queue.slurm import PilotJob
 
 log = logging.getLogger(__name__)
 

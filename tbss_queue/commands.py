@@ -2,16 +2,77 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CommandsFileError
-from .runner import ExecLimits
+from tbss_queue.errors import CommandsFileError
+
+_POINTER_SIZE = 8
+"""Bytes each argv pointer takes on the stack of a 64-bit exec."""
+_ENVIRONMENT_RESERVE = 64 * 1024
+"""Left of ARG_MAX for the environment the worker passes along with argv."""
+_LINUX_ARGV_CAP = 6 * 1024 * 1024
+"""Linux never allows more than 3/4 of its 8 MiB _STK_LIM for argv+envp, whatever
+`ulimit -s` says (sysconf(_SC_ARG_MAX) reports rlimit/4 even when unlimited)."""
+
+
+def _sysconf(name: str, default: int) -> int:
+    try:
+        value = os.sysconf(name)
+    except (ValueError, OSError, AttributeError):
+        return default
+    return value if value > 0 else default
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """What execve(2) on this system accepts: per argument and for the whole argv. Judged
+    once, at submit (commands.py: the line number is known there), and again by the worker for
+    what a message carries (fields.py)."""
+
+    word: int  # MAX_ARG_STRLEN (32 pages): one argument's bytes including its NUL
+    argv: int  # bytes of all arguments (with NULs) and their pointers
+    quick: int  # lines of at most this many characters are within both limits
+
+    @classmethod
+    @functools.cache
+    def of_this_system(cls) -> ExecLimits:
+        word = 32 * _sysconf("SC_PAGE_SIZE", 4096)
+        argv = min(_sysconf("SC_ARG_MAX", 131072), _LINUX_ARGV_CAP) - _ENVIRONMENT_RESERVE
+        # a word has at most 4 UTF-8 bytes per character of the line (quotes only remove
+        # characters), and a line of n characters has at most (n + 1) / 2 words
+        return cls(word, argv, min((word - 1) // 4, (argv - 2 * _POINTER_SIZE) // 9))
+
+    @staticmethod
+    def size(argv: Sequence[str]) -> int:
+        """The bytes execve counts for argv: each word with its NUL, and the pointers."""
+        return sum(len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv) + _POINTER_SIZE * (
+            len(argv) + 1
+        )
+
+    def refusal(self, argv: tuple[str, ...]) -> str | None:
+        """Why execve would fail with E2BIG for this argv, or None if it fits."""
+        sizes = [len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv]
+        total = self.size(argv)
+        if total > self.argv:
+            return (
+                f"command line of {total:,} bytes exceeds this system's argument limit "
+                f"({self.argv:,} bytes)"
+            )
+        for index, size in enumerate(sizes, start=1):
+            if size > self.word:
+                return (
+                    f"word {index} of {size - 1:,} bytes exceeds this system's per-argument "
+                    f"limit ({self.word - 1:,} bytes)"
+                )
+        return None
+
 
 SHELL_METACHARACTERS = frozenset(";|&<>`$()*?[]")
 """Characters a shell would interpret. Without a shell they would be passed on literally,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import ConfigError
+from tbss_queue.errors import ConfigError
 
 DEFAULT_BROKER = "redis://localhost:6379/0"
 """Where the queue lives when nothing else is said."""

@@ -13,12 +13,12 @@ from typing import Any
 import psutil
 import redis
 
-from .batches import BatchStore
-from .broker import connect, sentinels_of
-from .config import Settings, cpu_count
-from .errors import TbssQueueError
-from .persistence import FIX as PERSISTENCE_FIX
-from .persistence import eviction_warning, persistence
+from tbss_queue.config import Settings, cpu_count
+from tbss_queue.errors import TbssQueueError
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect, sentinels_of
+from tbss_queue.queue.persistence import FIX as PERSISTENCE_FIX
+from tbss_queue.queue.persistence import eviction_warning, persistence
 
 GB_PER_FNIRT = 2.0
 """Memory to plan per registration. FNIRT on 1 mm FA is commonly quoted at 1-2 GB per process;

@@ -13,10 +13,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .app import make_app
-from .broker import connect
-from .config import Settings
-from .errors import ConfigError
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.errors import ConfigError
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.broker import connect
 
 RUNTIME_BUCKETS = "30,60,120,180,240,300,450,600,900,1800,3600"
 """Seconds: Flower's default histogram stops at 10 s, useless for 3-5 minute registrations."""
@@ -80,8 +81,8 @@ def flower_argv(options: FlowerOptions) -> list[str]:
 
 def run_flower(settings: Settings, options: FlowerOptions) -> None:
     """Run Flower in this process until stopped."""
-    from .flower_pages import install
+    from tbss_queue.views.flower_pages import install
 
     argv = flower_argv(options)
-    install(connect(settings), settings)
+    install(connect(settings), settings, lambda: api.list_batches(settings=settings))
     make_app(settings).start(argv=argv)

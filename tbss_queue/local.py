@@ -23,19 +23,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
-from . import api
-from .app import make_app
-from .batches import BatchStore
-from .broker import connect
-from .commands import parse_commands_file
-from .config import Settings, cpu_count
-from .errors import TbssQueueError
-from .fsl.matrix import SubjectMatrix
-from .models import Batch, BatchStatus, TaskRecord
-from .procs import TAG_VAR, kill_tagged
-from .recovery import reconcile
-from .redis_server import RedisServer
-from .runner import dies_with_parent
+from tbss_queue import api
+from tbss_queue.commands import parse_commands_file
+from tbss_queue.config import Settings, cpu_count
+from tbss_queue.errors import TbssQueueError
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged
+from tbss_queue.execution.runner import dies_with_parent
+from tbss_queue.fsl.matrix import SubjectMatrix
+from tbss_queue.models import Batch, BatchStatus, TaskRecord
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect
+from tbss_queue.queue.recovery import reconcile
+from tbss_queue.redis_server import RedisServer
 
 RUN_DIR = ".tbss-queue"
 """Where `run` keeps its Redis data and worker log, inside the working directory."""
@@ -240,7 +240,7 @@ def embedded(
         # nothing can be running after a stop: put interrupted commands back in the queue.
         # Recovery would log each as "its node stopped answering": here it is the stop we
         # made, which `run` reports itself (RunResult.resumed)
-        with _silenced("tbss_queue.recovery"):
+        with _silenced("tbss_queue.queue.recovery"):
             counts = reconcile(make_app(settings), BatchStore(connect(settings)), settings)
         log_path = run_dir / "worker.log"
         env = {**os.environ, "TBSS_QUEUE_BROKER": server.url, TAG_VAR: tag}

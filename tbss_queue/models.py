@@ -203,3 +203,37 @@ class TaskRecord:
         # its fields are plain values: a shallow copy (asdict's deep one took 4 s for 20,000)
         ran = list(self.ran) if self.ran is not None else None
         return {**vars(self), "argv": list(self.argv), "ran": ran, "command": self.text}
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The worker nodes' health as Redis sees it now (heartbeats and stop marks)."""
+
+    now: float
+    lost_after: float
+    heartbeats: dict[str, float] = field(default_factory=dict)  # node -> last heartbeat
+    stopping: dict[str, float] = field(default_factory=dict)  # node -> when it began to stop
+    quarantine: dict[str, str] = field(default_factory=dict)  # node -> why
+    faults: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> what it can't run
+
+    def state(self, node: str, running: int = 0) -> str:
+        return node_state(
+            self.age(node), self.lost_after, node in self.stopping, node in self.quarantine, running
+        )
+
+    def age(self, node: str) -> float | None:
+        beat = self.heartbeats.get(node)
+        return None if beat is None else max(0.0, self.now - beat)
+
+    def heartbeat_age(self, node: str) -> float | None:
+        """`age`, to a tenth of a second: what status and `nodes` show."""
+        age = self.age(node)
+        return None if age is None else round(age, 1)
+
+    def online(self) -> list[str]:
+        return sorted(n for n in self.heartbeats if (self.age(n) or 0.0) < self.lost_after)
+
+    def silent_for(self, since: float) -> float:
+        """Seconds since any node was last heard from (`since` if none ever was later)."""
+        last = max([since, *self.heartbeats.values(), *self.stopping.values()])
+        return max(0.0, self.now - last)

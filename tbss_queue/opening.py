@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .policy import under
+from tbss_queue.paths import under
 
 READ_CAP = 64 * 1024
 """Bytes read at most from a marker or score file (an .msf holds two numbers)."""

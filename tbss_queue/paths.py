@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from tbss_queue.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,15 @@ def fsl_env(env: Mapping[str, str]) -> dict[str, str]:
     if fsldir:
         out["PATH"] = os.pathsep.join([os.path.join(fsldir, "bin"), out.get("PATH", "")])
     return out
+
+
+def within(path: str, roots: Sequence[str]) -> bool:
+    """Whether `path` (symlinks followed) lies under one of `roots` (already real paths)."""
+    real = os.path.realpath(path)
+    return any(under(real, root) for root in roots)
+
+
+def under(path: str, root: str) -> bool:
+    """Component-wise containment of normalized paths: /data holds /data/x, not /database."""
+    root = os.path.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")

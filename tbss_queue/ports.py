@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from .errors import ConfigError
+from tbss_queue.errors import ConfigError
 
 
 def check_port_free(address: str, port: int) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from .errors import EmbeddedRedisError
-from .runner import dies_with_parent
+from tbss_queue.errors import EmbeddedRedisError
+from tbss_queue.execution.runner import dies_with_parent
 
 MAX_SOCKET_PATH = 100
 """Unix socket paths are limited to 108 bytes on Linux (fewer on macOS); stay under both."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from string import Template
 
-from .errors import ConfigError
+from tbss_queue.errors import ConfigError
 
 START_MARGIN = 60
 """Seconds allowed for a node to start Python and connect before it takes commands."""

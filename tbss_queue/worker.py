@@ -24,20 +24,20 @@ from celery.signals import worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 from celery.worker.consumer import consumer as celery_consumer
 
-from . import __version__
-from .app import make_app
-from .batches import BatchStore
-from .broker import connect
-from .config import Settings, cpu_count
-from .doctor import fsl_version
-from .errors import ConfigError
-from .health import Health
-from .paths import PathMap
-from .persistence import eviction_warning, persistence_warning
-from .policy import Policy
-from .publish import REF_HEADER
-from .recovery import Reaper
-from .tasks import NodeRules, refuse, register
+from tbss_queue.config import Settings, cpu_count
+from tbss_queue.doctor import fsl_version
+from tbss_queue.errors import ConfigError
+from tbss_queue.execution.health import Health
+from tbss_queue.execution.policy import Policy
+from tbss_queue.execution.tasks import NodeRules, refuse, register
+from tbss_queue.paths import PathMap
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect
+from tbss_queue.queue.persistence import eviction_warning, persistence_warning
+from tbss_queue.queue.publish import REF_HEADER
+from tbss_queue.queue.recovery import Reaper
+from tbss_queue.version import __version__
 
 log = logging.getLogger(__name__)
 

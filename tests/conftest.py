@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tbss_queue.config import Settings
-from tbss_queue.procs import TAG_VAR, kill_tagged
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import RedisServer, find_redis_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tbss_queue.procs import TAG_VAR, kill_tagged
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "slurmstepd")

@@ -14,9 +14,9 @@ import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged, tagged
 from tbss_queue.fsl.demo import make_demo
 from tbss_queue.fsl.outputs import read_msf
-from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
 
 from .conftest import tbss_queue
 from .faults import wait_until

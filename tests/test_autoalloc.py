@@ -24,9 +24,9 @@ from tbss_queue.autoalloc import (
     pilot_notes,
     pilots_needed,
 )
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
-from tbss_queue.procs import kill_tagged
+from tbss_queue.execution.procs import kill_tagged
+from tbss_queue.queue.broker import connect
 
 from .conftest import tbss_queue
 from .faults import Markers, job, wait_until

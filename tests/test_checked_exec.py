@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from tbss_queue import api
-from tbss_queue.batches import script_sha
 from tbss_queue.config import Settings
+from tbss_queue.queue.batches import script_sha
 from tbss_queue.redis_server import RedisServer
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tbss_queue import api
-from tbss_queue.batches import BatchStore
 from tbss_queue.config import Settings
 from tbss_queue.models import Batch
+from tbss_queue.queue.batches import BatchStore
 
 from .conftest import Worker, write_commands
 from .faults import Markers, job

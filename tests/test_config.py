@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from tbss_queue.app import make_app
 from tbss_queue.config import DEFAULT_BROKER, Settings, mask_url, parse_sentinel_url
 from tbss_queue.errors import ConfigError
+from tbss_queue.queue.app import make_app
 
 from .conftest import tbss_queue
 

@@ -20,9 +20,9 @@ import yaml
 
 from tbss_queue import api
 from tbss_queue.config import Settings, cpu_count
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged
 from tbss_queue.fsl.demo import make_demo
 from tbss_queue.fsl.outputs import read_msf
-from tbss_queue.procs import TAG_VAR, kill_tagged
 from tbss_queue.redis_server import find_redis_server, free_port
 from tbss_queue.slurm import PilotJob
 

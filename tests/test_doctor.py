@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tbss_queue import api
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.doctor import check_broker
+from tbss_queue.queue.broker import connect
 from tbss_queue.redis_server import RedisServer, allocator, find_redis_server, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from tbss_queue.fields import (
+from tbss_queue.execution.fields import (
     RefusedField,
     TaskFields,
     check_fields,

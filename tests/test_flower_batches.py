@@ -146,10 +146,10 @@ def test_flower_batches_page_agrees_with_status_for_work_done_before_it_started(
 def test_flower_shows_a_dropped_duplicate_as_such_not_as_running_or_cancelled(
     tmp_path: Path, workers: Callable[..., Worker], settings: Settings, run_tag: str
 ) -> None:
-    from tbss_queue.app import make_app
-    from tbss_queue.batches import BatchStore
-    from tbss_queue.broker import connect
-    from tbss_queue.recovery import republish
+    from tbss_queue.queue.app import make_app
+    from tbss_queue.queue.batches import BatchStore
+    from tbss_queue.queue.broker import connect
+    from tbss_queue.queue.recovery import republish
 
     env = settings_env(settings, run_tag)
     # Given a command that succeeded while Flower watched

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tbss_queue import api
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
 from tbss_queue.fsl.jobs import load_job
 from tbss_queue.models import BatchStatus
+from tbss_queue.queue.broker import connect
 
 from .conftest import Worker, settings_env, write_commands
 

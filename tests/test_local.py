@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tbss_queue.config import Settings
+from tbss_queue.execution.procs import TAG_VAR, kill_tagged, tagged
 from tbss_queue.fsl.demo import make_demo
 from tbss_queue.fsl.outputs import read_msf
-from tbss_queue.procs import TAG_VAR, kill_tagged, tagged
 from tbss_queue.redis_server import find_redis_server
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

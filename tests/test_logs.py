@@ -14,8 +14,9 @@ import pytest
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import ConfigError
-from tbss_queue.logfiles import log_stem, parse_ref
+from tbss_queue.execution.logs import log_stem
 from tbss_queue.paths import PathMap
+from tbss_queue.views.logfiles import parse_ref
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from tbss_queue.app import make_app
-from tbss_queue.batches import TaskSpec, task_id_for
 from tbss_queue.config import Settings
-from tbss_queue.publish import build_messages, celery_messages, send_options
+from tbss_queue.queue.app import make_app
+from tbss_queue.queue.batches import TaskSpec, task_id_for
+from tbss_queue.queue.publish import build_messages, celery_messages, send_options
 
 
 def _without_delivery_tag(payload: str) -> dict:

@@ -12,7 +12,7 @@ from selenium.webdriver.common.by import By
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.report import RASTERIZE_ABOVE, Runs, timeline_svg
+from tbss_queue.views.report import RASTERIZE_ABOVE, Runs, timeline_svg
 
 from .browser import browser, screenshot  # noqa: F401 - the fixture
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from tbss_queue import api
-from tbss_queue.batches import (
+from tbss_queue.config import Settings
+from tbss_queue.queue.batches import (
     ACTIVE,
     BATCHES,
     CHUNK,
@@ -28,8 +29,7 @@ from tbss_queue.batches import (
     index_key,
     task_id_for,
 )
-from tbss_queue.broker import connect
-from tbss_queue.config import Settings
+from tbss_queue.queue.broker import connect
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

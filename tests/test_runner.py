@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from tbss_queue.runner import SHARED_WAIT, TAIL_BYTES, Stop, run_command
+from tbss_queue.execution.runner import SHARED_WAIT, TAIL_BYTES, Stop, run_command
 
 JOB = str(Path(__file__).parent / "bin" / "job.py")
 

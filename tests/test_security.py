@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from tbss_queue import api
-from tbss_queue.app import TASK_NAME, make_app
 from tbss_queue.config import Settings
-from tbss_queue.policy import Policy
+from tbss_queue.execution.policy import Policy
+from tbss_queue.queue.app import TASK_NAME, make_app
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -22,9 +22,9 @@ import pytest
 import redis
 
 from tbss_queue import api
-from tbss_queue.broker import REPLICA_WAIT_MS, connect, replicated
 from tbss_queue.config import Settings
-from tbss_queue.persistence import epoch, lost_batch_message, persistence, server_run_id
+from tbss_queue.queue.broker import REPLICA_WAIT_MS, connect, replicated
+from tbss_queue.queue.persistence import epoch, lost_batch_message, persistence, server_run_id
 from tbss_queue.redis_server import RedisServer, find_redis_server, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

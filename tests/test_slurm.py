@@ -13,7 +13,7 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.procs import kill_tagged, tagged
+from tbss_queue.execution.procs import kill_tagged, tagged
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 from .faults import Markers, job, wait_until

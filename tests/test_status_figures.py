@@ -13,7 +13,7 @@ from pathlib import Path
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.models import BatchStatus, NodeStatus
-from tbss_queue.publish import label
+from tbss_queue.queue.publish import label
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 from .test_reliability import job

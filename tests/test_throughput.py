@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from tbss_queue.batches import ACTIVE, CHUNK, BatchStore, batch_key
-from tbss_queue.broker import connect
 from tbss_queue.config import Settings
-from tbss_queue.throughput import throughput
+from tbss_queue.queue.batches import ACTIVE, CHUNK, BatchStore, batch_key
+from tbss_queue.queue.broker import connect
+from tbss_queue.views.throughput import throughput
 
 
 def test_an_hour_of_many_ended_commands_is_counted_exactly_in_bounded_reads(

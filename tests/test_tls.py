@@ -143,7 +143,7 @@ def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
 def test_tls_reaches_celery_as_options_not_url_parameters(tmp_path: Path) -> None:
     ca = Authority(tmp_path)
     settings = Settings.resolve(env={}, broker="rediss://h:1/0", tls_ca=str(ca.pair.cert))
-    from tbss_queue.app import make_app
+    from tbss_queue.queue.app import make_app
 
     conf = make_app(settings).conf
     assert conf.broker_use_ssl["ssl_ca_certs"] == str(ca.pair.cert)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.visible import copy_visible, visible, visible_lines
+from tbss_queue.views.visible import copy_visible, visible, visible_lines
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands
 

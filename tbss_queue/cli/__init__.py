@@ -4,7 +4,7 @@ No logic lives here; every verb is a few lines over a function of `tbss_queue.ap
 per verb group; importing them registers their verbs on the group.
 """
 
-from . import autoalloc, batches, fsl, logs, nodes  # noqa: F401  (registers the verbs)
-from .app import cli, main
+from tbss_queue.cli import autoalloc, batches, fsl, logs, nodes  # noqa: F401  (registers the verbs)
+from tbss_queue.cli.app import cli, main
 
 __all__ = ["cli", "main"]

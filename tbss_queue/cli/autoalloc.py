@@ -6,10 +6,9 @@ import logging
 
 import click
 
+from tbss_queue.cli.app import broker_options, cli, policy_options
 from tbss_queue.config import Settings
 from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
-
-from .app import broker_options, cli, policy_options
 
 
 def _env(name: str) -> str:

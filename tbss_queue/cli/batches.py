@@ -11,11 +11,24 @@ from rich.console import Group
 
 from tbss_queue import api
 from tbss_queue.autoalloc import pilot_notes
+from tbss_queue.cli.app import (
+    broker_options,
+    cli,
+    cwd_option,
+    done_if_exists_option,
+    err,
+    json_option,
+    out,
+    read_broker_options,
+    time_limit_option,
+    wait_option,
+)
+from tbss_queue.cli.fsl import print_matrix
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from tbss_queue.models import Batch, BatchStatus
 from tbss_queue.paths import PathMap
-from tbss_queue.progress import (
+from tbss_queue.views.progress import (
     LiveProgress,
     StagingProgress,
     batches_table,
@@ -28,21 +41,7 @@ from tbss_queue.progress import (
     submitted_line,
     summary_line,
 )
-from tbss_queue.progress import watch as watch_status
-
-from .app import (
-    broker_options,
-    cli,
-    cwd_option,
-    done_if_exists_option,
-    err,
-    json_option,
-    out,
-    read_broker_options,
-    time_limit_option,
-    wait_option,
-)
-from .fsl import print_matrix
+from tbss_queue.views.progress import watch as watch_status
 
 
 @cli.command()

@@ -8,16 +8,15 @@ import click
 from rich.table import Table
 
 from tbss_queue import api
-from tbss_queue.config import Settings
-from tbss_queue.fsl.matrix import SubjectMatrix
-
-from .app import (
+from tbss_queue.cli.app import (
     broker_options,
     cli,
     err,
     json_option,
     out,
 )
+from tbss_queue.config import Settings
+from tbss_queue.fsl.matrix import SubjectMatrix
 
 
 def print_matrix(matrix: SubjectMatrix | None) -> None:

@@ -8,12 +8,11 @@ import sys
 import click
 
 from tbss_queue import api
+from tbss_queue.cli.app import cli, err, json_option, read_broker_options
 from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED
-from tbss_queue.logfiles import copy_to
-from tbss_queue.visible import copy_visible, visible, visible_lines
-
-from .app import cli, err, json_option, read_broker_options
+from tbss_queue.views.logfiles import copy_to
+from tbss_queue.views.visible import copy_visible, visible, visible_lines
 
 
 @cli.command()

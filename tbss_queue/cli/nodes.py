@@ -11,16 +11,7 @@ from rich.text import Text
 
 from tbss_queue import api
 from tbss_queue.autoalloc import pilot_notes
-from tbss_queue.config import Settings
-from tbss_queue.environment import pass_env_names
-from tbss_queue.errors import EXIT_FAILED, EXIT_OK
-from tbss_queue.paths import PathMap
-from tbss_queue.policy import Policy
-from tbss_queue.progress import fmt_duration
-from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
-from tbss_queue.visible import visible
-
-from .app import (
+from tbss_queue.cli.app import (
     broker_options,
     cli,
     err,
@@ -28,6 +19,14 @@ from .app import (
     out,
     policy_options,
 )
+from tbss_queue.config import Settings
+from tbss_queue.errors import EXIT_FAILED, EXIT_OK
+from tbss_queue.execution.environment import pass_env_names
+from tbss_queue.execution.policy import Policy
+from tbss_queue.paths import PathMap
+from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
+from tbss_queue.views.progress import fmt_duration
+from tbss_queue.views.visible import visible
 
 
 @cli.command()

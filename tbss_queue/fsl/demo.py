@@ -24,8 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from tbss_queue.errors import ConfigError
-
-from .outputs import reg_lines
+from tbss_queue.fsl.outputs import reg_lines
 
 SHAPE = (40, 48, 40)
 CUT_SHORT_TO = 2000

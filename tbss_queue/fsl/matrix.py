@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tbss_queue.fsl.images import image_exists, imglob
+from tbss_queue.fsl.outputs import FslReg, parse_fsl_reg, read_msf, reg_done
 from tbss_queue.models import TaskRecord
 from tbss_queue.opening import read_regular_path
-
-from .images import image_exists, imglob
-from .outputs import FslReg, parse_fsl_reg, read_msf, reg_done
 
 MAX_CELLS = 40_000
 """Matrices of more cells than this (200 subjects) are not made: they would not be read."""

@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .matrix import Cell, SubjectMatrix, cell_colour, short
+from tbss_queue.fsl.matrix import Cell, SubjectMatrix, cell_colour, short
 
 CSS = """
 #matrix table { width: auto; border-collapse: separate; border-spacing: 2px; }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbss_queue.opening import read_regular, read_regular_path, unlink_beneath
-from tbss_queue.policy import within
+from tbss_queue.paths import within
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".img.gz")
 

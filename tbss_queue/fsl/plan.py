@@ -21,10 +21,9 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from tbss_queue.errors import ConfigError, TbssQueueError
+from tbss_queue.fsl.images import IMGLOB_SUFFIXES, image_exists, imcp, imglob
+from tbss_queue.fsl.outputs import FslReg, read_msf, reg_done, reg_lines
 from tbss_queue.opening import read_regular_path
-
-from .images import IMGLOB_SUFFIXES, image_exists, imcp, imglob
-from .outputs import FslReg, read_msf, reg_done, reg_lines
 
 STANDARD_TARGET = "data/standard/FMRIB58_FA_1mm"
 POSTREG_GLOBS = ("*_FA.nii*", "*_FA.img*", "*_FA.hdr*")

@@ -16,17 +16,18 @@ import copy
 import html
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 from tornado import template, web
 
-from .batches import QUEUED, BatchStore, batch_key
-from .config import Settings
-from .models import BatchStatus
-from .publish import study_name
-from .throughput import Throughput, throughput
+from tbss_queue.config import Settings
+from tbss_queue.models import BatchStatus
+from tbss_queue.queue.batches import QUEUED, BatchStore, batch_key
+from tbss_queue.queue.publish import study_name
+from tbss_queue.views.throughput import Throughput, throughput
 
 NAV_ITEM = """
         <li class="nav-item">
@@ -165,17 +166,16 @@ def _handler(client: redis.Redis) -> type[web.RequestHandler]:
     return ThroughputPage
 
 
-def _batches_handler(settings: Settings) -> type[web.RequestHandler]:
-    """The Batches page's handler: `api.list_batches`, the figures `status` prints."""
+def _batches_handler(batches: Callable[[], list[BatchStatus]]) -> type[web.RequestHandler]:
+    """The Batches page's handler: `batches()` (`api.list_batches`), the figures `status`
+    prints."""
     from flower.views import BaseHandler
-
-    from . import api
 
     class BatchesPage(BaseHandler):
         @web.authenticated
         def get(self) -> None:
             refresh = int(self.get_argument("refresh", "10"))
-            items = api.list_batches(settings=settings)
+            items = batches()
             if self.get_argument("json", ""):
                 self.write({"batches": [b.to_dict() for b in items]})
                 return
@@ -245,7 +245,9 @@ def _workers_view() -> type[web.RequestHandler]:
     return Workers
 
 
-def install(client: redis.Redis, settings: Settings) -> None:
+def install(
+    client: redis.Redis, settings: Settings, batches: Callable[[], list[BatchStatus]]
+) -> None:
     """Add the pages to Flower's routes and navigation; call before Flower starts."""
     from flower import urls
 
@@ -254,7 +256,7 @@ def install(client: redis.Redis, settings: Settings) -> None:
     if "throughput" not in named:
         urls.handlers.insert(-1, web.url(r"/throughput", _handler(client), name="throughput"))
     if "batches" not in named:
-        urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(settings), name="batches"))
+        urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(batches), name="batches"))
     for i, h in enumerate(urls.handlers):
         pattern = getattr(getattr(h, "regex", None), "pattern", None)
         if pattern == "/tasks/datatable$":
@@ -266,7 +268,7 @@ def install(client: redis.Redis, settings: Settings) -> None:
 
 def batch_row(b: BatchStatus) -> list[tuple[str, str]]:
     """One batch as the page shows it: the counts of `status`, its study, how it stands."""
-    from .progress import fmt_duration
+    from tbss_queue.views.progress import fmt_duration
 
     if b.done:
         state = "ended" + (f" {_clock(b.last_ended)}" if b.last_ended is not None else "")

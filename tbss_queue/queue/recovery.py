@@ -21,7 +21,8 @@ from typing import Any
 from celery import Celery
 from kombu import serialization
 
-from .batches import (
+from tbss_queue.config import Settings
+from tbss_queue.queue.batches import (
     CANCELLED,
     CHUNK,
     FAILED,
@@ -35,9 +36,8 @@ from .batches import (
     batch_key,
     member,
 )
-from .config import Settings
-from .health import BROKER
-from .publish import (
+from tbss_queue.queue.broker import BROKER
+from tbss_queue.queue.publish import (
     REF_HEADER,
     build_messages,
     label,

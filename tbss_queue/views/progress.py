@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -18,12 +18,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .causes import heading, last_line
-from .models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
-from .visible import visible
-
-if TYPE_CHECKING:
-    from .local import RunResult
+from tbss_queue.models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
+from tbss_queue.views.causes import heading, last_line
+from tbss_queue.views.visible import visible
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -72,7 +69,20 @@ def left_watching(batch_id: str, last: BatchStatus | None = None) -> str:
     return f"stopped watching; batch {batch_id} continues (tbss-queue status {batch_id})"
 
 
-def run_ended_line(result: RunResult) -> str:
+class RunEnd(Protocol):
+    """What `run_ended_line` reads of a `local.RunResult`."""
+
+    @property
+    def status(self) -> BatchStatus: ...
+    @property
+    def wall_seconds(self) -> float: ...
+    @property
+    def resumed(self) -> int: ...
+    @property
+    def run_dir(self) -> str | None: ...
+
+
+def run_ended_line(result: RunEnd) -> str:
     """`run`'s last line: how long this run took, and, for a run that resumed a batch, what
     the batch's own time (since its first start, in an earlier run) counts, so that the two
     durations on screen are not taken for one."""

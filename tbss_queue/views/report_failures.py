@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .causes import in_words, last_line
-from .models import TaskRecord
-from .progress import plural
+from tbss_queue.models import TaskRecord
+from tbss_queue.views.causes import in_words, last_line
+from tbss_queue.views.progress import plural
 
 FAILURES_SHOWN = 1000
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import os
 import select
 import shutil
@@ -24,8 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from . import guard as guard_mod
-from .guard import TAG_VAR
+from tbss_queue.execution import guard as guard_mod
+from tbss_queue.execution.guard import TAG_VAR
 
 TAIL_BYTES = 64 * 1024
 """How much of the end of stdout and of stderr is kept."""
@@ -49,67 +48,6 @@ CAUSE_NOT_FOUND = "not-found"
 CAUSE_TOO_LONG = "too-long"  # E2BIG: the command line exceeds the system's argument limit
 CAUSE_NO_CWD = "no-cwd"
 CAUSE_STOPPED = "stopped"  # stopped from outside (lease lost, cancelled, worker stopping)
-
-
-_POINTER_SIZE = 8
-"""Bytes each argv pointer takes on the stack of a 64-bit exec."""
-_ENVIRONMENT_RESERVE = 64 * 1024
-"""Left of ARG_MAX for the environment the worker passes along with argv."""
-_LINUX_ARGV_CAP = 6 * 1024 * 1024
-"""Linux never allows more than 3/4 of its 8 MiB _STK_LIM for argv+envp, whatever
-`ulimit -s` says (sysconf(_SC_ARG_MAX) reports rlimit/4 even when unlimited)."""
-
-
-def _sysconf(name: str, default: int) -> int:
-    try:
-        value = os.sysconf(name)
-    except (ValueError, OSError, AttributeError):
-        return default
-    return value if value > 0 else default
-
-
-@dataclass(frozen=True)
-class ExecLimits:
-    """What execve(2) on this system accepts: per argument and for the whole argv. Judged
-    once, at submit (commands.py: the line number is known there), and again by the worker for
-    what a message carries (fields.py)."""
-
-    word: int  # MAX_ARG_STRLEN (32 pages): one argument's bytes including its NUL
-    argv: int  # bytes of all arguments (with NULs) and their pointers
-    quick: int  # lines of at most this many characters are within both limits
-
-    @classmethod
-    @functools.cache
-    def of_this_system(cls) -> ExecLimits:
-        word = 32 * _sysconf("SC_PAGE_SIZE", 4096)
-        argv = min(_sysconf("SC_ARG_MAX", 131072), _LINUX_ARGV_CAP) - _ENVIRONMENT_RESERVE
-        # a word has at most 4 UTF-8 bytes per character of the line (quotes only remove
-        # characters), and a line of n characters has at most (n + 1) / 2 words
-        return cls(word, argv, min((word - 1) // 4, (argv - 2 * _POINTER_SIZE) // 9))
-
-    @staticmethod
-    def size(argv: Sequence[str]) -> int:
-        """The bytes execve counts for argv: each word with its NUL, and the pointers."""
-        return sum(len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv) + _POINTER_SIZE * (
-            len(argv) + 1
-        )
-
-    def refusal(self, argv: tuple[str, ...]) -> str | None:
-        """Why execve would fail with E2BIG for this argv, or None if it fits."""
-        sizes = [len(w.encode("utf-8", "surrogatepass")) + 1 for w in argv]
-        total = self.size(argv)
-        if total > self.argv:
-            return (
-                f"command line of {total:,} bytes exceeds this system's argument limit "
-                f"({self.argv:,} bytes)"
-            )
-        for index, size in enumerate(sizes, start=1):
-            if size > self.word:
-                return (
-                    f"word {index} of {size - 1:,} bytes exceeds this system's per-argument "
-                    f"limit ({self.word - 1:,} bytes)"
-                )
-        return None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured, SecurityError
 
-from .config import Settings
-from .errors import ConfigError
+from tbss_queue.config import Settings
+from tbss_queue.errors import ConfigError
 
 TASK_NAME = "tbss_queue.run_command"
 # with the redis-py client, unix sockets are unix://; kombu and Celery's backend want redis+socket://

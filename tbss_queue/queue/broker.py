@@ -8,17 +8,22 @@ died is dropped and made again to the new one, so every bookkeeping call follows
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from functools import lru_cache
 from typing import Any
 
 import redis
 import redis.sentinel
+from kombu.exceptions import OperationalError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import Settings, parse_sentinel_url
-from .errors import BrokerUnavailable
+from tbss_queue.config import Settings, parse_sentinel_url
+from tbss_queue.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def redis_url(url: str) -> str:
@@ -256,3 +261,39 @@ def replicated(client: redis.Redis, settings: Settings) -> bool | None:
         return True
     _no_replica_until = time.monotonic() + NO_REPLICA_BACKOFF
     return False
+
+
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError)
+"""What a call raises while the broker is out of reach."""
+
+
+class BrokerWatch:
+    """One line when the broker stops answering, one when it is back, for the whole node: the
+    health thread and the reaper both meet an outage, every beat, and a traceback each time
+    would bury what happened (the batch loses nothing; they simply try again)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """A periodic check failed: an outage is said once; anything else, with its cause."""
+        if not isinstance(exc, BROKER_DOWN):
+            log.warning("%s failed; retrying", what, exc_info=exc)
+            return
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("broker unreachable (%s); retrying every heartbeat", first)
+
+    def answered(self) -> None:
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.warning("broker back after %.0f s", time.monotonic() - since)
+
+
+BROKER = BrokerWatch()
+"""This node's view of the broker, shared by its health thread and its reaper."""

@@ -13,47 +13,12 @@ One definition of the figures, used by status, batches, --watch, the report and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from .models import BatchStatus, NodeStatus, node_state
+from tbss_queue.models import BatchStatus, Fleet, NodeStatus
 
 MIN_RECENT = 3
 """Fewer commands than this in the recent window: the ETA uses the overall rate instead."""
-
-
-@dataclass(frozen=True)
-class Fleet:
-    """The worker nodes' health as Redis sees it now (heartbeats and stop marks)."""
-
-    now: float
-    lost_after: float
-    heartbeats: dict[str, float] = field(default_factory=dict)  # node -> last heartbeat
-    stopping: dict[str, float] = field(default_factory=dict)  # node -> when it began to stop
-    quarantine: dict[str, str] = field(default_factory=dict)  # node -> why
-    faults: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> what it can't run
-
-    def state(self, node: str, running: int = 0) -> str:
-        return node_state(
-            self.age(node), self.lost_after, node in self.stopping, node in self.quarantine, running
-        )
-
-    def age(self, node: str) -> float | None:
-        beat = self.heartbeats.get(node)
-        return None if beat is None else max(0.0, self.now - beat)
-
-    def heartbeat_age(self, node: str) -> float | None:
-        """`age`, to a tenth of a second: what status and `nodes` show."""
-        age = self.age(node)
-        return None if age is None else round(age, 1)
-
-    def online(self) -> list[str]:
-        return sorted(n for n in self.heartbeats if (self.age(n) or 0.0) < self.lost_after)
-
-    def silent_for(self, since: float) -> float:
-        """Seconds since any node was last heard from (`since` if none ever was later)."""
-        last = max([since, *self.heartbeats.values(), *self.stopping.values()])
-        return max(0.0, self.now - last)
 
 
 def compute(batch_id: str, snap: dict[str, Any], fleet: Fleet | None = None) -> BatchStatus:

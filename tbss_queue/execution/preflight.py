@@ -14,8 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .policy import Policy, resolve
-from .runner import CAUSE_NO_CWD, CAUSE_NOT_FOUND
+from tbss_queue.execution.policy import Policy, resolve
+from tbss_queue.execution.runner import CAUSE_NO_CWD, CAUSE_NOT_FOUND
 
 CAUSE_REFUSED = "refused"
 CAUSE_LATE = "late renewals"

@@ -14,9 +14,9 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from .errors import ConfigError
-from .paths import fsl_env
-from .procs import TAG_VAR as RUN_TAG_VAR
+from tbss_queue.errors import ConfigError
+from tbss_queue.execution.procs import TAG_VAR as RUN_TAG_VAR
+from tbss_queue.paths import fsl_env
 
 PASSED = (
     "PATH",

@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .paths import fsl_env
+from tbss_queue.errors import ConfigError
+from tbss_queue.paths import fsl_env, under
 
 FSL_TOOLS = (
     "fsl_reg",
@@ -83,12 +83,6 @@ INTERPRETERS = (
 )
 """Programs that run code or other programs given as arguments: refused unless allowed by
 name or path explicitly (a pattern such as `*` does not count)."""
-
-
-def within(path: str, roots: Sequence[str]) -> bool:
-    """Whether `path` (symlinks followed) lies under one of `roots` (already real paths)."""
-    real = os.path.realpath(path)
-    return any(under(real, root) for root in roots)
 
 
 @dataclass(frozen=True)
@@ -226,12 +220,6 @@ def resolve(program: str, cwd: str, env: Mapping[str, str]) -> str | None:
         return None
     real = os.path.realpath(path)
     return real if os.path.isfile(real) else None
-
-
-def under(path: str, root: str) -> bool:
-    """Component-wise containment of normalized paths: /data holds /data/x, not /database."""
-    root = os.path.normpath(root)
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _has_glob(pattern: str) -> bool:

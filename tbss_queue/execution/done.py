@@ -13,10 +13,10 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .fsl.outputs import parse_fsl_reg, reg_done, reg_done_at
-from .fsl.outputs import remove_stale as remove_stale_reg
-from .opening import UnsafeFile
+from tbss_queue.errors import ConfigError
+from tbss_queue.fsl.outputs import parse_fsl_reg, reg_done, reg_done_at
+from tbss_queue.fsl.outputs import remove_stale as remove_stale_reg
+from tbss_queue.opening import UnsafeFile
 
 
 @dataclass(frozen=True)

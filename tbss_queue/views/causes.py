@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import signal
 
-from .fsl.outputs import parse_fsl_reg
-from .models import TaskRecord
+from tbss_queue.fsl.outputs import parse_fsl_reg
+from tbss_queue.models import TaskRecord
 
 _WORDS = {
     "exit": "exit code {code}",

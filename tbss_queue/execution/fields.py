@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .policy import under
-from .runner import ExecLimits
+from tbss_queue.commands import ExecLimits
+from tbss_queue.paths import under
 
 OPTIONS = (
     "time_limit",

@@ -16,87 +16,28 @@ before; its record says why (`log_error`) and `tbss-queue logs` shows the record
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
-from .batches import CHUNK, BatchStore, batch_key
-from .causes import describe
-from .errors import ConfigError
-from .fields import RefusedField, TaskFields, log_paths, open_logs
-from .fsl.matrix import short
-from .fsl.outputs import parse_fsl_reg
-from .models import TaskRecord
-from .publish import task_kwargs, with_line
+from tbss_queue.errors import ConfigError
+from tbss_queue.execution.fields import TaskFields, log_paths
+from tbss_queue.fsl.matrix import short
+from tbss_queue.fsl.outputs import parse_fsl_reg
+from tbss_queue.models import TaskRecord
+from tbss_queue.queue.batches import CHUNK, BatchStore, batch_key
+from tbss_queue.queue.publish import task_kwargs, with_line
+from tbss_queue.views.causes import describe
 
 log = logging.getLogger(__name__)
 
-LOG_DIR = os.path.join(".tbss-queue", "logs")
-"""Where a batch's logs go, relative to its working directory (then one folder per batch)."""
-
-STREAMS = ("out", "err")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-_NAME_PART = 80  # bytes of each subject name kept in a file name (NAME_MAX is 255)
 _PAIR = re.compile(r"\s*(.+?)\s*(?:→|->|,)\s*(.+?)\s*")
 _OUTPUT = re.compile(r"\s*(.+?)_to_(.+?)\s*")
 """fsl_reg's output name (`sub05_FA_to_sub01_FA`), as its log files and outputs carry it."""
-
-
-def batch_log_dir(batch_id: str) -> str:
-    """The batch's log directory relative to its working directory."""
-    return os.path.join(LOG_DIR, batch_id)
-
-
-def _safe(name: str) -> str:
-    return _UNSAFE.sub("_", os.path.basename(name))[:_NAME_PART] or "_"
-
-
-def log_stem(line: int, attempt: int, argv: Sequence[str]) -> str:
-    """`<line>.<attempt>`, then `.<in>_to_<ref>` for an fsl_reg pair: the log files' name
-    without `.out`/`.err`, which a person finds with ls by line, attempt or subject."""
-    stem = f"{line}.{attempt}"
-    reg = parse_fsl_reg(argv)
-    if reg is not None:
-        stem += f".{_safe(reg.input)}_to_{_safe(reg.reference)}"
-    return stem
-
-
-def attempt_of(store: BatchStore, batch_id: str, task_id: str) -> tuple[int, int]:
-    """(line, attempt) of a command its runner has just claimed: the claim counts attempts
-    (lua/claim.lua), so every attempt of a command, in any worker, has a number of its own."""
-    pipe = store.r.pipeline(transaction=False)
-    pipe.hget(batch_key(batch_id, "cmd"), task_id)
-    pipe.hget(batch_key(batch_id, "attempts"), task_id)
-    spec, attempts = pipe.execute()
-    line = int(_json(spec).get("line", 0)) if spec else 0
-    return line, int(attempts or 1)
-
-
-def _json(raw: str) -> dict[str, Any]:
-    value = json.loads(raw)
-    return value if isinstance(value, dict) else {}
-
-
-def open_attempt_logs(
-    cwd: str, batch_id: str, stem: str, roots: Sequence[str] = (), cwd_fd: int | None = None
-) -> tuple[tuple[BinaryIO, BinaryIO] | None, str | None]:
-    """The two log files of one attempt, opened for writing, or (None, why not): a node that
-    cannot write them (read-only mount, another user's folder, a planted symlink) still runs
-    the command, so that logging never costs a result."""
-    try:
-        names = (f"{stem}.out", f"{stem}.err")
-        files = open_logs(cwd, batch_log_dir(batch_id), names, roots, cwd_fd)
-    except (RefusedField, OSError) as exc:
-        where = os.path.join(cwd, batch_log_dir(batch_id))
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        log.warning("batch %s: no log files for %s in %s: %s", batch_id, stem, where, reason)
-        return None, f"log files not written in {where}: {reason}"
-    return files, None
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -60,9 +60,9 @@ from typing import Any
 
 import redis
 
-from .config import DEFAULT_KEEP
-from .errors import BatchNotFound
-from .status import Fleet
+from tbss_queue.config import DEFAULT_KEEP
+from tbss_queue.errors import BatchNotFound
+from tbss_queue.models import Fleet
 
 PREFIX = "tbssq:"
 BATCHES = PREFIX + "batches"
@@ -223,7 +223,7 @@ is run with lua/ending.lua in front of it."""
 
 @functools.cache
 def _script(name: str) -> str:
-    """The text of one of the Lua scripts beside this module (tbss_queue/lua/NAME.lua): each
+    """The text of one of the Lua scripts beside this module (tbss_queue/queue/lua/NAME.lua): each
     opens with its KEYS, ARGV and the invariant it keeps."""
     folder = resources.files(__package__) / "lua"
     text = (folder / f"{name}.lua").read_text(encoding="utf-8")
@@ -904,6 +904,16 @@ class BatchStore:
     def holders(self, batch_id: str) -> int:
         """Runners that still hold a command of the batch (a cancelled one may be stopping)."""
         return sum(1 for _ in self.r.hscan_iter(RUNNING, match=f"{batch_id}|*", count=1000))
+
+    def attempt_of(self, batch_id: str, task_id: str) -> tuple[int, int]:
+        """(line, attempt) of a command its runner has just claimed: the claim counts attempts
+        (lua/claim.lua), so every attempt of a command, in any worker, has a number of its own."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(batch_key(batch_id, "cmd"), task_id)
+        pipe.hget(batch_key(batch_id, "attempts"), task_id)
+        spec, attempts = pipe.execute()
+        line = int(json.loads(spec).get("line", 0)) if spec else 0
+        return line, int(attempts or 1)
 
     def lease_alive(self, batch_id: str, task_id: str) -> bool:
         return bool(self.r.exists(lease_key(batch_id, task_id)))

@@ -19,9 +19,9 @@ from celery import Celery
 from kombu import serialization
 from kombu.utils.json import dumps
 
-from .app import TASK_NAME
-from .batches import TaskSpec
-from .fsl.outputs import parse_fsl_reg
+from tbss_queue.fsl.outputs import parse_fsl_reg
+from tbss_queue.queue.app import TASK_NAME
+from tbss_queue.queue.batches import TaskSpec
 
 
 def new_message_id() -> str:

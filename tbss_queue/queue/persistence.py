@@ -30,8 +30,8 @@ from typing import Any
 
 import redis
 
-from .batches import BATCHES, HELD, PREFIX
-from .errors import BatchNotFound
+from tbss_queue.errors import BatchNotFound
+from tbss_queue.queue.batches import BATCHES, HELD, PREFIX
 
 EPOCH = PREFIX + "epoch"
 """HASH, field `run_id`: the Redis run_id when this dataset's first batch was submitted."""

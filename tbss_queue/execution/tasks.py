@@ -27,22 +27,22 @@ from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore, Retry, TaskPredicate
 
-from . import environment, nudges, runner
-from .app import TASK_NAME
-from .batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
-from .broker import connect, replicated, transient
-from .config import Settings
-from .done import done_marker, judge_done, remove_stale
-from .fields import RefusedField, check_fields, log_names, open_logs
-from .fsl.jobs import with_fsl_sub_env
-from .guard import uptime
-from .logfiles import attempt_of, log_stem, open_attempt_logs
-from .opening import opened_workdir
-from .paths import PathMap, local_fsl_tool
-from .policy import Policy, locate
-from .preflight import CAUSE_LATE, CAUSE_REFUSED, admit, fault, workdir_fault
-from .publish import RECORD_BUDGET, START_BUDGET, label
-from .recovery import republish
+from tbss_queue.config import Settings
+from tbss_queue.execution import environment, nudges, runner
+from tbss_queue.execution.done import done_marker, judge_done, remove_stale
+from tbss_queue.execution.fields import RefusedField, check_fields, log_names, open_logs
+from tbss_queue.execution.guard import uptime
+from tbss_queue.execution.logs import log_stem, open_attempt_logs
+from tbss_queue.execution.policy import Policy, locate
+from tbss_queue.execution.preflight import CAUSE_LATE, CAUSE_REFUSED, admit, fault, workdir_fault
+from tbss_queue.fsl.jobs import with_fsl_sub_env
+from tbss_queue.opening import opened_workdir
+from tbss_queue.paths import PathMap, local_fsl_tool
+from tbss_queue.queue.app import TASK_NAME
+from tbss_queue.queue.batches import FAILED, SKIPPED, SUCCEEDED, BatchStore
+from tbss_queue.queue.broker import connect, replicated, transient
+from tbss_queue.queue.publish import RECORD_BUDGET, START_BUDGET, label
+from tbss_queue.queue.recovery import republish
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -248,7 +248,7 @@ def _execute(
         # first renewal on the new master ("lost"), which kills this copy within a heartbeat
         replicated(store.r, settings)
     lease = Lease(settings, store, batch_id, task_id, token)
-    line, attempt = patiently(lambda: attempt_of(store, batch_id, task_id), patience)
+    line, attempt = patiently(lambda: store.attempt_of(batch_id, task_id), patience)
 
     def record_end(state: str, record: dict[str, Any], *, ran: bool = True) -> str:
         def finish() -> str:
@@ -580,7 +580,7 @@ def _nothing_ran(
 ) -> dict[str, Any]:
     """The record of a claimed attempt in which nothing ran (skipped, refused, or cut short by
     the worker's own error): numbered and placed like any other, recorded with ran=False."""
-    line, attempt = attempt_of(store, batch_id, task_id)
+    line, attempt = store.attempt_of(batch_id, task_id)
     return {
         **runner.RunResult.instant(message, cause).to_dict(),
         "node": node,

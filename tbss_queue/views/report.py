@@ -22,11 +22,11 @@ from matplotlib import rc_context
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from .fsl.matrix import SubjectMatrix
-from .models import BatchStatus, TaskRecord
-from .progress import fmt_duration, plural
-from .report_failures import failed_attempts, failures_said, failures_table
-from .throughput import bin_count
+from tbss_queue.fsl.matrix import SubjectMatrix
+from tbss_queue.models import BatchStatus, TaskRecord
+from tbss_queue.views.progress import fmt_duration, plural
+from tbss_queue.views.report_failures import failed_attempts, failures_said, failures_table
+from tbss_queue.views.throughput import bin_count
 
 STATE_COLOURS = {"succeeded": "#2e7d32", "failed": "#c62828"}
 OTHER_COLOUR = "#9e9e9e"
@@ -372,7 +372,7 @@ def render_html(
     data = data or report_data(status, runs, failures, matrix, timeline=False)
     css, subjects = _CSS, ""
     if matrix is not None:
-        from .fsl.matrix_views import CSS, matrix_html
+        from tbss_queue.fsl.matrix_views import CSS, matrix_html
 
         css += CSS
         subjects = f"<h2>Subject matrix</h2>{matrix_html(matrix)}"
