@@ -29,7 +29,7 @@ from tbss_queue.doctor import fsl_version
 from tbss_queue.errors import ConfigError
 from tbss_queue.execution.health import Health
 from tbss_queue.execution.policy import Policy
-from tbss_queue.execution.tasks import NodeRules, refuse, register
+from tbss_queue.execution.tasks import NodeRules, refuse_message, register
 from tbss_queue.paths import PathMap
 from tbss_queue.queue.app import make_app
 from tbss_queue.queue.batches import BatchStore
@@ -142,7 +142,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     store = BatchStore(connect(settings, check=False))
     with contextlib.suppress(redis.RedisError):  # first uses load them otherwise
         store.load_scripts()
-    Consumer.refuse = functools.partial(_refuse_message, store, settings, options.nodename)
+    Consumer.refuse = functools.partial(refuse_message, store, settings, options.nodename)
     for warning in (persistence_warning(store.r), eviction_warning(store.r)):
         if warning:
             log.warning(warning)
@@ -180,7 +180,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         # Celery's warm shutdown (SIGTERM) waits for running commands however long they take;
         # its soft shutdown would sleep the whole grace period even when they end sooner. So:
         # warm shutdown, and after `grace` our own SIGQUIT, Celery's cold shutdown, which
-        # cancels the commands (tasks.py hands them back).
+        # cancels the commands (attempt.py hands them back).
         reaper.stopped.set()
         health.stop()
         if how in armed:  # a second SIGTERM changes nothing
@@ -237,12 +237,6 @@ def _warn_if_root() -> None:
             "running as root: every command runs as root too; run workers as an unprivileged "
             "user (the files in worker/ do)"
         )
-
-
-def _refuse_message(
-    store: BatchStore, settings: Settings, node: str, batch_id: str, task_id: str, why: str
-) -> None:
-    refuse(store, settings, batch_id, task_id, node, "", why)
 
 
 def _later(seconds: float, then: Callable[[float], None]) -> None:

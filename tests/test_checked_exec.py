@@ -28,7 +28,7 @@ from .test_security import fsldir
 
 BEFORE_START = rb"EVALSHA\r\n\$40\r\n" + script_sha("renew").encode()
 """The worker's renewal of its lease after every check and before it touches outputs or
-starts the command (tasks._go_on_if_still_ours)."""
+starts the command (lease.go_on_if_still_ours)."""
 
 
 @pytest.fixture

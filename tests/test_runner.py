@@ -9,51 +9,66 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from tbss_queue.execution.runner import SHARED_WAIT, TAIL_BYTES, Stop, run_command
+from tbss_queue.execution.runner import (
+    SHARED_WAIT,
+    TAIL_BYTES,
+    RunResult,
+    RunSpec,
+    Stop,
+    Watch,
+    run_command,
+)
 
 JOB = str(Path(__file__).parent / "bin" / "job.py")
+_WATCH = {"on_tick", "tick", "stop", "wake_fd", "lease_until"}
+
+
+def run(argv: list[str], cwd: str, **options: Any) -> RunResult:
+    """run_command with its spec and watch given as keywords, as the tests read best."""
+    watch = Watch(**{k: v for k, v in options.items() if k in _WATCH})
+    spec = RunSpec(argv, cwd, **{k: v for k, v in options.items() if k not in _WATCH})
+    return run_command(spec, watch)
 
 
 def test_success_records_exit_code_times_and_output(tmp_path: Path) -> None:
-    r = run_command([sys.executable, "-c", "print('hello')"], str(tmp_path))
+    r = run([sys.executable, "-c", "print('hello')"], str(tmp_path))
     assert r.ok and r.exit_code == 0 and r.stdout_tail == "hello\n"
     assert r.ended >= r.started and r.duration >= 0
 
 
 def test_failure_carries_exit_code_and_stderr(tmp_path: Path) -> None:
-    r = run_command(
-        [sys.executable, JOB, "x", "--exit", "3", "--stderr", "no such image"], str(tmp_path)
-    )
+    r = run([sys.executable, JOB, "x", "--exit", "3", "--stderr", "no such image"], str(tmp_path))
     assert not r.ok and r.cause == "exit" and r.exit_code == 3
     assert "exit code 3" in r.message and "no such image" in r.message
     assert "no such image" in r.stderr_tail
 
 
 def test_runs_in_the_given_directory_without_a_shell(tmp_path: Path) -> None:
-    r = run_command(["touch", "made by $USER; rm -rf x"], str(tmp_path))
+    r = run(["touch", "made by $USER; rm -rf x"], str(tmp_path))
     assert r.ok and (tmp_path / "made by $USER; rm -rf x").exists()
 
 
 def test_only_the_last_64_kib_of_output_is_kept(tmp_path: Path) -> None:
     code = "import sys; sys.stdout.write('a' * 200000 + 'END')"
-    r = run_command([sys.executable, "-c", code], str(tmp_path))
+    r = run([sys.executable, "-c", code], str(tmp_path))
     assert len(r.stdout_tail) == TAIL_BYTES and r.stdout_tail.endswith("END")
 
 
 def test_missing_executable_and_directory_are_plain_failures(tmp_path: Path) -> None:
-    r = run_command(["no-such-program-xyz", "a"], str(tmp_path))
+    r = run(["no-such-program-xyz", "a"], str(tmp_path))
     assert r.cause == "not-found" and r.message == "executable not found: no-such-program-xyz"
-    r = run_command(["true"], str(tmp_path / "gone"))
+    r = run(["true"], str(tmp_path / "gone"))
     assert r.cause == "no-cwd" and "does not exist" in r.message
 
 
 def test_time_limit_kills_the_command_and_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
     start = time.monotonic()
-    r = run_command(
+    r = run(
         [sys.executable, JOB, "x", "--child", "--sleep", "600", "--pidfile", str(pidfile)],
         str(tmp_path),
         timeout=1.0,
@@ -68,14 +83,14 @@ def test_time_limit_kills_the_command_and_its_children(tmp_path: Path) -> None:
 
 def test_children_left_behind_by_a_finished_command_are_killed(tmp_path: Path) -> None:
     code = "import subprocess; print(subprocess.Popen(['sleep', '600']).pid)"
-    r = run_command([sys.executable, "-c", code], str(tmp_path))
+    r = run([sys.executable, "-c", code], str(tmp_path))
     assert r.ok
     assert not _alive(int(r.stdout_tail))
 
 
 def test_tick_is_called_while_the_command_runs(tmp_path: Path) -> None:
     ticks: list[int] = []
-    run_command(["sleep", "1"], str(tmp_path), on_tick=ticks.append, tick=0.2)
+    run(["sleep", "1"], str(tmp_path), on_tick=ticks.append, tick=0.2)
     assert len(ticks) >= 2
 
 
@@ -113,7 +128,7 @@ def test_a_command_killed_by_the_signal_that_stops_its_worker_is_stopped_not_fai
     told: list[bool] = []
     _sigterm_the_command_then(0.3, lambda: told.append(True), tmp_path)
     # When: the command dies of that SIGTERM
-    r = run_command(
+    r = run(
         [sys.executable, JOB, "x", "--sleep", "30", "--pidfile", str(tmp_path / "pid")],
         str(tmp_path),
         stop=lambda: Stop("the worker is stopping") if told else None,
@@ -127,7 +142,7 @@ def test_a_command_killed_by_sigterm_alone_fails(tmp_path: Path) -> None:
     _sigterm_the_command_then(0, lambda: None, tmp_path)
     # When: someone SIGTERMs the command
     began = time.monotonic()
-    r = run_command(
+    r = run(
         [sys.executable, JOB, "x", "--sleep", "30", "--pidfile", str(tmp_path / "pid")],
         str(tmp_path),
         stop=lambda: None,
@@ -149,7 +164,7 @@ def test_runs_the_given_file_in_the_opened_directory_whatever_the_paths_say(
         (tmp_path / "d").symlink_to(tmp_path / "elsewhere")
         # When a venv's python (a symlink) runs with its real file as the executable
         real = os.path.realpath(sys.executable)
-        r = run_command(
+        r = run(
             [sys.executable, "-c", "import os, sys; open('here', 'w'); print(sys.prefix)"],
             str(tmp_path / "d"),
             executable=real,

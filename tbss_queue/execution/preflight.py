@@ -2,7 +2,7 @@
 
 A working directory that is not there (the study is not mounted, a wrong --path-map), an
 executable that is missing (no FSL here) or a command this node's policy refuses say nothing
-about the command: another node may run it. tasks.py hands such a command back, behind what
+about the command: another node may run it. attempt.py hands such a command back, behind what
 waits, and the node takes every other command (lua/node_fault.lua records the fault for its
 scope alone); the command fails only when every node taking commands refused it.
 """

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import IO, Any
 
 from tbss_queue.execution import guard as guard_mod
@@ -90,109 +90,156 @@ class RunResult:
         return cls(None, now, now, "", "", cause, message)
 
 
-def run_command(
-    argv: Sequence[str],
-    cwd: str,
-    *,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-    on_tick: Callable[[int], Stop | None] | None = None,
-    tick: float = 5.0,
-    stop: Callable[[], Stop | None] | None = None,
-    wake_fd: int | None = None,
-    tag: str | None = None,
-    lease_until: Callable[[], float] | None = None,
-    tail_bytes: int = TAIL_BYTES,
-    outputs: tuple[IO[bytes], IO[bytes]] | None = None,
-    executable: str | None = None,
-    cwd_fd: int | None = None,
-) -> RunResult:
-    """Run argv in cwd; never raises for the command's own failures (they are in the result).
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run, where, and where its output goes."""
 
-    Output goes to `outputs` (stdout, stderr; fsl_sub's -l logs) when given, else to temporary
-    files; either way only the last `tail_bytes` are returned.
+    argv: Sequence[str]
+    cwd: str
+    env: Mapping[str, str] | None = None
+    timeout: float | None = None
+    tag: str | None = None
+    """Goes into the command's environment (guard.TAG_VAR), so that the guard finds
+    descendants that left its process group if this process dies."""
+    outputs: tuple[IO[bytes], IO[bytes]] | None = None
+    """stdout, stderr (fsl_sub's -l logs, or ours); temporary files when None."""
+    executable: str | None = None
+    """The file to execute (argv[0] stays what the command sees)."""
+    cwd_fd: int | None = None
+    """An open descriptor of the working directory, which the command starts in whatever
+    `cwd` names now."""
+    tail_bytes: int = TAIL_BYTES
 
-    on_tick(pid) is called about every `tick` seconds while the command runs (lease renewal);
-    it and `stop()` (checked whenever `wake_fd` becomes readable) may ask the command to stop:
-    its whole tree is killed and the result's cause is `stopped`. `tag` goes into the command's
-    environment (guard.TAG_VAR), so that the guard finds descendants that left its process
-    group if this process dies.
-    `lease_until()` (CLOCK_BOOTTIME seconds) is handed to this process's guard, which kills the
-    command's tree itself if this process is frozen past it.
-    `executable`: the file to execute (argv[0] stays what the command sees); `cwd_fd`: an open
-    descriptor of the working directory, which the command starts in whatever `cwd` names now.
-    """
+
+@dataclass(frozen=True)
+class Watch:
+    """How the command's owner watches it while it runs."""
+
+    on_tick: Callable[[int], Stop | None] | None = None
+    """Called about every `tick` seconds with the pid (lease renewal); may ask it to stop."""
+    tick: float = 5.0
+    stop: Callable[[], Stop | None] | None = None
+    """Checked whenever `wake_fd` becomes readable: a stop request from outside."""
+    wake_fd: int | None = None
+    lease_until: Callable[[], float] | None = None
+    """CLOCK_BOOTTIME seconds, handed to this process's guard, which kills the command's tree
+    itself if this process is frozen past it."""
+
+
+@dataclass
+class _Ending:
+    """How the wait for a command ended (none of these: it exited by itself)."""
+
+    stopped: Stop | None = None
+    timed_out: bool = False
+
+
+def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
+    """Run a command; never raises for the command's own failures (they are in the result).
+
+    Its whole tree is killed when it ends, when `watch` asks it to stop (the result's cause
+    is then `stopped`), or at its time limit; only the last `tail_bytes` of each output are
+    returned."""
+    watch = watch or Watch()
     started = time.time()
-    if cwd_fd is not None:
+    cwd = spec.cwd
+    if spec.cwd_fd is not None:
         # the child's chdir goes through its copy of the descriptor (a magic link, not a path
         # looked up again); it is close-on-exec, so the command does not inherit it
-        cwd = f"/proc/self/fd/{cwd_fd}"
+        cwd = f"/proc/self/fd/{spec.cwd_fd}"
     if not os.path.isdir(cwd):
         return _failed(started, CAUSE_NO_CWD, f"working directory does not exist: {cwd}")
-    if tag is not None:
-        env = {**(env if env is not None else os.environ), TAG_VAR: tag}
-    with _output(outputs, 0) as out, _output(outputs, 1) as err:
+    env = spec.env
+    if spec.tag is not None:
+        env = {**(env if env is not None else os.environ), TAG_VAR: spec.tag}
+    with _output(spec.outputs, 0) as out, _output(spec.outputs, 1) as err:
         guard = _guard()
         before = set(_children(os.getpid()))  # anything new after the command is its doing
         try:
-            proc = _spawn(argv, cwd, env, out, err, executable)
-        except FileNotFoundError:
-            return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {argv[0]}")
-        except PermissionError:
-            return _failed(
-                started, CAUSE_NOT_FOUND, f"executable not runnable (permission denied): {argv[0]}"
-            )
+            proc = _spawn(spec.argv, cwd, env, out, err, spec.executable)
         except OSError as exc:
-            cause = CAUSE_TOO_LONG if exc.errno == errno.E2BIG else CAUSE_NOT_FOUND
-            return _failed(started, cause, f"cannot start {argv[0]}: {exc.strerror or exc}")
-        until = lease_until if lease_until is not None else (lambda: 0.0)
-        guard.started(proc.pid, tag, until())
-        timed_out, stopped = False, None
+            return _not_started(started, spec.argv[0], exc)
+        until = watch.lease_until or (lambda: 0.0)
+        guard.started(proc.pid, spec.tag, until())
+        ending = _Ending()
         try:
-            deadline = None if timeout is None else started + timeout
-            with _exit_watch(proc, wake_fd) as exited:
-                while True:
-                    wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
-                    if exited(wait):
-                        break
-                    stopped = stop() if stop is not None else None
-                    if stopped is None and deadline is not None and time.time() >= deadline:
-                        timed_out = True
-                        break
-                    if stopped is None and on_tick is not None:
-                        stopped = on_tick(proc.pid)
-                    if stopped is not None:
-                        break
-                    guard = _guard()  # a new one if the last one died
-                    guard.renewed(proc.pid, tag, until())
+            ending = _wait(proc, started, spec, watch)
         finally:
-            hard = stopped is not None and stopped.hard
-            kill_process_group(proc.pid, grace=0.0 if hard else KILL_GRACE)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=KILL_GRACE)
-            # what left the group (setsid, daemons; environment cleared or not): this process
-            # is their subreaper, so they are among its descendants
-            kill_strays(keep=before | guard.pids())
-            guard.ended(proc.pid)
-        code = proc.returncode
-        if stopped is None and stop is not None and code is not None and -code in SHARED_SIGNALS:
-            stopped = _stop_noted(stop, wake_fd)
+            _end_tree(proc, before, hard=ending.stopped is not None and ending.stopped.hard)
+        if (
+            ending.stopped is None
+            and watch.stop is not None
+            and proc.returncode is not None
+            and -proc.returncode in SHARED_SIGNALS
+        ):
+            ending.stopped = _stop_noted(watch.stop, watch.wake_fd)
         ended = time.time()
-        stdout, stderr = _tail(out, tail_bytes), _tail(err, tail_bytes)
+        tails = _tail(out, spec.tail_bytes), _tail(err, spec.tail_bytes)
+    return _verdict(RunResult(proc.returncode, started, ended, *tails), ending, spec.timeout)
 
-    def outcome(cause: str | None = None, message: str = "") -> RunResult:
-        return RunResult(code, started, ended, stdout, stderr, cause, message)
 
-    if stopped is not None:
-        return outcome(CAUSE_STOPPED, f"stopped: {stopped.reason}; process tree killed")
-    if timed_out:
-        return outcome(CAUSE_TIMEOUT, f"time limit of {timeout:g} s reached; process group killed")
+def _not_started(started: float, program: str, exc: OSError) -> RunResult:
+    """The result of a command that could not be started at all."""
+    if isinstance(exc, FileNotFoundError):
+        return _failed(started, CAUSE_NOT_FOUND, f"executable not found: {program}")
+    if isinstance(exc, PermissionError):
+        why = f"executable not runnable (permission denied): {program}"
+        return _failed(started, CAUSE_NOT_FOUND, why)
+    cause = CAUSE_TOO_LONG if exc.errno == errno.E2BIG else CAUSE_NOT_FOUND
+    return _failed(started, cause, f"cannot start {program}: {exc.strerror or exc}")
+
+
+def _wait(proc: subprocess.Popen[bytes], started: float, spec: RunSpec, watch: Watch) -> _Ending:
+    """Wait for the command to end, ticking: a stop request, the time limit, or the owner's
+    tick (lease renewal) may end it sooner; the guard hears of every renewal."""
+    deadline = None if spec.timeout is None else started + spec.timeout
+    until = watch.lease_until or (lambda: 0.0)
+    with _exit_watch(proc, watch.wake_fd) as exited:
+        while True:
+            tick = watch.tick
+            wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
+            if exited(wait):
+                return _Ending()
+            stopped = watch.stop() if watch.stop is not None else None
+            if stopped is None and deadline is not None and time.time() >= deadline:
+                return _Ending(timed_out=True)
+            if stopped is None and watch.on_tick is not None:
+                stopped = watch.on_tick(proc.pid)
+            if stopped is not None:
+                return _Ending(stopped)
+            # a new guard if the last one died
+            _guard().renewed(proc.pid, spec.tag, until())
+
+
+def _end_tree(proc: subprocess.Popen[bytes], before: set[int], hard: bool) -> None:
+    """Kill the command's process group (at once when `hard`), then whatever left it."""
+    kill_process_group(proc.pid, grace=0.0 if hard else KILL_GRACE)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=KILL_GRACE)
+    guard = _guard()
+    # what left the group (setsid, daemons; environment cleared or not): this process is
+    # their subreaper, so they are among its descendants
+    kill_strays(keep=before | guard.pids())
+    guard.ended(proc.pid)
+
+
+def _verdict(result: RunResult, ending: _Ending, timeout: float | None) -> RunResult:
+    """The cause and message of how the command ended."""
+    code, stderr = result.exit_code, result.stderr_tail
+    if ending.stopped is not None:
+        why = f"stopped: {ending.stopped.reason}; process tree killed"
+        return replace(result, cause=CAUSE_STOPPED, message=why)
+    if ending.timed_out:
+        why = f"time limit of {timeout:g} s reached; process group killed"
+        return replace(result, cause=CAUSE_TIMEOUT, message=why)
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return outcome(CAUSE_SIGNAL, f"killed by signal {name}" + last_line(stderr))
+        return replace(
+            result, cause=CAUSE_SIGNAL, message=f"killed by signal {name}" + last_line(stderr)
+        )
     if code != 0:
-        return outcome(CAUSE_EXIT, f"exit code {code}" + last_line(stderr))
-    return outcome()
+        return replace(result, cause=CAUSE_EXIT, message=f"exit code {code}" + last_line(stderr))
+    return result
 
 
 def _stop_noted(stop: Callable[[], Stop | None], wake_fd: int | None) -> Stop | None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.sentinel
@@ -24,6 +25,7 @@ from tbss_queue.config import Settings, parse_sentinel_url
 from tbss_queue.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def redis_url(url: str) -> str:
@@ -51,6 +53,22 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(("BUSY", "MISCONF"))
+
+
+def patiently(fn: Callable[[], T], patience: float) -> T:
+    """Call fn, waiting out a passing Redis fault (restart, BUSY, LOADING, OOM, MISCONF,
+    READONLY, TRYAGAIN) with exponential backoff for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    delay = 0.1
+    while True:
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            if not transient(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("broker trouble (%s); trying again in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def broker_full(client: redis.Redis) -> BrokerUnavailable:

@@ -6,7 +6,7 @@ commands idle for hours. Instead, every running command holds a lease its runner
 worker that sees a running record whose lease has lapsed takes it back (one Lua script decides,
 so exactly one reaper wins) and publishes the task again, at the front of the queue. A stale copy
 that Redis restores later finds the task finished or running and is dropped by the claim in
-`tasks.execute`; the old runner, if it is only slow, finds its lease gone and records nothing.
+`lease.claimed`; the old runner, if it is only slow, finds its lease gone and records nothing.
 """
 
 from __future__ import annotations
