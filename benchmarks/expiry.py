@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import batch_key
 from tbss_queue.queue.broker import connect
+from tbss_queue.queue.keys import batch_key
 
 from .ops import submit_process
 from .run import _commands_file, machine

@@ -29,15 +29,9 @@ from typing import Any
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.queue.app import make_app
-from tbss_queue.queue.batches import (
-    CHUNK,
-    QUARANTINE,
-    BatchStore,
-    _task_keys,
-    batch_key,
-    run_line,
-)
+from tbss_queue.queue.batches import BatchStore, _task_keys
 from tbss_queue.queue.broker import connect
+from tbss_queue.queue.keys import CHUNK, QUARANTINE, batch_key, run_line
 from tbss_queue.queue.recovery import keep_tidy, missing_messages, republish_orphans
 
 from .run import _commands_file, machine

@@ -29,7 +29,9 @@ from tbss_queue.fsl.matrix import MAX_CELLS, SubjectMatrix, subject_matrix
 from tbss_queue.models import Batch, BatchStatus, NodeInfo, TaskRecord
 from tbss_queue.paths import PathMap
 from tbss_queue.queue.app import make_app
-from tbss_queue.queue.batches import (
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import broker_full, connect, replicated
+from tbss_queue.queue.keys import (
     CANCELLED,
     CHUNK,
     FAILED,
@@ -37,7 +39,6 @@ from tbss_queue.queue.batches import (
     QUEUED,
     SKIPPED,
     SUCCEEDED,
-    BatchStore,
     Staging,
     TaskSpec,
     batch_key,
@@ -46,7 +47,6 @@ from tbss_queue.queue.batches import (
     run_line,
     task_id_for,
 )
-from tbss_queue.queue.broker import broker_full, connect, replicated
 from tbss_queue.queue.persistence import (
     lost_or_not_found,
     persistence_warning,

@@ -25,8 +25,8 @@ import redis
 
 from tbss_queue.config import Settings
 from tbss_queue.errors import ConfigError
-from tbss_queue.queue.batches import ACTIVE, NODES, PREFIX, QUEUED, batch_key
 from tbss_queue.queue.broker import connect
+from tbss_queue.queue.keys import ACTIVE, NODES, PREFIX, QUEUED, batch_key
 from tbss_queue.slurm import PilotJob
 
 log = logging.getLogger(__name__)

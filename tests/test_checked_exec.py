@@ -18,7 +18,7 @@ import pytest
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import script_sha
+from tbss_queue.queue.store import script_sha
 from tbss_queue.redis_server import RedisServer
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -16,7 +16,7 @@ import redis
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import BATCHES
+from tbss_queue.queue.keys import BATCHES
 from tbss_queue.redis_server import RedisServer, free_port
 from tbss_queue.views.progress import PROGRESS_LINES_FROM
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tbss_queue import api
 from tbss_queue.cli import cli
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import QUARANTINE
+from tbss_queue.queue.keys import QUARANTINE
 
 from .conftest import Worker, tbss_queue, write_commands
 

@@ -27,8 +27,9 @@ import redis
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import BatchStore, script_sha
+from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import connect
+from tbss_queue.queue.store import script_sha
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

@@ -12,7 +12,8 @@ import redis
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.errors import BatchNotFound, TbssQueueError
-from tbss_queue.queue.batches import BATCHES, BatchStore
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.keys import BATCHES
 from tbss_queue.queue.persistence import (
     EXIT_LOST,
     BatchLost,

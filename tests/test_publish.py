@@ -6,7 +6,7 @@ import json
 
 from tbss_queue.config import Settings
 from tbss_queue.queue.app import make_app
-from tbss_queue.queue.batches import TaskSpec, task_id_for
+from tbss_queue.queue.keys import TaskSpec, task_id_for
 from tbss_queue.queue.publish import build_messages, celery_messages, send_options
 
 

@@ -18,18 +18,18 @@ import redis
 
 from tbss_queue import api
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import (
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import connect
+from tbss_queue.queue.keys import (
     ACTIVE,
     BATCHES,
     CHUNK,
     FILES,
     LEGACY_INDEX,
-    BatchStore,
     batch_key,
     index_key,
     task_id_for,
 )
-from tbss_queue.queue.broker import connect
 from tbss_queue.redis_server import RedisServer, free_port
 
 from .conftest import Worker, settings_env, tbss_queue, write_commands

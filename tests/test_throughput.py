@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import ACTIVE, CHUNK, BatchStore, batch_key
+from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import connect
+from tbss_queue.queue.keys import ACTIVE, CHUNK, batch_key
 from tbss_queue.views.throughput import throughput
 
 

@@ -58,7 +58,7 @@ from tbss_queue.execution.record import recorded as record_outcome
 from tbss_queue.fsl.jobs import with_fsl_sub_env
 from tbss_queue.opening import WorkDir, opened_workdir
 from tbss_queue.paths import PathMap, local_fsl_tool
-from tbss_queue.queue.batches import FAILED, SKIPPED
+from tbss_queue.queue.keys import FAILED, SKIPPED
 from tbss_queue.queue.publish import START_BUDGET, label
 
 log = logging.getLogger(__name__)

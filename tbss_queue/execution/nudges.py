@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from tbss_queue.queue.batches import CANCEL_CHANNEL
+from tbss_queue.queue.keys import CANCEL_CHANNEL
 
 log = logging.getLogger(__name__)
 

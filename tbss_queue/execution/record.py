@@ -21,8 +21,8 @@ from celery.exceptions import Ignore, Retry
 from tbss_queue.execution.lease import Attempt, Claim, CommandFailed, claim
 from tbss_queue.execution.preflight import CAUSE_REFUSED
 from tbss_queue.execution.runner import CAUSE_TOO_LONG, RunResult
-from tbss_queue.queue.batches import FAILED, SUCCEEDED
 from tbss_queue.queue.broker import patiently, replicated
+from tbss_queue.queue.keys import FAILED, SUCCEEDED
 from tbss_queue.queue.publish import RECORD_BUDGET
 
 log = logging.getLogger(__name__)

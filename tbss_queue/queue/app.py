@@ -58,7 +58,8 @@ def make_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         # Deliberately off (Celery's 5.x default). Plain Celery needs it on: a reconnect restores
         # the unacked message and a second worker runs it while the first still does. Here the
-        # claim (execution.lease.claimed) drops any copy of a running task, so cancelling would only kill
+        # claim (execution.lease.claimed) drops any copy of a running task, so cancelling
+        # would only kill
         # every running registration on each Redis blip, and race with commands that just
         # finished (their outcome unrecorded, they would run again).
         worker_cancel_long_running_tasks_on_connection_loss=False,

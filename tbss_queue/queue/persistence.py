@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from tbss_queue.errors import BatchNotFound
-from tbss_queue.queue.batches import BATCHES, HELD, PREFIX
+from tbss_queue.queue.keys import BATCHES, HELD, PREFIX
 
 EPOCH = PREFIX + "epoch"
 """HASH, field `run_id`: the Redis run_id when this dataset's first batch was submitted."""

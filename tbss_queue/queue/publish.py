@@ -21,7 +21,7 @@ from kombu.utils.json import dumps
 
 from tbss_queue.fsl.outputs import parse_fsl_reg
 from tbss_queue.queue.app import TASK_NAME
-from tbss_queue.queue.batches import TaskSpec
+from tbss_queue.queue.keys import TaskSpec
 
 
 def new_message_id() -> str:

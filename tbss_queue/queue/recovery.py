@@ -22,7 +22,9 @@ from celery import Celery
 from kombu import serialization
 
 from tbss_queue.config import Settings
-from tbss_queue.queue.batches import (
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.broker import BROKER
+from tbss_queue.queue.keys import (
     CANCELLED,
     CHUNK,
     FAILED,
@@ -31,12 +33,10 @@ from tbss_queue.queue.batches import (
     PENDING,
     QUEUED,
     RUNNING_STATE,
-    BatchStore,
     TaskSpec,
     batch_key,
     member,
 )
-from tbss_queue.queue.broker import BROKER
 from tbss_queue.queue.publish import (
     REF_HEADER,
     build_messages,

@@ -25,7 +25,8 @@ from tornado import template, web
 
 from tbss_queue.config import Settings
 from tbss_queue.models import BatchStatus
-from tbss_queue.queue.batches import QUEUED, BatchStore, batch_key
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.keys import QUEUED, batch_key
 from tbss_queue.queue.publish import study_name
 from tbss_queue.views.throughput import Throughput, throughput
 

@@ -29,7 +29,8 @@ from tbss_queue.execution.fields import TaskFields, log_paths
 from tbss_queue.fsl.matrix import short
 from tbss_queue.fsl.outputs import parse_fsl_reg
 from tbss_queue.models import TaskRecord
-from tbss_queue.queue.batches import CHUNK, BatchStore, batch_key
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.keys import CHUNK, batch_key
 from tbss_queue.queue.publish import task_kwargs, with_line
 from tbss_queue.views.causes import describe
 

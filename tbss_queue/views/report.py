@@ -53,7 +53,7 @@ class Runs:
 
     @classmethod
     def parse(cls, lines: Sequence[str]) -> Runs:
-        """From run-log lines: line, node, slot, started, ended, state (batches.RUN_FIELDS),
+        """From run-log lines: line, node, slot, started, ended, state (queue.keys.RUN_FIELDS),
         split and converted column by column (a million lines in well under a second)."""
         if not lines:
             empty = np.empty(0)

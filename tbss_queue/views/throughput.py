@@ -11,7 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tbss_queue.queue.batches import CHUNK, BatchStore, batch_key
+from tbss_queue.queue.batches import BatchStore
+from tbss_queue.queue.keys import CHUNK, batch_key
 
 NICE_BINS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 """Bin widths (seconds) a chart may use: about 40 bins over what it shows."""
