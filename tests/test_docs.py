@@ -88,3 +88,18 @@ def test_every_test_the_threat_model_names_exists() -> None:
     assert len(named) >= 10
     for module, test in named:
         assert f"def {test}(" in (tests_dir / module).read_text(), f"{module}::{test} missing"
+
+
+def test_the_stages_of_an_attempt_are_those_the_pipeline_runs_in_that_order() -> None:
+    # README's stage table names each stage of an attempt and its modules: the pipeline in
+    # execution/attempt.py calls them in that order, and every module named exists
+    package = Path(tbss_queue.__file__).parent
+    rows = re.findall(r"^\| (\d) \| (\w+) \| .+ \| (.+) \|$", README, re.M)
+    assert [int(n) for n, _, _ in rows] == list(range(1, 8))
+    pipeline = (package / "execution" / "attempt.py").read_text()
+    body = pipeline.split("def run_attempt(")[1].split("\ndef ")[0]
+    calls = [body.index(f"{stage}(") for _, stage, _ in rows if f"{stage}(" in body]
+    assert len(calls) == 7 and calls == sorted(calls)
+    for _, _, modules in rows:
+        for path in re.findall(r"`([\w/]+\.(?:py|lua))`", modules):
+            assert (package / path).exists(), path

@@ -51,10 +51,10 @@ from tbss_queue.execution.record import (
     attempt_record,
     log_outcome,
     nothing_ran,
+    outcome,
     record_end,
     refuse,
 )
-from tbss_queue.execution.record import recorded as record_outcome
 from tbss_queue.fsl.jobs import with_fsl_sub_env
 from tbss_queue.opening import WorkDir, opened_workdir
 from tbss_queue.paths import PathMap, local_fsl_tool
@@ -118,19 +118,35 @@ class Prepared:
     marker: DoneMarker | None
 
 
+@dataclass(frozen=True)
+class Run:
+    """How the command ran (stage 6), as judged."""
+
+    result: runner.RunResult
+    log_error: str | None
+    """Why its log files could not be written, if they could not."""
+
+
 def run_attempt(
     at: Attempt, task: Task, rules: NodeRules, interrupts: Interrupts, message: Message
 ) -> dict[str, Any]:
     """Run one delivered command, exactly once as far as the records can tell."""
-    command = resolved(at, rules, checked(at, message))
+    fields = checked(at, message)
+    command = resolved(at, rules, fields)
     claim = claimed(at)
     with prepared(at, rules, command) as ready:
         settled(at, claim, rules, ready)
-        result, log_error = ran(at, claim, rules, ready, interrupts)
-    record = attempt_record(at, claim, result, argv=ready.argv, cwd=command.cwd)
-    if log_error is not None:
-        record["log_error"] = log_error
-    return record_outcome(at, task, command.fields.retries, result, record, command.name)
+        run = ran(at, claim, rules, ready, interrupts)
+    return recorded(at, task, claim, ready, run)
+
+
+def recorded(at: Attempt, task: Task, claim: Claim, ready: Prepared, run: Run) -> dict[str, Any]:
+    """Stage 7: the record of the attempt, written by its lease's owner; Celery is told."""
+    record = attempt_record(at, claim, run.result, argv=ready.argv, cwd=ready.command.cwd)
+    if run.log_error is not None:
+        record["log_error"] = run.log_error
+    fields = ready.command.fields
+    return outcome(at, task, fields.retries, run.result, record, ready.command.name)
 
 
 def checked(at: Attempt, message: Message) -> TaskFields:
@@ -186,8 +202,8 @@ def settled(at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared) -> Non
     done, unsafe = judge_done(ready.marker)
     if unsafe is not None:
         why = f"refused: {unsafe}"
-        outcome = record_end(at, FAILED, nothing_ran(at, why, CAUSE_REFUSED, claim), ran=False)
-        log_outcome(outcome, ready.command.name, at)
+        written = record_end(at, FAILED, nothing_ran(at, why, CAUSE_REFUSED, claim), ran=False)
+        log_outcome(written, ready.command.name, at)
         raise CommandFailed(why)
     if done:
         skipped = nothing_ran(at, f"already done: {ready.marker.describe()}", claim_=claim)
@@ -199,7 +215,7 @@ def settled(at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared) -> Non
 
 def ran(
     at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared, interrupts: Interrupts
-) -> tuple[runner.RunResult, str | None]:
+) -> Run:
     """Stage 6: started as the lease's owner, within START_BUDGET of the delivery, with its
     output in its log files; then judged (a node fault, a stop, missing outputs)."""
     go_on_if_still_ours(at, claim.lease, "starting")
@@ -232,7 +248,7 @@ def ran(
         )  # fmt: skip
         with nudges.watching(at.store.r, at.batch_id, interrupts.write_fd):
             result = runner.run_command(spec, watch)
-    return judged(at, claim, ready, result), log_error
+    return Run(judged(at, claim, ready, result), log_error)
 
 
 def _log_files(

@@ -40,8 +40,8 @@ def record_end(at: Attempt, state: str, record: dict[str, Any], *, ran: bool = T
         return at.store.finish(at.batch_id, at.task_id, at.node, at.token, state, record, ran=ran)
 
     by = time.monotonic() + RECORD_BUDGET  # both tries below share it: see HARD_LIMIT_MARGIN
-    outcome = patiently(finish, RECORD_BUDGET)
-    if outcome == "ok":
+    written = patiently(finish, RECORD_BUDGET)
+    if written == "ok":
         try:
             replicated(at.store.r, at.settings)
         except redis.RedisError:
@@ -49,10 +49,10 @@ def record_end(at: Attempt, state: str, record: dict[str, Any], *, ran: bool = T
             # on the new master ('not-owner' there means it had arrived)
             with contextlib.suppress(redis.RedisError):
                 patiently(finish, max(0.0, by - time.monotonic()))
-    return outcome
+    return written
 
 
-def recorded(
+def outcome(
     at: Attempt, task: Task, retries: int, result: RunResult, record: dict[str, Any], name: str
 ) -> dict[str, Any]:
     """Succeeded, tried again (`retries` allowed), or failed: the result decides, and Celery
