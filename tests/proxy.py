@@ -1,11 +1,13 @@
 """A loopback TCP proxy in front of redis-server that holds one request until told to let go,
-or lets one request through and loses its reply.
+lets one request through and holds its reply until told to let go, or lets one request
+through and loses its reply.
 
 It holds a race window open deterministically: the client that sent the request waits for the
 reply exactly as long as the test wants (as it would behind a slow link, or a Redis busy with
 another client), while every other request, of that client or any other, goes through. With
-`drop`, Redis carries the request out and the connection is cut before the client reads the
-reply: the client cannot tell whether it happened (a cable pulled, a failover).
+`reply`, Redis carries the request out at once and only its reply is late. With `drop`,
+Redis carries the request out and the connection is cut before the client reads the reply:
+the client cannot tell whether it happened (a cable pulled, a failover).
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ class HoldingProxy:
     is held (a client that gives up on one and asks again waits again: a long stall)."""
 
     def __init__(
-        self, target: int, hold: bytes, *, drop: bool = False, every: bool = False
+        self,
+        target: int,
+        hold: bytes,
+        *,
+        drop: bool = False,
+        every: bool = False,
+        reply: bool = False,
     ) -> None:
         self.target, self.pattern, self.drop = target, re.compile(hold), drop
-        self.every = every
+        self.every, self.reply = every, reply
         self.port = free_port()
         self.caught, self.released = threading.Event(), threading.Event()
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -76,7 +84,7 @@ class HoldingProxy:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
             self._sockets += [client, server]
-            cut = threading.Event()  # this connection's next reply is to be lost
+            cut = threading.Event()  # this connection's next reply is to be lost (or held)
             self._spawn(self._pump, client, server, True, cut)
             self._spawn(self._pump, server, client, False, cut)
 
@@ -94,12 +102,14 @@ class HoldingProxy:
                     break
                 first = not self.caught.is_set() or (self.every and not self.released.is_set())
                 if requests and first and self.pattern.search(data):
-                    if self.drop:
+                    if self.drop or self.reply:
                         cut.set()
                     self.caught.set()
-                    if not self.drop:
+                    if not (self.drop or self.reply):
                         self.released.wait()
-                if not requests and cut.is_set():
+                if not requests and cut.is_set() and self.reply:
+                    self.released.wait()  # carried out; its reply arrives only now
+                elif not requests and cut.is_set():
                     break  # the reply goes nowhere, and the connection with it
                 dst.sendall(data)
         for s in (src, dst):
@@ -110,7 +120,7 @@ class HoldingProxy:
 
 @contextlib.contextmanager
 def holding(
-    target: int, hold: bytes, *, drop: bool = False, every: bool = False
+    target: int, hold: bytes, *, drop: bool = False, every: bool = False, reply: bool = False
 ) -> Iterator[HoldingProxy]:
-    with HoldingProxy(target, hold, drop=drop, every=every) as proxy:
+    with HoldingProxy(target, hold, drop=drop, every=every, reply=reply) as proxy:
         yield proxy

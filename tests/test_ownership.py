@@ -570,12 +570,13 @@ def test_a_claim_tried_again_after_its_reply_was_lost_still_owns_the_command(
     batch = api.submit(write_commands(tmp_path / "cmds", ["true"]), settings=settings)
     store = BatchStore(connect(settings))
     [task_id] = store.states(batch.id)
-    assert store.claim(batch.id, task_id, "w1@h", "token-1", 60, 1) == "ok"
+    assert store.claim(batch.id, task_id, "w1@h", "token-1", 60, 1)[0] == "ok"
     # When the same runner tries its claim again, and another runner tries too
     again = store.claim(batch.id, task_id, "w1@h", "token-1", 60, 1)
     other = store.claim(batch.id, task_id, "w2@h", "token-2", 60, 2)
-    # Then the first still owns it (it runs the command), the other is told it is taken
-    assert (again, other) == ("ok", "busy")
+    # Then the first still owns it (it runs the command, line 1, still its first attempt), the
+    # other is told it is taken
+    assert (again, other) == (("ok", 1, 1), ("busy", 0, 0))
     assert api.status(batch.id, settings=settings).running == 1
     assert store.renew(batch.id, task_id, "token-1", 60) == "ok"
 
@@ -614,11 +615,12 @@ def test_cancel_reaches_running_commands_at_once_not_at_their_next_renewal(
 def test_a_runner_held_between_claim_and_spawn_past_its_lease_starts_nothing(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker], redis_server: RedisServer
 ) -> None:
-    # Given node w1 behind a proxy that holds the first read it makes after a claim (a slow
-    # round trip between the claim and the spawn), and a command of 3 s
+    # Given node w1 behind a proxy that holds the reply to its first claim, which Redis has
+    # carried out (a slow round trip between the claim and the spawn), and a command of 3 s
     marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
-    after_claim = rb"HGET\r\n\$\d+\r\ntbssq:b:[^\r]+:cmd\r\n"
-    with holding(redis_server.port, after_claim) as proxy:
+    BatchStore(connect(settings)).load_scripts()  # so that its first EVALSHA is carried out
+    claim = rb"EVALSHA\r\n\$40\r\n" + script_sha("claim").encode()
+    with holding(redis_server.port, claim, reply=True) as proxy:
         workers("w1", 1, env={"TBSS_QUEUE_BROKER": proxy.url})
         line = marked("once", marks, log, "--sleep", "3")
         batch = api.submit(write_commands(tmp_path / "cmds", [line]), settings=settings)
@@ -637,7 +639,7 @@ def test_a_runner_held_between_claim_and_spawn_past_its_lease_starts_nothing(
     # and w1's log says so: it never ran the command, and says why
     w1_log = (tmp_path / "worker-w1-0.log").read_text()
     assert not [ln for ln in w1_log.splitlines() if f"batch {batch.id}, command " in ln]
-    assert "not ours any more before starting" in w1_log
+    assert "its lease may have lapsed before starting: nothing done" in w1_log
 
 
 def test_a_lost_reply_to_a_hand_back_is_repaired_while_the_rest_of_the_batch_runs(

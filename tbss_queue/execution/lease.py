@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import redis
 from celery import Celery
@@ -74,14 +74,15 @@ class Attempt:
 class Lease:
     """This runner's hold on one command: renewed at every tick, fenced by its token."""
 
-    def __init__(self, at: Attempt) -> None:
+    def __init__(self, at: Attempt, since: float) -> None:
+        """`since`: when the claim was sent, by `uptime()`."""
         self.at = at
         settings = at.settings
         # a short socket timeout: a renewal must never block the tick loop past the lease
         self.store = BatchStore(connect(settings, check=False, timeout=settings.heartbeat / 2))
         self.margin = settings.runner_margin
         # by a clock that counts while the machine is suspended, shared with the guard process
-        self.valid_until = uptime() + self.margin
+        self.valid_until = since + self.margin
 
     def lapsed(self) -> bool:
         return uptime() >= self.valid_until
@@ -118,7 +119,16 @@ class Claim:
     """The claim's count: every attempt, in any worker, has its own number and log files."""
 
 
-def claim(at: Attempt, *, wait: float | None = None) -> str:
+class Reply(NamedTuple):
+    """What a claim answered, and when it was sent by the clock the lease is kept by."""
+
+    outcome: str
+    line: int
+    number: int
+    sent: float
+
+
+def claim(at: Attempt, *, wait: float | None = None) -> Reply:
     """Claim, waiting while the runner of an earlier attempt still holds the lease (a command
     cancelled and queued again: that runner lets go at its next renewal, or its lease lapses),
     for `wait` seconds (default: until that lease has surely lapsed)."""
@@ -126,27 +136,27 @@ def claim(at: Attempt, *, wait: float | None = None) -> str:
     if wait is None:
         wait = settings.lost_after + 2 * settings.heartbeat
     deadline = time.monotonic() + wait
+
+    def once() -> Reply:
+        # the lease lasts LOST_AFTER from the moment Redis runs the claim, later than this
+        sent = uptime()
+        outcome, line, number = at.store.claim(
+            at.batch_id, at.task_id, at.node, at.token, settings.lost_after, os.getpid(),
+            at.delivery,
+        )  # fmt: skip
+        return Reply(outcome, line, number, sent)
+
     while True:
-        claimed = patiently(
-            lambda: at.store.claim(
-                at.batch_id,
-                at.task_id,
-                at.node,
-                at.token,
-                settings.lost_after,
-                os.getpid(),
-                at.delivery,
-            ),  # fmt: skip
-            at.patience,
-        )
-        if claimed != "leased" or time.monotonic() > deadline:
-            return claimed
+        reply = patiently(once, at.patience)
+        if reply.outcome != "leased" or time.monotonic() > deadline:
+            return reply
         time.sleep(min(1.0, settings.heartbeat))
 
 
 def claimed(at: Attempt) -> Claim:
     """The command, owned by this runner; or Ignore when it is not this runner's to run."""
-    outcome = claim(at)
+    reply = claim(at)
+    outcome = reply.outcome
     if outcome in ("quarantined", "leased"):
         # quarantined: this node takes no command until its fault is fixed; leased: an earlier
         # runner still holds it after all this time. Back to the front of the queue, unclaimed
@@ -161,26 +171,22 @@ def claimed(at: Attempt) -> Claim:
         # a claim a replica holds survives a failover; one lost with the master shows at the
         # first renewal on the new master ("lost"), which kills this copy within a heartbeat
         replicated(at.store.r, at.settings)
-    lease = Lease(at)
-    line, number = patiently(lambda: at.store.attempt_of(at.batch_id, at.task_id), at.patience)
-    return Claim(lease, line, number)
+    return Claim(Lease(at, reply.sent), reply.line, reply.number)
 
 
 def go_on_if_still_ours(at: Attempt, lease: Lease, step: str) -> None:
-    """Renew the lease as the last step before `step` (removing outputs, starting the command):
-    a runner held since its claim (a slow done check, a slow round trip) may have lost the
-    command to another node meanwhile, and then must touch nothing. Raises Ignore if so."""
-    stop = lease.renew()
-    if stop is None:
+    """Check the lease as the last step before `step` (removing outputs, starting the
+    command): a runner held since its claim (a slow done check, a slow round trip) may have
+    lost the command to another node meanwhile, and then must touch nothing. Raises Ignore if
+    so. Its clock started before the claim was sent, so while it says the lease holds, it does
+    (Redis keeps it LOST_AFTER from the claim): no round trip is needed to know it."""
+    if not lease.lapsed():
         return
     log.warning(
-        "command %s of batch %s not ours any more before %s (%s): nothing done",
-        at.task_id, at.batch_id, step, stop.reason,
+        "command %s of batch %s: its lease may have lapsed before %s: nothing done",
+        at.task_id, at.batch_id, step,
     )  # fmt: skip
-    if not stop.hard:  # cancelled meanwhile: let the lease go
-        hand_back(at)
-    elif lease.lapsed():
-        count_late(at)
+    count_late(at)
     raise Ignore()
 
 

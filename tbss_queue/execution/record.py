@@ -119,7 +119,7 @@ def nothing_ran(
 def refuse(at: Attempt, message: str) -> None:
     """Fail a command whose message this worker will not run (a field that does not pass the
     checks, a signature that does not hold), saying why: it must not stay queued for ever."""
-    if claim(at, wait=0) != "ok":
+    if claim(at, wait=0).outcome != "ok":
         return
     refused = nothing_ran(at, f"refused: {message}", CAUSE_REFUSED)
     patiently(

@@ -37,19 +37,24 @@ class Leases(Store):
         lease: float,
         pid: int,
         attempt: str = "",
-    ) -> str:
+    ) -> tuple[str, int, int]:
         """Take a queued command under a lease of `lease` seconds held by `token`.
 
-        Returns 'ok', 'busy' (running elsewhere), 'leased' (an earlier runner still holds it),
-        'quarantined' (this node), a final state or 'unknown'."""
+        Returns ('ok', its line, this attempt's number), or (why not, 0, 0): 'busy' (running
+        elsewhere), 'leased' (an earlier runner still holds it), 'quarantined' (this node),
+        a final state or 'unknown'."""
         keys = [
             *task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
             batch_key(batch_id),
             QUARANTINE,
+            batch_key(batch_id, "cmd"),
         ]
         args = [task_id, member(batch_id, task_id), node, token, ms(lease), pid, attempt]
-        return str(self._run("claim", keys, args))
+        reply = self._run("claim", keys, args)
+        if isinstance(reply, list):
+            return str(reply[0]), int(reply[2] or 0), int(reply[1] or 1)
+        return str(reply), 0, 0
 
     def renew(self, batch_id: str, task_id: str, token: str, lease: float) -> str:
         """Extend the lease if `token` still owns it: 'ok', 'cancelled' or 'lost'."""

@@ -1,10 +1,16 @@
 -- claim: a queued command becomes running under one runner's lease.
--- KEYS: state counts nodes running lease attempts meta quarantine
+-- KEYS: state counts nodes running lease attempts meta quarantine cmd
 -- ARGV: cid member node token lease_ms pid attempt
--- Returns 'ok'; 'busy' (running elsewhere: a duplicate message); a final state;
+-- Returns {'ok', attempt number, line} (the runner's log files and record need both, so they
+-- come with the claim instead of a second round trip); 'busy' (running elsewhere: a duplicate message); a final state;
 -- 'leased' (queued again, but the runner of an earlier attempt has not let go yet: wait);
 -- 'quarantined' (this node takes no command: hand the message back unclaimed);
 -- 'unknown'. A running command is never taken over here: only the reaper decides a lease lapsed.
+local function numbered(attempt)
+  local spec = redis.call('HGET', KEYS[9], ARGV[1])
+  local line = spec and cjson.decode(spec)['line'] or 0
+  return {'ok', attempt, line}
+end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return 'unknown' end
 if old ~= 'queued' and old ~= 'running' then return old end
@@ -17,7 +23,7 @@ if old == 'running' then
     if redis.call('PEXPIRE', KEYS[5], ARGV[5]) == 0 then
       redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
     end
-    return 'ok'
+    return numbered(tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or 1))
   end
   return 'busy'
 end
@@ -39,6 +45,6 @@ redis.call('HSET', KEYS[3], ARGV[3] .. '|seen', now)
 redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({node=ARGV[3], token=ARGV[4], started=now,
   pid=tonumber(ARGV[6]), attempt=ARGV[7]}))
 redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
-redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+local attempt = redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
 redis.call('HSETNX', KEYS[7], 'first_started', now)
-return 'ok'
+return numbered(attempt)
