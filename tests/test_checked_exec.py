@@ -27,14 +27,14 @@ from .proxy import HoldingProxy, holding
 from .test_security import fsldir
 
 BEFORE_START = rb"EVALSHA\r\n\$40\r\n" + script_sha("renew").encode()
-"""The worker's renewal of its lease after every check and before it touches outputs or
-starts the command (lease.go_on_if_still_ours)."""
+"""The worker's renewal of its lease after every check, as the last step before it starts the
+command (lease.go_on_if_still_ours)."""
 
 
 @pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[HoldingProxy]:
     """Between a worker and Redis: holds the worker's first renewal, a request it sends after
-    every check and before it removes outputs or starts the command."""
+    every check and before it starts the command."""
     with holding(redis_server.port, BEFORE_START) as p:
         yield p
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -177,3 +179,43 @@ def test_runs_the_given_file_in_the_opened_directory_whatever_the_paths_say(
     assert (tmp_path / "d.orig" / "here").exists()
     assert not (tmp_path / "elsewhere" / "here").exists()
     assert r.stdout_tail.strip() == sys.prefix
+
+
+def test_a_command_announced_to_the_guard_dies_with_its_owner_before_it_was_started(
+    tmp_path: Path,
+) -> None:
+    # Given a guard told that a command with tag T is about to start, and that command running
+    # (its owner died before telling the guard its process group: the spawn's window, which a
+    # parent-death signal used to cover)
+    from tbss_queue.execution import guard
+
+    keeper = subprocess.Popen(
+        [sys.executable, "-S", "-I", guard.__file__], stdin=subprocess.PIPE, start_new_session=True
+    )
+    assert keeper.stdin is not None
+    keeper.stdin.write(b"t tag-t 0\n")
+    keeper.stdin.flush()
+    pidfile = tmp_path / "pid"
+    command = subprocess.Popen(
+        [sys.executable, JOB, "x", "--child", "--sleep", "600", "--pidfile", str(pidfile)],
+        env={**os.environ, guard.TAG_VAR: "tag-t"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and len(pidfile.read_text().split()) == 2):
+            assert time.monotonic() < deadline, "the command never started its child"
+            time.sleep(0.05)
+        pids = [int(p) for p in pidfile.read_text().split()]
+        # When its owner is gone (the guard's pipe closes)
+        keeper.stdin.close()
+        # Then the guard kills the command and its child, found by their tag
+        command.wait(timeout=10)
+        assert command.returncode == -signal.SIGKILL
+        assert all(not _alive(p) for p in pids)
+        assert keeper.wait(timeout=10) == 0
+    finally:
+        for proc in (command, keeper):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=10)

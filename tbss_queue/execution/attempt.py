@@ -218,7 +218,7 @@ def ran(
 ) -> Run:
     """Stage 6: started as the lease's owner, within START_BUDGET of the delivery, with its
     output in its log files; then judged (a node fault, a stop, missing outputs)."""
-    go_on_if_still_ours(at, claim.lease, "starting")
+    go_on_if_still_ours(at, claim.lease, "starting", renew=True)
     if (waited := time.monotonic() - interrupts.began) > START_BUDGET:
         # its own time limit would count from a spawn so late that Celery's hard limit,
         # counted from the delivery, could cut it short: another attempt starts it afresh

@@ -12,8 +12,11 @@ command's process group, and every process carrying that command's environment t
 left the group with setsid), when its lease runs out (by CLOCK_BOOTTIME, which counts a
 suspended machine too) or when the pipe closes (the pool process is gone, however it died).
 
-Protocol, one line each: `+ PGID TAG UNTIL` a command started, `v PGID UNTIL` its lease now
-runs until UNTIL, `- PGID` it ended. UNTIL is CLOCK_BOOTTIME seconds, 0 for no lease.
+Protocol, one line each: `t TAG UNTIL` a command is about to start (if its owner dies before
+the next line, the guard finds it by its tag), `+ PGID TAG UNTIL` it started, `v PGID UNTIL`
+its lease now runs until UNTIL, `- PGID` it ended. UNTIL is CLOCK_BOOTTIME seconds, 0 for no
+lease. The first line is what lets the pool process start its commands without a
+parent-death signal (no preexec_fn, no exec wrapper: Python's fast vfork path).
 """
 
 from __future__ import annotations
@@ -55,15 +58,17 @@ def tagged(tags: set[str]) -> list[int]:
     return found
 
 
-def kill_all(groups: dict[int, str]) -> None:
-    """SIGKILL every group and every tagged process, until none is left (or 3 rounds)."""
+def kill_all(groups: dict[int, str], tags: set[str] | None = None) -> None:
+    """SIGKILL every group and every process tagged with their tags or `tags`, until none is
+    left (or 3 rounds)."""
     for _ in range(3):
         for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        pids = tagged(set(groups.values())) if os.path.isdir("/proc") else []
+        wanted = set(groups.values()) | (tags or set())
+        pids = tagged(wanted) if os.path.isdir("/proc") else []
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -77,6 +82,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the pipe's end tells this one to act
     groups: dict[int, tuple[str, float]] = {}
+    starting: dict[str, float] = {}  # tag -> until: announced, not yet started
     pending = b""
     while True:
         ready, _, _ = select.select([0], [], [], CHECK_EVERY)
@@ -87,8 +93,11 @@ def main() -> None:
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
                 words = line.split()
-                if len(words) == 4 and words[0] == b"+":
+                if len(words) == 3 and words[0] == b"t":
+                    starting[words[1].decode()] = float(words[2])
+                elif len(words) == 4 and words[0] == b"+":
                     groups[int(words[1])] = (words[2].decode(), float(words[3]))
+                    starting.pop(words[2].decode(), None)
                 elif len(words) == 3 and words[0] == b"v" and int(words[1]) in groups:
                     groups[int(words[1])] = (groups[int(words[1])][0], float(words[2]))
                 elif len(words) == 2 and words[0] == b"-":
@@ -98,7 +107,11 @@ def main() -> None:
             if until and now > until:
                 kill_all({pgid: tag})  # its lease ran out and its owner did not act
                 del groups[pgid]
-    kill_all({pgid: tag for pgid, (tag, _) in groups.items()})
+        for tag, until in list(starting.items()):
+            if until and now > until:
+                kill_all({}, {tag})
+                del starting[tag]
+    kill_all({pgid: tag for pgid, (tag, _) in groups.items()}, set(starting))
 
 
 if __name__ == "__main__":

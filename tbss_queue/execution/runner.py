@@ -13,7 +13,6 @@ import ctypes
 import errno
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -155,11 +154,12 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
     with _output(spec.outputs, 0) as out, _output(spec.outputs, 1) as err:
         guard = _guard()
         before = set(_children(os.getpid()))  # anything new after the command is its doing
+        until = watch.lease_until or (lambda: 0.0)
+        guard.starting(spec.tag, until())
         try:
             proc = _spawn(spec.argv, cwd, env, out, err, spec.executable)
         except OSError as exc:
             return _not_started(started, spec.argv[0], exc)
-        until = watch.lease_until or (lambda: 0.0)
         guard.started(proc.pid, spec.tag, until())
         ending = _Ending()
         try:
@@ -263,45 +263,19 @@ def _spawn(
     err: IO[bytes],
     executable: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the command in its own session, to be SIGKILLed if this process dies.
-
-    With util-linux's setpriv the death signal is set by an exec wrapper: a preexec_fn would
-    force a full fork of the (large) pool process, 5 ms per command instead of 1. setpriv
-    executes its argv[0], so a command whose `executable` is not its argv[0] (found through a
-    symlink: a venv's python) takes the preexec_fn way.
-    """
-    wrapper: list[str] = []
-    preexec = None
-    direct = executable is None or executable == argv[0]
-    if _SETPRIV is not None and direct:
-        _check_executable(argv[0], cwd, env)  # setpriv would report it only as exit 127
-        wrapper = [_SETPRIV, "--pdeathsig", "KILL", "--"]
-    else:
-        preexec = dies_with_parent(signal.SIGKILL)
+    """Start the command in its own session. No preexec_fn and no exec wrapper, so Python
+    takes its vfork path (a full fork of the large pool process cost milliseconds): the guard,
+    told of the command's tag before the spawn, kills it if this process dies."""
     return subprocess.Popen(
-        [*wrapper, *argv],
-        executable=None if direct else executable,
+        list(argv),
+        executable=executable,
         cwd=cwd,
         env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,
         stdout=out,
         stderr=err,
         start_new_session=True,
-        preexec_fn=preexec,  # noqa: PLW1509
     )
-
-
-def _check_executable(name: str, cwd: str, env: Mapping[str, str] | None) -> None:
-    """Raise what Popen would for an executable that is missing or not runnable."""
-    if os.sep in name:
-        path = os.path.join(cwd, name)
-    else:
-        search = (env if env is not None else os.environ).get("PATH", os.defpath)
-        path = shutil.which(name, mode=os.F_OK, path=search) or ""
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(name)
-    if not os.access(path, os.X_OK) or os.path.isdir(path):
-        raise PermissionError(name)
 
 
 @contextlib.contextmanager
@@ -347,7 +321,6 @@ def _load_prctl() -> Any:
 
 
 _PRCTL = _load_prctl()
-_SETPRIV = shutil.which("setpriv") if _PRCTL is not None else None
 _PR_SET_PDEATHSIG = 1
 
 
@@ -413,6 +386,10 @@ class _Guard:
             with contextlib.suppress(OSError, ValueError):
                 self.proc.stdin.write(line.encode())
                 self.proc.stdin.flush()
+
+    def starting(self, tag: str | None, until: float) -> None:
+        if tag is not None:
+            self._say(f"t {tag} {until:.3f}\n")
 
     def started(self, pgid: int, tag: str | None, until: float) -> None:
         self.known.add(pgid)
