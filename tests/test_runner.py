@@ -184,17 +184,20 @@ def test_runs_the_given_file_in_the_opened_directory_whatever_the_paths_say(
 def test_a_command_announced_to_the_guard_dies_with_its_owner_before_it_was_started(
     tmp_path: Path,
 ) -> None:
-    # Given a guard told that a command with tag T is about to start, and that command running
-    # (its owner died before telling the guard its process group: the spawn's window, which a
+    # Given a guard whose slot says a command with tag T is about to start, and that command
+    # running (its owner died before writing its process group: the spawn's window, which a
     # parent-death signal used to cover)
     from tbss_queue.execution import guard
 
+    slot = guard.Slot.create()
     keeper = subprocess.Popen(
-        [sys.executable, "-S", "-I", guard.__file__], stdin=subprocess.PIPE, start_new_session=True
+        [sys.executable, "-S", "-I", guard.__file__, str(slot.fd)],
+        stdin=subprocess.PIPE,
+        pass_fds=(slot.fd,),
+        start_new_session=True,
     )
     assert keeper.stdin is not None
-    keeper.stdin.write(b"t tag-t 0\n")
-    keeper.stdin.flush()
+    slot.write(0, "tag-t", 0.0)
     pidfile = tmp_path / "pid"
     command = subprocess.Popen(
         [sys.executable, JOB, "x", "--child", "--sleep", "600", "--pidfile", str(pidfile)],
@@ -215,6 +218,33 @@ def test_a_command_announced_to_the_guard_dies_with_its_owner_before_it_was_star
         assert all(not _alive(p) for p in pids)
         assert keeper.wait(timeout=10) == 0
     finally:
+        for proc in (command, keeper):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_the_guard_kills_a_command_whose_lease_ran_out_and_only_once(tmp_path: Path) -> None:
+    # Given a guard, and a running command whose slot says its lease runs out in 1 s
+    from tbss_queue.execution import guard
+
+    slot = guard.Slot.create()
+    keeper = subprocess.Popen(
+        [sys.executable, "-S", "-I", guard.__file__, str(slot.fd)],
+        stdin=subprocess.PIPE,
+        pass_fds=(slot.fd,),
+        start_new_session=True,
+    )
+    command = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        slot.write(command.pid, "tag-l", guard.uptime() + 1.0)
+        # When its owner renews nothing (frozen) past that moment
+        # Then the guard kills its group, and the guard itself goes on
+        assert command.wait(timeout=10) == -signal.SIGKILL
+        assert keeper.poll() is None
+    finally:
+        if keeper.stdin is not None:
+            keeper.stdin.close()
         for proc in (command, keeper):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -1,36 +1,39 @@
 """The guard of one pool process's commands: kills them, grandchildren included, when their
 owner can no longer do it.
 
-A command leads its own process group, and its direct child gets a parent-death signal; but
-when a pool process (or the whole worker) is SIGKILLed, nothing in it runs again to kill the
-command's children and grandchildren (fnirt under the fsl_reg script), which would go on writing
-a pair's outputs while another node reruns it; and a pool process that is frozen (a debugger, a
-blocked write, swap) can't kill its command when its lease runs out. The guard is a separate,
-tiny process (stdlib only, started with `python -S -I`) in its own session: the pool process
-tells it, on a pipe, each command it starts, each lease renewal and each end. It kills a
-command's process group, and every process carrying that command's environment tag (those that
-left the group with setsid), when its lease runs out (by CLOCK_BOOTTIME, which counts a
-suspended machine too) or when the pipe closes (the pool process is gone, however it died).
+When a pool process (or the whole worker) is SIGKILLed, nothing in it runs again to kill its
+command's children and grandchildren (fnirt under the fsl_reg script), which would go on
+writing a pair's outputs while another node reruns it; and a pool process that is frozen (a
+debugger, a blocked write, swap) can't kill its command when its lease runs out. The guard is
+a separate, tiny process (stdlib only, started with `python -S -I`) in its own session. It
+kills a command's process group, and every process carrying the command's environment tag
+(those that left the group with setsid), when its lease runs out (by CLOCK_BOOTTIME, which
+counts a suspended machine too) or when its stdin pipe closes (the pool process is gone,
+however it died).
 
-Protocol, one line each: `t TAG UNTIL` a command is about to start (if its owner dies before
-the next line, the guard finds it by its tag), `+ PGID TAG UNTIL` it started, `v PGID UNTIL`
-its lease now runs until UNTIL, `- PGID` it ended. UNTIL is CLOCK_BOOTTIME seconds, 0 for no
-lease. The first line is what lets the pool process start its commands without a
-parent-death signal (no preexec_fn, no exec wrapper: Python's fast vfork path).
+What the guard knows of the command lies in one `Slot` of memory the two processes share (a
+memfd): the pool process writes it before the spawn (the tag: a command whose owner dies
+before it learns its process group is found by its tag), after it (the group), at every lease
+renewal and at the end, with no system call and no wake-up of the guard; the guard reads it
+every CHECK_EVERY seconds, and at once when the pipe closes. A replacement guard reads the
+same slot, so it knows the running command from its first look.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
+import struct
+import sys
 import time
 
 TAG_VAR = "TBSS_QUEUE_ATTEMPT"
 """The environment variable a command and everything it starts inherit: its lease token."""
 
 CHECK_EVERY = 0.25
-"""Seconds between the guard's looks at the leases it holds."""
+"""Seconds between the guard's looks at the lease of the command it guards."""
 
 
 def uptime() -> float:
@@ -39,6 +42,42 @@ def uptime() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return time.monotonic()
+
+
+class Slot:
+    """The command a pool process runs, as its guard sees it: process group (0 until it is
+    known), tag, and the lease's end (CLOCK_BOOTTIME seconds; 0 for no lease). A sequence
+    number, odd while the owner writes, lets the guard read a consistent copy (a seqlock)."""
+
+    LAYOUT = struct.Struct("<Qqd64s")
+    SIZE = LAYOUT.size
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.mem = mmap.mmap(fd, self.SIZE)
+
+    @classmethod
+    def create(cls) -> Slot:
+        fd = os.memfd_create("tbss-queue-guard", os.MFD_CLOEXEC)
+        os.ftruncate(fd, cls.SIZE)
+        return cls(fd)
+
+    def write(self, pgid: int, tag: str, until: float) -> None:
+        seq = self.LAYOUT.unpack_from(self.mem)[0]
+        struct.pack_into("<Q", self.mem, 0, seq + 1)  # odd: being written
+        self.LAYOUT.pack_into(self.mem, 0, seq + 1, pgid, until, tag.encode())
+        struct.pack_into("<Q", self.mem, 0, seq + 2)
+
+    def clear(self) -> None:
+        self.write(0, "", 0.0)
+
+    def read(self) -> tuple[int, int, str, float]:
+        """(sequence, group, tag, until) as last written whole."""
+        while True:
+            seq, pgid, until, raw = self.LAYOUT.unpack_from(self.mem)
+            if seq % 2 == 0 and struct.unpack_from("<Q", self.mem)[0] == seq:
+                return seq, pgid, raw.rstrip(b"\0").decode(), until
+            time.sleep(0.001)
 
 
 def tagged(tags: set[str]) -> list[int]:
@@ -58,17 +97,16 @@ def tagged(tags: set[str]) -> list[int]:
     return found
 
 
-def kill_all(groups: dict[int, str], tags: set[str] | None = None) -> None:
-    """SIGKILL every group and every process tagged with their tags or `tags`, until none is
-    left (or 3 rounds)."""
+def kill_all(pgid: int, tag: str) -> None:
+    """SIGKILL the group (if known) and every process tagged `tag`, until none is left (or 3
+    rounds)."""
     for _ in range(3):
-        for pgid in groups:
+        if pgid > 0:
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        wanted = set(groups.values()) | (tags or set())
-        pids = tagged(wanted) if os.path.isdir("/proc") else []
+        pids = tagged({tag}) if tag and os.path.isdir("/proc") else []
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -81,37 +119,19 @@ def kill_all(groups: dict[int, str], tags: set[str] | None = None) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the pipe's end tells this one to act
-    groups: dict[int, tuple[str, float]] = {}
-    starting: dict[str, float] = {}  # tag -> until: announced, not yet started
-    pending = b""
+    slot = Slot(int(sys.argv[1]))
+    acted = -1  # the sequence number of the slot's state already acted on
     while True:
         ready, _, _ = select.select([0], [], [], CHECK_EVERY)
-        if ready:
-            data = os.read(0, 65536)
-            if not data:
-                break
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                words = line.split()
-                if len(words) == 3 and words[0] == b"t":
-                    starting[words[1].decode()] = float(words[2])
-                elif len(words) == 4 and words[0] == b"+":
-                    groups[int(words[1])] = (words[2].decode(), float(words[3]))
-                    starting.pop(words[2].decode(), None)
-                elif len(words) == 3 and words[0] == b"v" and int(words[1]) in groups:
-                    groups[int(words[1])] = (groups[int(words[1])][0], float(words[2]))
-                elif len(words) == 2 and words[0] == b"-":
-                    groups.pop(int(words[1]), None)
-        now = uptime()
-        for pgid, (tag, until) in list(groups.items()):
-            if until and now > until:
-                kill_all({pgid: tag})  # its lease ran out and its owner did not act
-                del groups[pgid]
-        for tag, until in list(starting.items()):
-            if until and now > until:
-                kill_all({}, {tag})
-                del starting[tag]
-    kill_all({pgid: tag for pgid, (tag, _) in groups.items()}, set(starting))
+        if ready and not os.read(0, 4096):
+            break
+        seq, pgid, tag, until = slot.read()
+        if (pgid or tag) and until and uptime() > until and seq != acted:
+            kill_all(pgid, tag)  # its lease ran out and its owner did not act
+            acted = seq
+    _, pgid, tag, _ = slot.read()
+    if pgid or tag:
+        kill_all(pgid, tag)
 
 
 if __name__ == "__main__":

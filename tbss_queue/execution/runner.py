@@ -159,6 +159,7 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
         try:
             proc = _spawn(spec.argv, cwd, env, out, err, spec.executable)
         except OSError as exc:
+            guard.ended()
             return _not_started(started, spec.argv[0], exc)
         guard.started(proc.pid, spec.tag, until())
         ending = _Ending()
@@ -208,7 +209,7 @@ def _wait(proc: subprocess.Popen[bytes], started: float, spec: RunSpec, watch: W
             if stopped is not None:
                 return _Ending(stopped)
             # a new guard if the last one died
-            _guard().renewed(proc.pid, spec.tag, until())
+            _guard().started(proc.pid, spec.tag, until())
 
 
 def _end_tree(proc: subprocess.Popen[bytes], before: set[int], hard: bool) -> None:
@@ -220,7 +221,7 @@ def _end_tree(proc: subprocess.Popen[bytes], before: set[int], hard: bool) -> No
     # what left the group (setsid, daemons; environment cleared or not): this process is
     # their subreaper, so they are among its descendants
     kill_strays(keep=before | guard.pids())
-    guard.ended(proc.pid)
+    guard.ended()
 
 
 def _verdict(result: RunResult, ending: _Ending, timeout: float | None) -> RunResult:
@@ -359,18 +360,20 @@ def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
 
 
 class _Guard:
-    """This process's guard (guard.py): told of every command started, renewed and ended here."""
+    """This process's guard (guard.py) and the slot of memory it reads: what this process
+    writes there before, during and after each command."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: guard_mod.Slot | None = None) -> None:
         self.pid = os.getpid()
+        self.slot = slot or guard_mod.Slot.create()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.known: set[int] = set()
         with contextlib.suppress(OSError):
             self.proc = subprocess.Popen(
-                [sys.executable, "-S", "-I", guard_mod.__file__],
+                [sys.executable, "-S", "-I", guard_mod.__file__, str(self.slot.fd)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                pass_fds=(self.slot.fd,),
                 # not in the worker's process group: a signal to that group must not reach it
                 start_new_session=True,
             )
@@ -381,29 +384,14 @@ class _Guard:
     def pids(self) -> set[int]:
         return {self.proc.pid} if self.proc is not None else set()
 
-    def _say(self, line: str) -> None:
-        if self.proc is not None and self.proc.stdin is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.proc.stdin.write(line.encode())
-                self.proc.stdin.flush()
-
     def starting(self, tag: str | None, until: float) -> None:
-        if tag is not None:
-            self._say(f"t {tag} {until:.3f}\n")
+        self.slot.write(0, tag or "", until)
 
     def started(self, pgid: int, tag: str | None, until: float) -> None:
-        self.known.add(pgid)
-        self._say(f"+ {pgid} {tag or '-'} {until:.3f}\n")
+        self.slot.write(pgid, tag or "", until)
 
-    def renewed(self, pgid: int, tag: str | None, until: float) -> None:
-        if pgid not in self.known:  # a guard started since the command was
-            self.started(pgid, tag, until)
-        else:
-            self._say(f"v {pgid} {until:.3f}\n")
-
-    def ended(self, pgid: int) -> None:
-        self.known.discard(pgid)
-        self._say(f"- {pgid}\n")
+    def ended(self) -> None:
+        self.slot.clear()
 
 
 _GUARD: _Guard | None = None
@@ -412,15 +400,19 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def _guard() -> _Guard:
     """The guard of this process, started on first use, again after a fork, and again if it
-    died (killed by someone: the commands it was told of are told again at their next tick)."""
+    died (killed by someone: the new one reads the same slot, so it guards the running command
+    from its first look)."""
     global _GUARD
     if _GUARD is None or not _GUARD.alive():
+        slot = None
         if _GUARD is None or _GUARD.pid != os.getpid():
             _become_subreaper()
-        elif _GUARD.proc is not None:
-            with contextlib.suppress(Exception):
-                _GUARD.proc.wait(0)  # reap the dead one
-        _GUARD = _Guard()
+        else:
+            slot = _GUARD.slot
+            if _GUARD.proc is not None:
+                with contextlib.suppress(Exception):
+                    _GUARD.proc.wait(0)  # reap the dead one
+        _GUARD = _Guard(slot)
     return _GUARD
 
 

@@ -36,28 +36,38 @@ def script_sha(name: str) -> str:
     return hashlib.sha1(_script(name).encode(), usedforsecurity=False).hexdigest()
 
 
+SCRIPTS = (
+    "claim",
+    "renew",
+    "finish",
+    "release",
+    "cancel",
+    "commit",
+    "apply",
+    "end",
+    "drop_entries",
+    "node_fault",
+    "alive",
+    "late",
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _registered(client: redis.Redis) -> dict[str, Any]:
+    """The scripts registered with `client`, once per client (connect() keeps its clients):
+    a store is made per attempt, and hashing every script again cost a tenth of a ms."""
+    return {name: client.register_script(_script(name)) for name in SCRIPTS}
+
+
 class Store:
     """One Redis and the scripts that change it. Cheap to create; safe after fork."""
 
-    SCRIPTS = (
-        "claim",
-        "renew",
-        "finish",
-        "release",
-        "cancel",
-        "commit",
-        "apply",
-        "end",
-        "drop_entries",
-        "node_fault",
-        "alive",
-        "late",
-    )
+    SCRIPTS = SCRIPTS
 
     def __init__(self, client: redis.Redis) -> None:
         # decode_responses=True: every reply is str; redis-py's stubs can't express that
         self.r: Any = client
-        self._scripts = {name: client.register_script(_script(name)) for name in self.SCRIPTS}
+        self._scripts = _registered(client)
 
     def load_scripts(self) -> None:
         """Have Redis hold every script now (SCRIPT LOAD): the first use of each is then one
