@@ -4,14 +4,16 @@ warmed up before the clock starts, as a lab's long-lived workers would be."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,14 +215,142 @@ class IPyParallel(System):
         self.cluster.stop_cluster_sync()
 
 
+class GnuParallel(System):
+    """GNU parallel on one machine, like xargs: `parallel -j SLOTS` reading the lines.
+
+    GNU parallel has no way to run a command without a shell: every job is
+    `$PARALLEL_SHELL -c LINE` (-q only quotes the command for that shell). The job is
+    `exec LINE` in /bin/sh, so the shell replaces itself with the line's program: two execs
+    per command, as xargs's `env` and tbss-queue's setpriv make (without `exec`, `true` would
+    be the shell's builtin and nothing would be executed). -r skips empty lines; -u passes the
+    output straight through, as xargs does (by default parallel holds each job's output in
+    temporary files, to print it whole: more work per command)."""
+
+    name = "GNU parallel"
+
+    @staticmethod
+    def installed() -> bool:
+        """Debian's `parallel` (moreutils ships another program of that name)."""
+        exe = shutil.which("parallel")
+        if exe is None:
+            return False
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.stdout.startswith("GNU parallel")
+
+    def start(self, nodes: int, slots: int) -> None:
+        self.parallel = nodes * slots
+
+    def run(self, lines: Sequence[str]) -> float:
+        path = self.workdir / "parallel.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        env = {**os.environ, "PARALLEL_SHELL": "/bin/sh"}
+        cmd = ["parallel", "-j", str(self.parallel), "-r", "-u", "exec {=uq=}"]
+        start = time.perf_counter()
+        with open(path) as fh:
+            subprocess.run(cmd, stdin=fh, env=env, check=True)
+        return time.perf_counter() - start
+
+
+class _NotDone(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """HyperQueue's server prints a table of its settings on file descriptor 1, where
+    benchmarks.run prints its results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class HyperQueue(System):
+    """HyperQueue's Python API (PyPI `hyperqueue`): its in-process LocalCluster, a server and
+    one worker of `slots` cores per node, each line a `job.program(argv)` task (no shell; output
+    discarded, as the other peers do: HQ's default would write two files per task).
+
+    The server and workers run as threads of this process (the wheel needs no `hq` binary).
+    The end is polled every 20 ms, as for tbss-queue: the API's own `wait_for_jobs` asks the
+    server once a second, which would round each run up to a whole second."""
+
+    name = "HyperQueue"
+
+    def start(self, nodes: int, slots: int) -> None:
+        from hyperqueue import LocalCluster
+        from hyperqueue.cluster import WorkerConfig
+
+        server_dir = tempfile.mkdtemp(dir=self.workdir, prefix="hq-")
+        with _stdout_to_stderr():
+            self.cluster = LocalCluster(server_dir=server_dir)
+            for _ in range(nodes):
+                self.cluster.start_worker(WorkerConfig(cores=slots))
+            self.client = self.cluster.client()
+            # warm: every worker has connected once a task per slot has run
+            self._run_job([f"true warm {i}" for i in range(nodes * slots)])
+
+    def _run_job(self, lines: Sequence[str]) -> None:
+        from hyperqueue import Job
+
+        job = Job(default_workdir=self.workdir, max_fails=None)
+        for line in lines:
+            job.program(shlex.split(line), stdout=None, stderr=None)
+        submitted = self.client.submit(job)
+        status: dict[int, dict[str, Any]] = {}
+
+        def done(jobs: dict[int, dict[str, Any]]) -> None:
+            if not all(s["completed"] for s in jobs.values()):
+                raise _NotDone
+            status.update(jobs)
+
+        while True:
+            try:  # one status request; the callback's exception ends the API's own wait
+                self.client.connection.wait_for_jobs([submitted.id], done)
+                break
+            except _NotDone:
+                time.sleep(0.02)
+        failed = sum(s["failed"] for s in status.values())
+        if failed:
+            raise RuntimeError(f"HyperQueue: {failed} of {len(lines)} tasks failed")
+
+    def run(self, lines: Sequence[str]) -> float:
+        start = time.perf_counter()
+        self._run_job(lines)
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cluster.stop()
+
+
+PEERS: list[tuple[str, type[System], str]] = [
+    ("ipyparallel", IPyParallel, "pip install -e '.[bench]'"),
+    ("distributed", Dask, "pip install -e '.[bench]'"),
+    ("hyperqueue", HyperQueue, "pip install -e '.[bench]'"),
+]
+"""The Python peers: importable module, system, how to install it."""
+
+
 def installed_peers() -> list[type[System]]:
+    """xargs, and every peer that is installed; one that is not is left out, with a note."""
     peers: list[type[System]] = [Xargs]
-    for module, cls in (("ipyparallel", IPyParallel), ("distributed", Dask)):
+    if GnuParallel.installed():
+        peers.append(GnuParallel)
+    else:
+        print("(peer GNU parallel not installed: apt-get install parallel)", file=sys.stderr)
+    for module, cls, how in PEERS:
         try:
             __import__(module)
             peers.append(cls)
         except ImportError:
-            print(f"(peer {cls.name} not installed: pip install -e '.[bench]')", file=sys.stderr)
+            print(f"(peer {cls.name} not installed: {how})", file=sys.stderr)
     return peers
 
 
