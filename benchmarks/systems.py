@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,80 +254,69 @@ class GnuParallel(System):
         return time.perf_counter() - start
 
 
-class _NotDone(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """HyperQueue's server prints a table of its settings on file descriptor 1, where
-    benchmarks.run prints its results."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 class HyperQueue(System):
-    """HyperQueue's Python API (PyPI `hyperqueue`): its in-process LocalCluster, a server and
-    one worker of `slots` cores per node, each line a `job.program(argv)` task (no shell; output
-    discarded, as the other peers do: HQ's default would write two files per task).
+    """HyperQueue's Python API (PyPI `hyperqueue`): its LocalCluster, a server and one worker
+    of `slots` cores per node, each line a `job.program(argv)` task (no shell; output discarded,
+    as the other peers do: HQ's default would write two files per task).
 
-    The server and workers run as threads of this process (the wheel needs no `hq` binary).
-    The end is polled every 20 ms, as for tbss-queue: the API's own `wait_for_jobs` asks the
-    server once a second, which would round each run up to a whole second."""
+    The wheel holds the server and workers (no `hq` binary), as threads of the process that
+    starts them. That process is benchmarks/hq_host.py, not this one: HQ forks a full copy of
+    its process per task, and this one is large once the other peers have been imported."""
 
     name = "HyperQueue"
 
     def start(self, nodes: int, slots: int) -> None:
-        from hyperqueue import LocalCluster
-        from hyperqueue.cluster import WorkerConfig
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        args = [sys.executable, "-m", "benchmarks.hq_host", str(nodes), str(slots)]
+        with open(self.workdir / "hq-host.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*args, str(self.workdir)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                text=True,
+                start_new_session=True,
+            )
+        self.pids.append(self.proc.pid)
+        self.runs = 0
+        self._answer("ready")
 
-        server_dir = tempfile.mkdtemp(dir=self.workdir, prefix="hq-")
-        with _stdout_to_stderr():
-            self.cluster = LocalCluster(server_dir=server_dir)
-            for _ in range(nodes):
-                self.cluster.start_worker(WorkerConfig(cores=slots))
-            self.client = self.cluster.client()
-            # warm: every worker has connected once a task per slot has run
-            self._run_job([f"true warm {i}" for i in range(nodes * slots)])
-
-    def _run_job(self, lines: Sequence[str]) -> None:
-        from hyperqueue import Job
-
-        job = Job(default_workdir=self.workdir, max_fails=None)
-        for line in lines:
-            job.program(shlex.split(line), stdout=None, stderr=None)
-        submitted = self.client.submit(job)
-        status: dict[int, dict[str, Any]] = {}
-
-        def done(jobs: dict[int, dict[str, Any]]) -> None:
-            if not all(s["completed"] for s in jobs.values()):
-                raise _NotDone
-            status.update(jobs)
-
-        while True:
-            try:  # one status request; the callback's exception ends the API's own wait
-                self.client.connection.wait_for_jobs([submitted.id], done)
-                break
-            except _NotDone:
-                time.sleep(0.02)
-        failed = sum(s["failed"] for s in status.values())
-        if failed:
-            raise RuntimeError(f"HyperQueue: {failed} of {len(lines)} tasks failed")
+    def _answer(self, expected: str) -> None:
+        assert self.proc.stdout is not None
+        answer = self.proc.stdout.readline().strip()
+        if answer != expected:
+            log = (self.workdir / "hq-host.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"HyperQueue host said {answer!r}, not {expected!r}: {log}")
 
     def run(self, lines: Sequence[str]) -> float:
+        assert self.proc.stdin is not None
+        self.runs += 1
+        path = self.workdir / f"hq-{self.runs}.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
         start = time.perf_counter()
-        self._run_job(lines)
-        return time.perf_counter() - start
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout is not None
+        answer = self.proc.stdout.readline().strip()
+        took = time.perf_counter() - start
+        if answer.startswith("failed "):
+            raise RuntimeError(f"HyperQueue: {answer.split()[1]} of {len(lines)} tasks failed")
+        if answer != "ok":
+            raise RuntimeError(f"HyperQueue host said {answer!r}: see {self.workdir}/hq-host.log")
+        return took
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cluster.stop()
+        proc: subprocess.Popen[str] | None = getattr(self, "proc", None)
+        if proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if proc.stdin is not None:
+                    proc.stdin.close()  # end of input: the host stops its cluster
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        super().stop()
 
 
 PEERS: list[tuple[str, type[System], str]] = [
