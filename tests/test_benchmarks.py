@@ -127,15 +127,19 @@ def test_the_profile_reads_py_spys_raw_stacks_per_process_and_stage() -> None:
     )
     # When it is parsed
     samples = parse_raw(raw)
-    # Then each stack belongs to the process sampled, the innermost one named
-    assert [(s.pid, s.count, s.main_thread) for s in samples] == [
-        (10, 4, True),
-        (11, 3, True),
-        (11, 2, True),
-        (11, 5, False),
+    # Then each stack belongs to the process sampled, the innermost one named, its kind read
+    # from the chain of processes; a background thread's stack is not the main thread's
+    assert [(s.pid, s.kind, s.count, s.main_thread) for s in samples] == [
+        (10, "main", 4, True),
+        (11, "pool process", 3, True),
+        (11, "pool process", 2, True),
+        (11, "pool process", 5, False),
     ]
     # And a stage is the deepest marked frame's; total time counts tbss_queue's frames only
     assert stage_of(samples[1].frames) == "claim (claim.lua)"
     assert stage_of(samples[2].frames) == "record (finish.lua)"
     assert top(samples, "self", 1) == [("threading.py:Thread._bootstrap", 5)]
     assert top(samples, "total", 1) == [("tbss_queue/tasks.py:execute", 5)]
+    # And a guard under a pool process is a guard
+    guard = 'process 10:"w";process 11:"w";process 12:"python -S -I /x/guard.py";main (g.py) 1'
+    assert parse_raw(guard)[0].kind == "guard"
