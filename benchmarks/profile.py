@@ -53,29 +53,42 @@ from .systems import TbssQueue, fresh_redis, redis_client
 KINDS = ("main", "pool process", "guard")
 
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    # (stage, markers: `file:function` suffixes); a sample goes to the stage of the deepest
-    # marked frame on its stack, so nested stages (spawn inside run) are told apart
-    ("message checked (check_fields)", ("fields.py:check_fields",)),
-    ("store and connection per task", ("batches.py:BatchStore.__init__", "broker.py:connect")),
-    ("claim (claim.lua)", ("tasks.py:_claim",)),
+    # (stage, markers `file:function`: see marks()); a sample goes to the stage of the deepest
+    # marked frame on its stack, so nested stages (spawn inside run) are told apart. Names of
+    # both layouts: tasks.py before issue 23, execution/{attempt,lease,record}.py after it
+    ("message checked (check_fields)", ("fields.py:check_fields", "attempt.py:checked")),
+    (
+        "store and connection per task",
+        ("batches.py:BatchStore.__init__", "store.py:Store.__init__", "broker.py:connect"),
+    ),
+    ("claim (claim.lua)", ("tasks.py:_claim", "lease.py:claimed", "lease.py:claim")),
     ("replication wait after claim/record", (":replicated",)),
     ("attempt number and line (attempt_of)", (":attempt_of",)),
     ("working directory opened", (":opened_workdir", ":workdir_fault")),
     ("program admitted (policy, locate)", (":admit", ":locate", ":local_fsl_tool")),
     ("done marker", (":done_marker", ":judge_done", ":remove_stale")),
-    ("lease still ours? (before start, its renewal apart)", ("tasks.py:_go_on_if_still_ours",)),
-    ("attempt log files opened", (":open_attempt_logs", ":open_logs", ":log_stem", ":log_names")),
+    (
+        "lease still ours? (before start, its renewal apart)",
+        ("tasks.py:_go_on_if_still_ours", "lease.py:go_on_if_still_ours"),
+    ),
+    (
+        "attempt log files opened",
+        (":open_attempt_logs", ":open_logs", ":log_stem", ":log_names", "attempt.py:_log_files"),
+    ),
     ("nudge watch (cancel listener)", ("nudges.py:watching",)),
     ("guard started/told", ("runner.py:_guard", "runner.py:_Guard.")),
     ("spawn (Popen: setpriv + command)", ("runner.py:_spawn",)),
     ("command running, exit awaited", ("runner.py:_exit_watch",)),
-    ("process group killed, strays", ("runner.py:kill_process_group", "runner.py:kill_strays")),
+    (
+        "process group killed, strays",
+        ("runner.py:kill_process_group", "runner.py:kill_strays", "runner.py:_end_tree"),
+    ),
     ("children listed", ("runner.py:_children",)),
     ("output tails read", ("runner.py:_tail",)),
-    ("lease renewed (renew.lua)", ("tasks.py:Lease.renew",)),
-    ("record (finish.lua)", ("tasks.py:record_end",)),
-    ("outcome logged", ("tasks.py:_log_outcome",)),
-    ("SIGTERM handler in/out (Interrupts)", ("tasks.py:Interrupts.",)),
+    ("lease renewed (renew.lua)", ("tasks.py:Lease.renew", "lease.py:Lease.renew")),
+    ("record (finish.lua)", ("tasks.py:record_end", "record.py:record_end")),
+    ("outcome logged", ("tasks.py:_log_outcome", "record.py:log_outcome")),
+    ("SIGTERM handler in/out (Interrupts)", ("tasks.py:Interrupts.", "interrupts.py:Interrupts.")),
 ]
 """Stages of an attempt in tasks.execute, in order, by the functions that do them."""
 
