@@ -10,9 +10,9 @@ On a redis-server of its own, it starts one `tbss-queue worker` (1 node x `--slo
 started its guard), then runs three batches of `--commands` distinct `true` lines:
 
 1. unprofiled: wall ms per command per slot, and the CPU each process spent per command
-   (psutil): the worker's main process, its pool processes, the commands they ran (setpriv and
-   `true`, reaped by the pool processes), the guards, redis-server, and this process (submit
-   and the status polls);
+   (psutil): the worker's main process, its pool processes, the commands they ran (`true`,
+   and any wrapper that starts it, as the pool processes reaped them), the guards,
+   redis-server, and this process (submit and the status polls);
 2. under `py-spy record --subprocesses --idle` (every sample, waiting included: wall time),
    for the pool processes' wall time per command by stage of an attempt;
 3. under `py-spy record --subprocesses` (samples py-spy does not judge idle: CPU time, and
@@ -77,7 +77,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("nudge watch (cancel listener)", ("nudges.py:watching",)),
     ("guard started/told", ("runner.py:_guard", "runner.py:_Guard.")),
-    ("spawn (Popen: setpriv + command)", ("runner.py:_spawn",)),
+    ("spawn (runner._spawn: Popen)", ("runner.py:_spawn",)),
     ("command running, exit awaited", ("runner.py:_exit_watch",)),
     (
         "process group killed, strays",
@@ -291,7 +291,9 @@ def cpu_by_kind(kinds: dict[int, str], redis_pid: int) -> dict[str, float]:
         try:
             out[kind] += cpu_seconds(pid)
             if kind == "pool process":
-                out["commands (setpriv + true)"] += cpu_seconds(pid, children=True)
+                out["commands run (reaped by the pool processes)"] += cpu_seconds(
+                    pid, children=True
+                )
         except psutil.NoSuchProcess:
             pass
     out["redis-server"] = cpu_seconds(redis_pid)
