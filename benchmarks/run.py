@@ -4,6 +4,7 @@
     python -m benchmarks.run                  # the full run (about 15 minutes on 2 cores)
     python -m benchmarks.run --quick          # smaller sizes, to try the harness
     python -m benchmarks.run --scale          # also the 1,000,000-command batch
+    python -m benchmarks.run --only overhead --systems tbss-queue,HyperQueue --quick
 
 Timings are only compared within one run (same machine, same moment): see docs/benchmarks.md.
 """
@@ -33,9 +34,11 @@ from tbss_queue.queue.recovery import heartbeats_judgeable
 
 from .systems import (
     REPO,
+    GnuParallel,
     PlainCelery,
     System,
     TbssQueue,
+    Xargs,
     fresh_redis,
     installed_peers,
     redis_client,
@@ -63,6 +66,24 @@ ROUNDS = 3
 """Rounds of every system in turn (the median is reported): this machine's speed drifts by
 10-20% over minutes, so one round each could rank systems by when they ran."""
 
+SPAWNERS = (Xargs.name, GnuParallel.name)
+"""One process forking every line on one machine, with no queue: the floor, shown beside the
+queues but never the best peer of a ratio."""
+
+
+def systems_to_run(names: set[str] | None = None) -> list[type[System]]:
+    """tbss-queue, plain Celery and every installed peer; only those named (any case) if
+    `names` is given."""
+    every: list[type[System]] = [TbssQueue, PlainCelery, *installed_peers()]
+    if names is None:
+        return every
+    wanted = {n.lower() for n in names}
+    unknown = wanted - {s.name.lower() for s in every}
+    if unknown:
+        known = ", ".join(s.name for s in every)
+        raise SystemExit(f"unknown or not installed: {', '.join(sorted(unknown))} (have: {known})")
+    return [s for s in every if s.name.lower() in wanted]
+
 
 def each_system(
     workdir: Path,
@@ -71,13 +92,15 @@ def each_system(
     job: Callable[[System], float],
     digits: int,
     rounds: int = ROUNDS,
+    systems: Sequence[type[System]] | None = None,
 ) -> dict[str, str]:
-    """Run `job` on every system, started fresh with `nodes` x `slots`, `rounds` rounds taken
-    in turn; each value is 'median (min-max)'."""
+    """Run `job` on every system (or those given), started fresh with `nodes` x `slots`,
+    `rounds` rounds taken in turn; each value is 'median (min-max)'."""
     samples: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
+    makes = list(systems) if systems is not None else systems_to_run()
     for _ in range(rounds):
-        for make in [TbssQueue, PlainCelery, *installed_peers()]:
+        for make in makes:
             server = fresh_redis(workdir) if make in (TbssQueue, PlainCelery) else None
             system = make(workdir, server) if server else make(workdir)  # type: ignore[call-arg]
             try:
@@ -117,25 +140,31 @@ def ratio(values: dict[str, str], lower_is_better: bool = True) -> str:
     return f"{ours / best:.2f}" if best else "n/a"
 
 
-def overhead(workdir: Path, n: int, rounds: int = ROUNDS) -> Row:
+def queues_only(values: dict[str, str]) -> dict[str, str]:
+    """The values of tbss-queue and the queues it is compared with: plain Celery, ipyparallel,
+    dask, HyperQueue (issue 23: below HyperQueue and plain Celery), not the spawners."""
+    return {k: v for k, v in values.items() if k not in SPAWNERS}
+
+
+def overhead(
+    workdir: Path, n: int, rounds: int = ROUNDS, systems: Sequence[type[System]] | None = None
+) -> Row:
     lines = [f"true {i}" for i in range(n)]  # distinct lines: tbss-queue queues duplicates once
 
     def job(s: System) -> float:
         return 1000 * s.run(lines) * 2 / n
 
-    values = each_system(workdir, 1, 2, job, 2, rounds)
-    # the target: no worse than the best of ipyparallel and dask (xargs has no queue at all)
-    versus = {
-        k: values[k] for k in ("tbss-queue", "ipyparallel", "dask.distributed") if k in values
-    }
+    values = each_system(workdir, 1, 2, job, 2, rounds, systems)
     return (
         f"overhead: ms per `true` command per slot ({n} on 1 node x 2 slots)",
         values,
-        ratio(versus),
+        ratio(queues_only(values)),
     )
 
 
-def balance(workdir: Path, n: int, rounds: int = ROUNDS) -> Row:
+def balance(
+    workdir: Path, n: int, rounds: int = ROUNDS, systems: Sequence[type[System]] | None = None
+) -> Row:
     durations = balance_durations(n)
     ideal = ideal_greedy(durations, 8)
     # distinct lines (sleep adds its arguments: the second adds at most 0.3 ms)
@@ -144,13 +173,13 @@ def balance(workdir: Path, n: int, rounds: int = ROUNDS) -> Row:
     def job(s: System) -> float:
         return ideal / s.run(lines)
 
-    values = each_system(workdir, 4, 2, job, 3, rounds)
-    # xargs has one machine's 8 slots, not 4 nodes: shown, but not a peer for this figure
+    values = each_system(workdir, 4, 2, job, 3, rounds, systems)
+    # xargs and GNU parallel have one machine's 8 slots, not 4 nodes: shown, not peers here
     return (
         f"balance: ideal greedy makespan / makespan ({n} sleeps, 4 nodes x 2 slots; "
         f"ideal {ideal:.1f} s)",
         values,
-        ratio({k: v for k, v in values.items() if k != "xargs -P"}, lower_is_better=False),
+        ratio(queues_only(values), lower_is_better=False),
     )
 
 
@@ -366,8 +395,17 @@ def main() -> None:
     parser.add_argument(
         "--only", help="comma-separated workloads: overhead,balance,submit,rss,recovery"
     )
+    parser.add_argument(
+        "--rounds", type=int, help=f"rounds of every system in turn (default {ROUNDS}; --quick: 1)"
+    )
+    parser.add_argument(
+        "--systems",
+        help="comma-separated systems for overhead and balance (default: every one installed), "
+        "e.g. 'tbss-queue,plain Celery,HyperQueue'",
+    )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    systems = systems_to_run(set(args.systems.split(","))) if args.systems else None
 
     def wanted(name: str) -> bool:
         return only is None or name in only
@@ -375,11 +413,15 @@ def main() -> None:
     os.environ["PYTHONPATH"] = str(REPO)  # the peers' worker processes import benchmarks/
     warnings.simplefilter("ignore")  # plain Celery apps made per run re-register their task
     quick = args.quick
-    rounds = 1 if quick else ROUNDS
+    rounds = args.rounds or (1 if quick else ROUNDS)
     started = time.strftime("%Y-%m-%d %H:%M")
     workloads: list[tuple[str, str, Callable[[Path], list[Row]]]] = [
-        ("overhead", "overhead", lambda w: [overhead(w, 200 if quick else 2000, rounds)]),
-        ("balance", "balance", lambda w: [balance(w, 60 if quick else 300, rounds)]),
+        (
+            "overhead",
+            "overhead",
+            lambda w: [overhead(w, 200 if quick else 2000, rounds, systems)],
+        ),
+        ("balance", "balance", lambda w: [balance(w, 60 if quick else 300, rounds, systems)]),
         (
             "submit",
             "submit, memory, status",

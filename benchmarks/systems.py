@@ -4,8 +4,10 @@ warmed up before the clock starts, as a lab's long-lived workers would be."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,14 +215,131 @@ class IPyParallel(System):
         self.cluster.stop_cluster_sync()
 
 
+class GnuParallel(System):
+    """GNU parallel on one machine, like xargs: `parallel -j SLOTS` reading the lines.
+
+    GNU parallel has no way to run a command without a shell: every job is
+    `$PARALLEL_SHELL -c LINE` (-q only quotes the command for that shell). The job is
+    `exec LINE` in /bin/sh, so the shell replaces itself with the line's program: two execs
+    per command, as xargs's `env` and tbss-queue's setpriv make (without `exec`, `true` would
+    be the shell's builtin and nothing would be executed). -r skips empty lines; -u passes the
+    output straight through, as xargs does (by default parallel holds each job's output in
+    temporary files, to print it whole: more work per command)."""
+
+    name = "GNU parallel"
+
+    @staticmethod
+    def installed() -> bool:
+        """Debian's `parallel` (moreutils ships another program of that name)."""
+        exe = shutil.which("parallel")
+        if exe is None:
+            return False
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.stdout.startswith("GNU parallel")
+
+    def start(self, nodes: int, slots: int) -> None:
+        self.parallel = nodes * slots
+
+    def run(self, lines: Sequence[str]) -> float:
+        path = self.workdir / "parallel.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        env = {**os.environ, "PARALLEL_SHELL": "/bin/sh"}
+        cmd = ["parallel", "-j", str(self.parallel), "-r", "-u", "exec {=uq=}"]
+        start = time.perf_counter()
+        with open(path) as fh:
+            subprocess.run(cmd, stdin=fh, env=env, check=True)
+        return time.perf_counter() - start
+
+
+class HyperQueue(System):
+    """HyperQueue's Python API (PyPI `hyperqueue`): its LocalCluster, a server and one worker
+    of `slots` cores per node, each line a `job.program(argv)` task (no shell; output discarded,
+    as the other peers do: HQ's default would write two files per task).
+
+    The wheel holds the server and workers (no `hq` binary), as threads of the process that
+    starts them. That process is benchmarks/hq_host.py, not this one: HQ forks a full copy of
+    its process per task, and this one is large once the other peers have been imported."""
+
+    name = "HyperQueue"
+
+    def start(self, nodes: int, slots: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        args = [sys.executable, "-m", "benchmarks.hq_host", str(nodes), str(slots)]
+        with open(self.workdir / "hq-host.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*args, str(self.workdir)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                text=True,
+                start_new_session=True,
+            )
+        self.pids.append(self.proc.pid)
+        self.runs = 0
+        self._answer("ready")
+
+    def _answer(self, expected: str) -> None:
+        assert self.proc.stdout is not None
+        answer = self.proc.stdout.readline().strip()
+        if answer != expected:
+            log = (self.workdir / "hq-host.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"HyperQueue host said {answer!r}, not {expected!r}: {log}")
+
+    def run(self, lines: Sequence[str]) -> float:
+        assert self.proc.stdin is not None
+        self.runs += 1
+        path = self.workdir / f"hq-{self.runs}.commands"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        start = time.perf_counter()
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout is not None
+        answer = self.proc.stdout.readline().strip()
+        took = time.perf_counter() - start
+        if answer.startswith("failed "):
+            raise RuntimeError(f"HyperQueue: {answer.split()[1]} of {len(lines)} tasks failed")
+        if answer != "ok":
+            raise RuntimeError(f"HyperQueue host said {answer!r}: see {self.workdir}/hq-host.log")
+        return took
+
+    def stop(self) -> None:
+        proc: subprocess.Popen[str] | None = getattr(self, "proc", None)
+        if proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if proc.stdin is not None:
+                    proc.stdin.close()  # end of input: the host stops its cluster
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        super().stop()
+
+
+PEERS: list[tuple[str, type[System], str]] = [
+    ("ipyparallel", IPyParallel, "pip install -e '.[bench]'"),
+    ("distributed", Dask, "pip install -e '.[bench]'"),
+    ("hyperqueue", HyperQueue, "pip install -e '.[bench]'"),
+]
+"""The Python peers: importable module, system, how to install it."""
+
+
 def installed_peers() -> list[type[System]]:
+    """xargs, and every peer that is installed; one that is not is left out, with a note."""
     peers: list[type[System]] = [Xargs]
-    for module, cls in (("ipyparallel", IPyParallel), ("distributed", Dask)):
+    if GnuParallel.installed():
+        peers.append(GnuParallel)
+    else:
+        print("(peer GNU parallel not installed: apt-get install parallel)", file=sys.stderr)
+    for module, cls, how in PEERS:
         try:
             __import__(module)
             peers.append(cls)
         except ImportError:
-            print(f"(peer {cls.name} not installed: pip install -e '.[bench]')", file=sys.stderr)
+            print(f"(peer {cls.name} not installed: {how})", file=sys.stderr)
     return peers
 
 
