@@ -26,16 +26,16 @@ from .faults import wait_until
 from .proxy import HoldingProxy, holding
 from .test_security import fsldir
 
-BEFORE_START = rb"EVALSHA\r\n\$40\r\n" + script_sha("renew").encode()
-"""The worker's renewal of its lease after every check, as the last step before it starts the
-command (lease.go_on_if_still_ours)."""
+BEFORE_START = rb"EVALSHA\r\n\$40\r\n" + script_sha("claim").encode()
+"""The worker's claim: after every check of the node's preflight (the folder opened, the
+program judged), before it touches outputs or starts the command (attempt.py)."""
 
 
 @pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[HoldingProxy]:
-    """Between a worker and Redis: holds the worker's first renewal, a request it sends after
-    every check and before it starts the command."""
-    with holding(redis_server.port, BEFORE_START) as p:
+    """Between a worker and Redis: Redis carries out the worker's first claim, and its reply
+    is held: the worker has checked everything, and starts the command once it has it."""
+    with holding(redis_server.port, BEFORE_START, reply=True) as p:
         yield p
 
 
@@ -63,7 +63,7 @@ def test_the_program_swapped_after_the_check_does_not_run(
     )  # fmt: skip
     batch = api.submit(write_commands(sub / "cmds", ["./fsl_reg a b pair"]), settings=settings)
     # When the link points at the planted script once the worker judged it, before its exec
-    assert proxy.caught.wait(60), "the worker never renewed before starting"
+    assert proxy.caught.wait(60), "the worker never claimed the command"
     (sub / "new").symlink_to(planted)
     os.replace(sub / "new", sub / "fsl_reg")
     proxy.release()
@@ -87,7 +87,7 @@ def test_the_folder_swapped_after_the_check_is_not_where_it_runs(
     batch = api.submit(cmds, cwd=sub, settings=settings)
     # When sub/ is renamed and a symlink to a folder outside the root takes its place, after
     # the worker checked the folder and before it started the command
-    assert proxy.caught.wait(60), "the worker never renewed before starting"
+    assert proxy.caught.wait(60), "the worker never claimed the command"
     sub.rename(study / "sub.orig")
     sub.symlink_to(outside)
     proxy.release()

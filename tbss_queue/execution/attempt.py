@@ -4,15 +4,17 @@ or CommandFailed) after saying why in the batch's records.
 
 1. checked   the message's fields (fields.py): a forged or foreign one is refused
 2. resolved  the command as this node runs it: path map, FSL tool, environment, time limit
-3. claimed   the claim and its lease (lease.py): one owner, whose token fences every write
-4. prepared  node preflight (preflight.py): the working directory opened below --root, the
-             program judged by the policy; a node fault hands the command back
+3. prepared  node preflight (preflight.py): the working directory opened below --root, the
+             program judged by the policy; a node fault is recorded under a claim, and the
+             command handed back
+4. claimed   the claim and its lease (lease.py): one owner, whose token fences every write
 5. settled   the done marker (done.py): skipped if its outputs exist, stale ones removed
-6. ran       started under the renewed lease, run by runner.py with its guard, then judged
+6. ran       started while the lease surely holds, run by runner.py with its guard, judged
 7. recorded  the outcome, written once by the lease's owner (record.py)
 
-The claim comes before the preflight because every later outcome (a node fault, a skip, a
-refusal) is recorded under the lease: two nodes never judge the same attempt.
+What the preflight found is used, not looked up again: the directory by its descriptor, the
+program by the real path that was judged, whatever their names point to after the claim.
+Every outcome (a node fault, a skip, a refusal, a result) is recorded under the lease.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def run_attempt(
     """Run one delivered command, exactly once as far as the records can tell."""
     fields = checked(at, message)
     command = resolved(at, rules, fields)
-    claim = claimed(at)
     with prepared(at, rules, command) as ready:
+        claim = claimed(at)
         settled(at, claim, rules, ready)
         run = ran(at, claim, rules, ready, interrupts)
     return recorded(at, task, claim, ready, run)
@@ -178,16 +180,19 @@ def resolved(at: Attempt, rules: NodeRules, fields: TaskFields) -> Command:
 
 @contextlib.contextmanager
 def prepared(at: Attempt, rules: NodeRules, command: Command) -> Iterator[Prepared]:
-    """Stage 4: the working directory opened once, below its --root, no symlink followed
+    """Stage 3: the working directory opened once, below its --root, no symlink followed
     (from here on the worker reads, removes and starts everything in it by this descriptor),
-    and the program judged; either fault hands the command back to another node."""
+    and the program judged; either fault, once claimed, hands the command back to another
+    node."""
     with contextlib.ExitStack() as held:
         try:
             workdir = held.enter_context(opened_workdir(command.cwd, rules.roots))
         except OSError as exc:
+            claimed(at)
             hand_back_fault(at, workdir_fault(command.cwd, exc, rules.roots))
         cannot, program = admit(command.argv, workdir.path, command.env, rules.policy)
         if cannot is not None:
+            claimed(at)
             hand_back_fault(at, cannot)
         argv = [locate(command.argv[0], workdir.path, command.env) or program, *command.argv[1:]]
         marker = done_marker(argv, workdir.path, command.fields.done_if_exists, workdir.fd)
@@ -216,9 +221,11 @@ def settled(at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared) -> Non
 def ran(
     at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared, interrupts: Interrupts
 ) -> Run:
-    """Stage 6: started as the lease's owner, within START_BUDGET of the delivery, with its
-    output in its log files; then judged (a node fault, a stop, missing outputs)."""
-    go_on_if_still_ours(at, claim.lease, "starting", renew=True)
+    """Stage 6: started while the lease surely holds (its clock started before the claim was
+    sent), within START_BUDGET of the delivery, with its output in its log files; then judged
+    (a node fault, a stop, missing outputs). A cancel meanwhile is heard at once (a nudge) or
+    at the first renewal, and stops it."""
+    go_on_if_still_ours(at, claim.lease, "starting")
     if (waited := time.monotonic() - interrupts.began) > START_BUDGET:
         # its own time limit would count from a spawn so late that Celery's hard limit,
         # counted from the delivery, could cut it short: another attempt starts it afresh

@@ -174,26 +174,21 @@ def claimed(at: Attempt) -> Claim:
     return Claim(Lease(at, reply.sent), reply.line, reply.number)
 
 
-def go_on_if_still_ours(at: Attempt, lease: Lease, step: str, *, renew: bool = False) -> None:
-    """Check the lease as the last step before `step` (removing outputs; with `renew`, renew
-    it, as before starting the command, which also hears of a cancel): a runner held since its
-    claim (a slow done check, a slow reply) may have lost the command to another node
-    meanwhile, and then must touch nothing. Raises Ignore if so. The lease's clock started
-    before the claim was sent, so while it says the lease holds, it does (Redis keeps it
-    LOST_AFTER from the claim)."""
-    if not (renew or lease.lapsed()):
-        return
-    stop = lease.renew()
-    if stop is None:
+def go_on_if_still_ours(at: Attempt, lease: Lease, step: str) -> None:
+    """Check the lease as the last step before `step` (removing outputs, starting the
+    command): a runner held since its claim (a slow done check, a slow reply to the claim)
+    may have lost the command to another node meanwhile, and then must touch nothing. Raises
+    Ignore if so. The lease's clock started before the claim was sent, so while it says the
+    lease holds, it does (Redis keeps it LOST_AFTER from the claim): no round trip is needed
+    to know it."""
+    if not lease.lapsed():
         return
     log.warning(
-        "command %s of batch %s not ours any more before %s (%s): nothing done",
-        at.task_id, at.batch_id, step, stop.reason,
+        "command %s of batch %s not ours any more before %s (its lease may have lapsed: "
+        "no renewal for %g s): nothing done",
+        at.task_id, at.batch_id, step, lease.margin,
     )  # fmt: skip
-    if not stop.hard:  # cancelled meanwhile: let the lease go
-        hand_back(at)
-    elif lease.lapsed():
-        count_late(at)
+    count_late(at)
     raise Ignore()
 
 
