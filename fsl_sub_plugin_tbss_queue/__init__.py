@@ -28,7 +28,7 @@ from tbss_queue.fsl.jobs import Job, hold_batches, load_job, new_job_id, save_jo
 from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import connect
 
-from .options import coprocessor_asked, unsupported
+from .options import coprocessor_asked, requests, unsupported
 
 VERSION = "1.1.0"
 JOBS_DIR = ".tbss-queue-jobs"
@@ -165,6 +165,7 @@ class TbssQueuePlugin:
         if refusal:
             raise BadSubmission(refusal)
         settings = self._settings()
+        mem, threads = requests(options)
         cwd = os.getcwd()
         try:
             r = connect(settings)
@@ -192,7 +193,10 @@ class TbssQueuePlugin:
                 job_name=job_name,
                 job_id=job_id,
                 job_tasks=tasks,
+                mem=mem,
+                threads=threads,
                 settings=settings,
+                request_names=("-R", "-s"),
             )
         except (TbssQueueError, OSError) as exc:
             raise BadSubmission(str(exc)) from None

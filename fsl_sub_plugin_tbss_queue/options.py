@@ -2,8 +2,10 @@
 
 A refusal is raised as fsl_sub's BadSubmission, which fsl_sub prints as
 "Error submitting job - <reason>" and exits 2, as for its own submission errors. Hints that
-only pick a queue or notify (-R, -q, -p, -m/-M, -a, --extra, --project) mean nothing to a single
-queue and are accepted; -T is a hint too unless `set_time_limit` is on.
+only pick a queue or notify (-q, -p, -m/-M, -a, --extra, --project) mean nothing to a single
+queue and are accepted; -T is a hint too unless `set_time_limit` is on. -R (GB) and -s (pe,N)
+are each task's memory and threads (`submit --mem/--threads`), refused only when they exceed
+every worker node that ever joined.
 """
 
 from __future__ import annotations
@@ -28,13 +30,6 @@ def unsupported(command: Sequence[str], array_task: bool, options: dict[str, Any
             "run no co-processor tasks: it would run on a CPU-only node. Submit it where "
             "fsl_sub has a back end with that co-processor"
         )
-    threads = options.get("threads")
-    if (threads is not None and int(threads) > 1) or options.get("parallel_env"):
-        return (
-            f"{threads} slots requested (-s), but every tbss-queue task takes one slot of a "
-            "worker (a worker runs --concurrency tasks at once): a multi-threaded task would "
-            "overload its node"
-        )
     if options.get("array_limit"):
         return (
             f"-x/--array_limit {options['array_limit']} is not supported by tbss-queue: how many "
@@ -50,6 +45,13 @@ def unsupported(command: Sequence[str], array_task: bool, options: dict[str, Any
             "run again on another worker"
         )
     return None
+
+
+def requests(options: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(bytes, threads) asked with -R (GB, fsl_sub's ram_units) and -s (pe,N)."""
+    ram, threads = options.get("jobram"), options.get("threads")
+    mem = int(float(ram) * 2**30) if ram else None
+    return mem, (int(threads) if threads and int(threads) > 1 else None)
 
 
 def coprocessor_asked(options: dict[str, Any]) -> str | None:

@@ -60,6 +60,7 @@ from tbss_queue.queue.publish import (
     send_options,
     task_kwargs,
 )
+from tbss_queue.views import requests
 from tbss_queue.views.logfiles import (
     CommandLog,
     attempt_outcome,
@@ -94,8 +95,11 @@ def submit(
     job_name: str | None = None,
     job_id: int | None = None,
     job_tasks: int | None = None,
+    mem: int | None = None,
+    threads: int | None = None,
     settings: Settings | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    request_names: tuple[str, str] = ("--mem", "--threads"),
 ) -> Batch:
     """Queue every command of a commands file as one batch; all of them or, on error, none.
 
@@ -108,6 +112,9 @@ def submit(
     With `after` (batch ids), nothing runs until those batches have ended (fsl_sub's -j hold).
     Commands whose outputs exist (fsl_reg's .msf and warp, or `done_if_exists`), or that are
     queued, running or succeeded in another batch, are skipped.
+    `mem` (bytes) and `threads` are what each command asks of a node (resources.py); a request
+    larger than every worker node that ever joined is refused (ConfigError naming
+    `request_names`), nothing queued.
     Raises CommandsFileError for a bad file before Redis is touched.
     """
     settings = settings or Settings.resolve()
@@ -121,6 +128,8 @@ def submit(
     resolved = str(Path(path).resolve())
     file_key = f"{workdir}|{resolved}"
     after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
+    if refused := requests.refusal(mem, threads, store.all_node_facts(), request_names):
+        raise ConfigError(refused)
     options = {
         "path": resolved,
         "cwd": workdir,
@@ -133,6 +142,8 @@ def submit(
         # fsl_sub's job id and array size (fsl_sub_plugin_tbss_queue): log names, FSLSUB_* vars
         "job_id": job_id,
         "job_tasks": job_tasks,
+        "mem": mem,  # what each command asks of a node (resources.py)
+        "threads": threads,
     }
 
     tally: Counter[str] = Counter()  # of the last plan: commands changed, skipped
@@ -431,9 +442,12 @@ def status(batch_id: str | None = None, *, settings: Settings | None = None) -> 
             raise
         raise lost_or_not_found(store.r, batch_id, None, exc) from None
     snap = store.snapshot(bid)
-    current = compute(bid, snap, store.fleet(settings.lost_after, snap["now"]))
+    fleet = store.fleet(settings.lost_after, snap["now"])
+    current = compute(bid, snap, fleet)
     facts = store.node_facts([n.node for n in current.nodes])
-    said = (snap["meta"].get("dependency"), fsl_version_warning(facts))
+    said: tuple[Any, ...] = (snap["meta"].get("dependency"), fsl_version_warning(facts))
+    if current.queued and (cannot := requests.unplaceable(snap["meta"], facts, fleet.online())):
+        said += (f"{current.queued} queued: {cannot}",)
     warnings = tuple(str(w) for w in said if w)
     return replace(current, warnings=warnings) if warnings else current
 
@@ -543,6 +557,7 @@ def _records(
                 attempt=res.get("attempt"),
                 ran=tuple(res["argv"]) if res.get("argv") else None,
                 ran_cwd=res.get("cwd") if res.get("cwd") != meta_cwd else None,
+                peak_rss=res.get("peak_rss"),
             )
         )
     return sorted(out, key=lambda r: r.line)

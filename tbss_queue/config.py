@@ -39,6 +39,10 @@ for the tick loop's own delay. With less, a healthy command is killed at its fir
 DEFAULT_CRASH_LIMIT = 3
 """Lost-worker requeues of one command before it is failed as `lost`."""
 
+DEFAULT_OOM_LIMIT = 2
+"""Nodes on which the kernel may kill one command for want of memory (each time handed back,
+not failed) before it fails as `oom`: two, so one overcommitted node does not fail it."""
+
 DEFAULT_KEEP = 7 * 24 * 3600.0
 """Seconds an ended batch's records stay in Redis (then they expire; `forget` drops them now)."""
 DEFAULT_SENTINEL_MASTER = "mymaster"
@@ -62,6 +66,7 @@ class Settings:
     heartbeat: float = DEFAULT_HEARTBEAT
     lost_after: float = DEFAULT_LOST_AFTER
     crash_limit: int = DEFAULT_CRASH_LIMIT
+    oom_limit: int = DEFAULT_OOM_LIMIT
     keep: float = DEFAULT_KEEP
     # TLS to Redis (rediss://): certificates are verified unless tls_insecure is set
     tls_ca: str | None = None
@@ -131,6 +136,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}KEEP ({self.keep:g} s) must be positive")
         if self.crash_limit < 1:
             raise ConfigError(f"{ENV_PREFIX}CRASH_LIMIT must be at least 1")
+        if self.oom_limit < 1:
+            raise ConfigError(f"{ENV_PREFIX}OOM_LIMIT must be at least 1")
         self._validate_tls()
         self._validate_signing()
 

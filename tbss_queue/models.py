@@ -129,6 +129,8 @@ class BatchStatus:
     workers_online: int = 0  # nodes with a recent heartbeat (taking commands or not)
     no_worker_for: float | None = None
     """With no worker online: seconds since any was last heard from (or since submission)."""
+    peak_rss: int | None = None
+    """Bytes: the most memory one attempt's process tree held (its record has its own)."""
 
     @property
     def finished(self) -> int:
@@ -179,6 +181,7 @@ class TaskRecord:
     attempt: int | None = None
     ran: tuple[str, ...] | None = None  # the argv that actually ran on the node (last attempt)
     ran_cwd: str | None = None  # and where
+    peak_rss: int | None = None  # bytes: the most its whole process tree held (last attempt)
 
     @property
     def text(self) -> str:

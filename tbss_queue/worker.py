@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -29,6 +29,7 @@ from tbss_queue.doctor import fsl_version
 from tbss_queue.errors import ConfigError
 from tbss_queue.execution.health import Health
 from tbss_queue.execution.policy import Policy
+from tbss_queue.execution.resources import budget_facts, node_ledger
 from tbss_queue.execution.tasks import NodeRules, refuse_message, register
 from tbss_queue.paths import PathMap
 from tbss_queue.queue.app import make_app
@@ -65,6 +66,7 @@ class WorkerOptions:
     max_time_limit: float | None = None  # caps each batch's own time limit on this node
     pass_env: tuple[str, ...] = ()  # variables passed on to commands beyond the allowlist
     idle_exit: float | None = None  # seconds with no command; then stop as at stop_after
+    mem: int | None = None  # bytes its commands may hold together; None: memory.default_budget
 
     @property
     def nodename(self) -> str:
@@ -117,6 +119,7 @@ def node_facts(options: WorkerOptions) -> dict[str, Any]:
         "cpus": cpu_count(),
         "concurrency": options.concurrency or cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        **budget_facts(options),
         "tbss_queue": __version__,
         "started": time.time(),
     }
@@ -133,6 +136,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     connect(settings)  # fail fast, with a one-line error, if the broker is wrong
     app = make_app(settings)
     rules = NodeRules(options.path_map, options.policy, options.max_time_limit, options.pass_env)
+    rules = replace(rules, ledger=node_ledger(options))  # before the pool forks: shared
     register(app, settings, rules)
     app.conf.worker_consumer = f"{__name__}:Consumer"
     app.Worker = _with_our_banner(app.Worker, options.policy)

@@ -28,6 +28,7 @@ from tbss_queue.config import Settings
 from tbss_queue.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from tbss_queue.models import Batch, BatchStatus
 from tbss_queue.paths import PathMap
+from tbss_queue.sizes import parse_size
 from tbss_queue.views.progress import (
     LiveProgress,
     StagingProgress,
@@ -63,6 +64,18 @@ from tbss_queue.views.progress import watch as watch_status
     help="Rewrite path prefix FROM to TO in the commands and their directory (the workers "
     "mount the study elsewhere). Repeatable.",
 )
+@click.option(
+    "--mem",
+    metavar="SIZE",
+    help="Memory each command needs (2G, 300M): a node starts it only when it has that "
+    "free [default: 2G for fsl_reg lines, else none].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Threads each command runs: it takes that many slots of its node, with "
+    "OMP_NUM_THREADS and the like set.",
+)
 @wait_option
 @json_option
 @broker_options
@@ -73,6 +86,8 @@ def submit(
     retries: int,
     done_if_exists: str | None,
     path_map: tuple[str, ...],
+    mem: str | None,
+    threads: int | None,
     wait: bool,
     as_json: bool,
     settings: Settings,
@@ -91,6 +106,8 @@ def submit(
             retries=retries,
             done_if_exists=done_if_exists,
             path_map=PathMap.parse(path_map),
+            mem=parse_size(mem, "--mem") if mem else None,
+            threads=threads,
             settings=settings,
             on_progress=progress,
         )

@@ -24,6 +24,7 @@ from tbss_queue.errors import EXIT_FAILED, EXIT_OK
 from tbss_queue.execution.environment import pass_env_names
 from tbss_queue.execution.policy import Policy
 from tbss_queue.paths import PathMap
+from tbss_queue.sizes import parse_size
 from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
 from tbss_queue.views.progress import fmt_duration
 from tbss_queue.views.visible import visible
@@ -38,6 +39,13 @@ from tbss_queue.views.visible import visible
     help="Commands run at once on this node [env TBSS_QUEUE_CONCURRENCY; default: CPU count].",
 )
 @click.option("-n", "--name", help="Node name (name or name@host) [default: tbss@HOSTNAME].")
+@click.option(
+    "--mem",
+    metavar="SIZE",
+    envvar="TBSS_QUEUE_MEM",
+    help="Memory this node's commands may hold together (16G, 500M) [env TBSS_QUEUE_MEM; "
+    "default: the machine's, or its cgroup's limit].",
+)
 @click.option(
     "--loglevel",
     default="INFO",
@@ -81,6 +89,7 @@ from tbss_queue.views.visible import visible
 def worker(
     concurrency: int | None,
     name: str | None,
+    mem: str | None,
     loglevel: str,
     path_map: tuple[str, ...],
     grace: float,
@@ -115,6 +124,7 @@ def worker(
         max_time_limit=max_time_limit,
         pass_env=pass_env_names(pass_env),
         idle_exit=parse_duration(idle_exit, "--idle-exit") if idle_exit else None,
+        mem=parse_size(mem, "--mem") if mem else None,
     )
     run_worker(settings, options)
 

@@ -31,7 +31,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from tbss_queue.execution import environment, nudges, runner
+from tbss_queue.execution import environment, nudges, oom, resources, runner
 from tbss_queue.execution.done import DoneMarker, done_marker, judge_done, remove_stale
 from tbss_queue.execution.fields import RefusedField, TaskFields, check_fields, open_logs
 from tbss_queue.execution.fields import log_names as fsl_sub_log_names
@@ -77,6 +77,8 @@ class NodeRules:
     max_time_limit: float | None = None
     pass_env: tuple[str, ...] = ()
     """Variables the operator passes on to commands (`--pass-env`), beyond the allowlist."""
+    ledger: resources.Ledger | None = None
+    """This node's memory and slots, shared by its pool processes (resources.py)."""
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -101,6 +103,7 @@ class Command:
     cwd: str
     env: dict[str, str]
     time_limit: float
+    request: resources.Request = resources.Request()
 
     @property
     def name(self) -> str:
@@ -135,10 +138,13 @@ def run_attempt(
     """Run one delivered command, exactly once as far as the records can tell."""
     fields = checked(at, message)
     command = resolved(at, rules, fields)
-    with prepared(at, rules, command) as ready:
+    with (
+        prepared(at, rules, command) as ready,
+        resources.admitted(at, rules.ledger, command.request, interrupts.began) as share,
+    ):
         claim = claimed(at)
         settled(at, claim, rules, ready)
-        run = ran(at, claim, rules, ready, interrupts)
+        run = ran(at, claim, rules, ready, interrupts, share)
     return recorded(at, task, claim, ready, run)
 
 
@@ -172,10 +178,12 @@ def resolved(at: Attempt, rules: NodeRules, fields: TaskFields) -> Command:
     argv = [local_fsl_tool(argv[0], os.environ), *argv[1:]]
     env = environment.command_env(os.environ, at.batch_id, at.task_id, rules.pass_env)
     env = with_fsl_sub_env(env, fields.job_id, fields.line, fields.job_tasks)
+    env = resources.thread_env(env, fields.threads)
     time_limit = fields.time_limit or at.settings.time_limit
     if rules.max_time_limit:
         time_limit = min(time_limit, rules.max_time_limit)
-    return Command(fields, argv, cwd, env, time_limit)
+    request = resources.request_of(fields.argv, fields.mem, fields.threads)
+    return Command(fields, argv, cwd, env, time_limit, request)
 
 
 @contextlib.contextmanager
@@ -219,7 +227,12 @@ def settled(at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared) -> Non
 
 
 def ran(
-    at: Attempt, claim: Claim, rules: NodeRules, ready: Prepared, interrupts: Interrupts
+    at: Attempt,
+    claim: Claim,
+    rules: NodeRules,
+    ready: Prepared,
+    interrupts: Interrupts,
+    share: resources.Share | None = None,
 ) -> Run:
     """Stage 6: started while the lease surely holds (its clock started before the claim was
     sent), within START_BUDGET of the delivery, with its output in its log files; then judged
@@ -252,9 +265,13 @@ def ran(
         watch = runner.Watch(
             on_tick=lease.renew, tick=at.settings.heartbeat, stop=interrupts.stop,
             wake_fd=interrupts.read_fd, lease_until=lambda: lease.valid_until,
+            on_sample=share.note_rss if share is not None else None,
         )  # fmt: skip
         with nudges.watching(at.store.r, at.batch_id, interrupts.write_fd):
             result = runner.run_command(spec, watch)
+    if result.cause == runner.CAUSE_OOM and not claim.lease.lapsed():
+        record = attempt_record(at, claim, result, argv=ready.argv, cwd=ready.command.cwd)
+        oom.hand_back(at, claim, share, result, record)
     return Run(judged(at, claim, ready, result), log_error)
 
 

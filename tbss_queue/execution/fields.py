@@ -30,7 +30,11 @@ OPTIONS = (
     "line",
     "job_id",
     "job_tasks",
+    "mem",
+    "threads",
 )
+MAX_MEM = 2**50
+MAX_THREADS = 4096
 MAX_ARGS = 100_000
 MAX_TIME_LIMIT = 30 * 86400
 MAX_RETRIES = 100
@@ -74,6 +78,10 @@ class TaskFields:
     """The fsl_sub job id (fsl_sub_plugin_tbss_queue): logs and FSLSUB_* variables use it."""
     job_tasks: int | None = None
     """An fsl_sub array job's number of tasks; None for a single job."""
+    mem: int | None = None
+    """Bytes of memory the command asks of a node (resources.py); None: not declared."""
+    threads: int | None = None
+    """Threads it runs, each a slot of its node; None: one, and no thread variables set."""
 
 
 def _shown(value: object) -> str:
@@ -209,6 +217,8 @@ def check_fields(
         line,
         job_id,
         tasks,
+        None if get("mem") is None else _int("mem", get("mem"), 1, MAX_MEM),
+        None if get("threads") is None else _int("threads", get("threads"), 1, MAX_THREADS),
     )
     for log in log_names(got) or ():
         _file_name("job_name", log)  # the whole log name must fit NAME_MAX too

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import IO, Any
 
 from tbss_queue.execution import guard as guard_mod
+from tbss_queue.execution import memory
 from tbss_queue.execution.guard import TAG_VAR
+from tbss_queue.sizes import human
 
 TAIL_BYTES = 64 * 1024
 """How much of the end of stdout and of stderr is kept."""
@@ -47,6 +49,7 @@ CAUSE_NOT_FOUND = "not-found"
 CAUSE_TOO_LONG = "too-long"  # E2BIG: the command line exceeds the system's argument limit
 CAUSE_NO_CWD = "no-cwd"
 CAUSE_STOPPED = "stopped"  # stopped from outside (lease lost, cancelled, worker stopping)
+CAUSE_OOM = "oom"  # killed by the kernel for want of memory: the node's fault
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class RunResult:
     stderr_tail: str
     cause: str | None = None  # None on success
     message: str = ""
+    peak_rss: int | None = None
+    """Bytes: the most its whole process tree held (memory.Sampler)."""
 
     @property
     def ok(self) -> bool:
@@ -123,6 +128,8 @@ class Watch:
     lease_until: Callable[[], float] | None = None
     """CLOCK_BOOTTIME seconds, handed to this process's guard, which kills the command's tree
     itself if this process is frozen past it."""
+    on_sample: Callable[[int], None] | None = None
+    """Told the tree's RSS every memory.SAMPLE_EVERY seconds (the node's ledger)."""
 
 
 @dataclass
@@ -131,6 +138,8 @@ class _Ending:
 
     stopped: Stop | None = None
     timed_out: bool = False
+    oom: bool = False
+    """SIGKILLed by none of ours while the kernel counted an OOM kill."""
 
 
 def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
@@ -154,6 +163,7 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
     with _output(spec.outputs, 0) as out, _output(spec.outputs, 1) as err:
         guard = _guard()
         before = set(_children(os.getpid()))  # anything new after the command is its doing
+        sampler = memory.Sampler(watch.on_sample)
         until = watch.lease_until or (lambda: 0.0)
         guard.starting(spec.tag, until())
         try:
@@ -164,7 +174,7 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
         guard.started(proc.pid, spec.tag, until())
         ending = _Ending()
         try:
-            ending = _wait(proc, started, spec, watch)
+            ending = _wait(proc, started, spec, watch, sampler)
         finally:
             _end_tree(proc, before, hard=ending.stopped is not None and ending.stopped.hard)
         if (
@@ -176,7 +186,10 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
             ending.stopped = _stop_noted(watch.stop, watch.wake_fd)
         ended = time.time()
         tails = _tail(out, spec.tail_bytes), _tail(err, spec.tail_bytes)
-    return _verdict(RunResult(proc.returncode, started, ended, *tails), ending, spec.timeout)
+        peak = sampler.ended()
+        ending.oom = ending == _Ending() and sampler.oom_killed(proc.returncode)
+    result = RunResult(proc.returncode, started, ended, *tails, peak_rss=peak)
+    return _verdict(result, ending, spec.timeout)
 
 
 def _not_started(started: float, program: str, exc: OSError) -> RunResult:
@@ -190,17 +203,32 @@ def _not_started(started: float, program: str, exc: OSError) -> RunResult:
     return _failed(started, cause, f"cannot start {program}: {exc.strerror or exc}")
 
 
-def _wait(proc: subprocess.Popen[bytes], started: float, spec: RunSpec, watch: Watch) -> _Ending:
+def _wait(
+    proc: subprocess.Popen[bytes],
+    started: float,
+    spec: RunSpec,
+    watch: Watch,
+    sampler: memory.Sampler,
+) -> _Ending:
     """Wait for the command to end, ticking: a stop request, the time limit, or the owner's
-    tick (lease renewal) may end it sooner; the guard hears of every renewal."""
+    tick (lease renewal) may end it sooner; the guard hears of every renewal. Its memory is
+    sampled in between."""
     deadline = None if spec.timeout is None else started + spec.timeout
     until = watch.lease_until or (lambda: 0.0)
     with _exit_watch(proc, watch.wake_fd) as exited:
         while True:
-            tick = watch.tick
-            wait = tick if deadline is None else max(0.0, min(tick, deadline - time.time()))
-            if exited(wait):
-                return _Ending()
+            tick_at = time.monotonic() + watch.tick
+            while (left := tick_at - time.monotonic()) > 0:
+                wait = min(left, memory.SAMPLE_EVERY)
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.time()))
+                if exited(wait):
+                    return _Ending()
+                sampler.sample(proc.pid)
+                if deadline is not None and time.time() >= deadline:
+                    break
+                if watch.stop is not None and (stopped := watch.stop()) is not None:
+                    return _Ending(stopped)
             stopped = watch.stop() if watch.stop is not None else None
             if stopped is None and deadline is not None and time.time() >= deadline:
                 return _Ending(timed_out=True)
@@ -233,6 +261,10 @@ def _verdict(result: RunResult, ending: _Ending, timeout: float | None) -> RunRe
     if ending.timed_out:
         why = f"time limit of {timeout:g} s reached; process group killed"
         return replace(result, cause=CAUSE_TIMEOUT, message=why)
+    if ending.oom:
+        peak = human(result.peak_rss or 0)
+        why = f"killed by the kernel for want of memory (OOM) at a peak of {peak}"
+        return replace(result, cause=CAUSE_OOM, message=why + last_line(stderr))
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         return replace(

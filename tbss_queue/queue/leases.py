@@ -73,9 +73,12 @@ class Leases(Store):
         ignore_heartbeat: bool = False,
         delay: float = 0.0,
         record: dict[str, Any] | None = None,
+        oom_limit: int = 0,
     ) -> str:
         """Take a task from runner `token`: 'requeued', 'lost' (crash limit), 'alive' or 'gone'.
-        A requeued task is owed a message from `delay` seconds on (see `republish_owed`)."""
+        A requeued task is owed a message from `delay` seconds on (see `republish_owed`).
+        With `oom_limit`, the kernel killed it for memory: counted once per node, and failed
+        as `oom` ('oom', `record`'s message extended) on the `oom_limit`-th node."""
         keys = [
             *task_keys(batch_id, task_id),
             batch_key(batch_id, "attempts"),
@@ -89,6 +92,7 @@ class Leases(Store):
         args += [int(ignore_heartbeat), batch_id, int(DEFAULT_KEEP), delay]
         # a retried attempt's record, and its line in the run log: it ran, and failed
         args += [json.dumps(record), run_line(record)] if record is not None else ["", ""]
+        args += [oom_limit]
         return str(self._run("release", [*keys, *ending_keys(batch_id)], args))
 
     def hand_back(

@@ -110,6 +110,10 @@ class Nodes(Store):
         raw = self.r.hmget(NODES, list(nodes))
         return {n: json.loads(v) for n, v in zip(nodes, raw, strict=True) if v}
 
+    def all_node_facts(self) -> dict[str, dict[str, Any]]:
+        """The facts of every node that ever announced itself (what `submit` judges by)."""
+        return {str(n): json.loads(v) for n, v in self.r.hgetall(NODES).items()}
+
     def redis_uptime(self) -> float:
         """Seconds since redis-server started (a restart drops every expired heartbeat)."""
         return float(self.r.info("server")["uptime_in_seconds"])

@@ -88,7 +88,10 @@ own limit, and records within RECORD_BUDGET."""
 
 def task_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
     """The per-batch options every task message of a batch carries (only those that are set)."""
-    keys = ("time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks")
+    keys = (
+        "time_limit", "retries", "done_if_exists", "log_dir", "job_name", "job_id", "job_tasks",
+        "mem", "threads",
+    )  # fmt: skip
     return {k: meta[k] for k in keys if meta.get(k)}
 
 

@@ -63,6 +63,7 @@ class Records(Store):
             run_line(record) if ran else "",
             batch_id,
             int(DEFAULT_KEEP),
+            record.get("peak_rss") or "",
         ]
         return str(self._run("finish", [*keys, *ending_keys(batch_id)], args))
 

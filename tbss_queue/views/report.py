@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from tbss_queue.fsl.matrix import SubjectMatrix
 from tbss_queue.models import BatchStatus, TaskRecord
+from tbss_queue.sizes import human
 from tbss_queue.views.progress import fmt_duration, plural
 from tbss_queue.views.report_failures import failed_attempts, failures_said, failures_table
 from tbss_queue.views.throughput import bin_count
@@ -138,6 +139,7 @@ def report_data(
         "eta_seconds": status.eta_seconds,
         "requeued": status.requeued,
         "lost": status.lost,
+        "peak_rss": status.peak_rss,  # bytes: the largest attempt's process tree
         **failed_attempts(
             runs.line[runs.state == STATE_CODES["failed"]],
             runs.line[runs.state == STATE_CODES["succeeded"]],
@@ -354,6 +356,7 @@ def _cards(summary: dict[str, Any]) -> str:
             "?" if summary["per_minute"] is None else f"{summary['per_minute']:.1f}",
         ),
         ("slot utilisation", pct(summary["utilisation"])),
+        ("peak memory of a command", human(summary["peak_rss"]) if summary["peak_rss"] else "?"),
     ]
     return "".join(
         f'<div class="card">{html.escape(k)}<b>{html.escape(str(v))}</b></div>' for k, v in cards

@@ -66,6 +66,7 @@ def compute(batch_id: str, snap: dict[str, Any], fleet: Fleet | None = None) -> 
         lost=int(snap.get("lost", 0)),
         workers_online=len(online),
         no_worker_for=silent,
+        peak_rss=int(meta["peak_rss"]) if meta.get("peak_rss") else None,
     )
 
 

@@ -20,6 +20,8 @@ p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
 p.add_argument("--marker", help="append 'start', 'out' and 'done' lines (PID TIME) to DIR/ID")
 p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
+p.add_argument("--env-to", help="write the environment as JSON to this file at start")
+p.add_argument("--alloc", type=int, default=0, help="hold this many MiB (touched) while asleep")
 a = p.parse_args()
 
 
@@ -30,6 +32,11 @@ def mark(what: str) -> None:
 
 
 mark("start")
+if a.env_to:
+    import json
+
+    with open(a.env_to, "w") as f:
+        json.dump(dict(os.environ), f)
 
 pids = [os.getpid()]
 if a.child:
@@ -46,6 +53,10 @@ if a.pidfile:
         f.write(" ".join(map(str, pids)) + "\n")
 if a.kill_parent:
     os.kill(os.getppid(), 9)
+held = []
+for _ in range(a.alloc // 16):  # 16 MiB at a time, as a registration grows its fields
+    held.append(b"\1" * (16 << 20))
+    time.sleep(0.01)
 time.sleep(a.sleep)
 if a.fail_unless and not os.path.exists(a.fail_unless):
     print(f"{a.fail_unless} is missing", file=sys.stderr)

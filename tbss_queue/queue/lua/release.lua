@@ -11,7 +11,9 @@
 -- ARGV: cid member token limit count_loss ignore_lease batch_id default_ttl delay
 --       record_json ('' none: the attempt's record, kept with the requeue in the same step)
 --       run_line ('' none: the attempt ran and failed, and is retried: its line in the run log)
--- Returns 'requeued', 'lost', 'alive' (the lease is still held) or 'gone' (released, but the
+--       oom_limit (0: none; else the kernel killed it for memory: counted once per node in
+--       attempts 'oom:CID', and failed as `oom` with record_json on the oom_limit-th node)
+-- Returns 'requeued', 'lost', 'oom', 'alive' (the lease is still held) or 'gone' (released, but the
 -- command was no longer running: cancelled, or already taken, or its batch forgotten).
 -- Counts every requeue in attempts ('requeued', and 'lost' for lost runners) and per node
 -- (nodes 'NODE|requeued'), for status.
@@ -31,11 +33,40 @@ if ARGV[5] == '1' then
   lost = redis.call('HINCRBY', KEYS[6], 'lost:' .. ARGV[1], 1)
   redis.call('HINCRBY', KEYS[6], 'lost', 1)
 end
+local oom = 0
+local oom_limit = tonumber(ARGV[12] or '0') or 0
+if oom_limit > 0 then
+  if redis.call('HSETNX', KEYS[6], 'oom:' .. ARGV[1] .. '|' .. r['node'], 1) == 1 then
+    oom = redis.call('HINCRBY', KEYS[6], 'oom:' .. ARGV[1], 1)
+  else
+    oom = tonumber(redis.call('HGET', KEYS[6], 'oom:' .. ARGV[1]) or '0')
+  end
+  redis.call('HINCRBY', KEYS[6], 'oom', 1)
+end
 local new = 'queued'
-if lost >= tonumber(ARGV[4]) then new = 'failed' end
+if lost >= tonumber(ARGV[4]) or (oom_limit > 0 and oom >= oom_limit) then new = 'failed' end
 redis.call('HSET', KEYS[1], ARGV[1], new)
 redis.call('HINCRBY', KEYS[2], 'running', -1)
 redis.call('HINCRBY', KEYS[2], new, 1)
+if oom_limit > 0 then
+  local peak = tonumber(cjson.decode(ARGV[10])['peak_rss'] or 0) or 0
+  if peak > tonumber(redis.call('HGET', KEYS[14], 'peak_rss') or '0') then
+    redis.call('HSET', KEYS[14], 'peak_rss', peak)
+  end
+end
+if new == 'failed' and oom_limit > 0 then
+  local failed = cjson.decode(ARGV[10])
+  failed['message'] = failed['message'] .. '; killed so on ' .. oom .. ' nodes (limit ' ..
+    oom_limit .. ')'
+  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode(failed))
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[8], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[1])
+  redis.call('SADD', KEYS[9], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], r['node'] .. '|failed', 1)
+  if ARGV[11] ~= '' then redis.call('RPUSH', KEYS[11], ARGV[11] .. '\tfailed') end
+  end_if_idle(12, ARGV[7], ARGV[8])
+  return 'oom'
+end
 if new == 'failed' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6

@@ -1,0 +1,205 @@
+"""Memory as a node's capacity (issue 24), on real limits: worker nodes in memory cgroups of
+their own (tests/cgroups.py), a real redis-server, real `tbss-queue worker` processes, and
+commands that really hold the memory they claim (tests/bin/job.py --alloc).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tbss_queue import api
+from tbss_queue.config import Settings
+from tbss_queue.execution.resources import THREAD_VARS
+
+from .cgroups import MemoryCgroup, memory_cgroup
+from .conftest import Worker, settings_env, tbss_queue, write_commands
+from .faults import Markers, job, wait_until
+
+pytestmark = pytest.mark.slow
+
+MiB = 2**20
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Callable[[int], MemoryCgroup]]:
+    """Factory: cgroups(limit) makes a child memory cgroup; all removed afterwards, their
+    processes killed (torn down before `workers`, which this test requests first)."""
+    with ExitStack() as stack:
+        yield lambda limit: stack.enter_context(memory_cgroup(limit))
+
+
+def most_at_once(marks: Markers, ids: list[str]) -> int:
+    """The most commands that held their memory at the same moment (start..done)."""
+    edges = sorted((m.time, 1 if m.kind == "start" else -1) for i in ids for m in marks.of(i))
+    now = top = 0
+    for _, step in edges:
+        now += step
+        top = max(top, now)
+    return top
+
+
+def test_a_node_of_1_gib_runs_commands_of_300_mb_at_most_3_at_once_none_killed(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    cgroups: Callable[[int], MemoryCgroup],
+    run_tag: str,
+) -> None:
+    cli_env = settings_env(settings, run_tag)
+    # Given a node with 4 slots in a memory cgroup of 1 GiB, and no --mem: its budget is the
+    # cgroup's limit
+    group = cgroups(1024 * MiB)
+    w1 = workers("w1", 4, wrap=group.wrap)
+    [node] = api.nodes(settings=settings)
+    assert node.facts["mem_budget"] == 1024 * MiB and node.facts["slots"] == 4
+    # When 8 commands that each hold 256 MiB for a second are queued, each asking 300 MiB
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    ids = [str(i) for i in range(8)]
+    lines = [job(i, log, "--marker", str(marks.dir), "--alloc", "256", "--sleep", "1") for i in ids]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), mem=300 * MiB, settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=120)
+    # Then every one completed once, none was killed, and never more than 3 held memory at once
+    assert (final.succeeded, final.failed, final.requeued) == (8, 0, 0), final
+    marks.assert_exactly_once(ids)
+    assert group.oom_kills() == 0
+    assert 1 <= most_at_once(marks, ids) <= 3
+    # and each attempt's record names the peak of its whole process tree
+    peaks = [t.to_dict().get("peak_rss") for t in api.tasks(batch.id, settings=settings)]
+    assert all(p is not None and 256 * MiB <= p < 400 * MiB for p in peaks), peaks
+    # and status --json and the report give the batch's largest
+    as_json = json.loads(tbss_queue("status", batch.id, "--json", env=cli_env).stdout)
+    assert as_json["peak_rss"] == max(peaks)
+    assert api.report(batch.id, settings=settings)["summary"]["peak_rss"] == max(peaks)
+    assert w1.proc.poll() is None
+
+
+def test_a_command_of_n_threads_takes_n_slots_with_the_thread_variables_set(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a node of 2 slots
+    workers("w1", 2)
+    # When 3 commands of 2 threads each are queued
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    ids = [str(i) for i in range(3)]
+    lines = [
+        job(i, log, "--marker", str(marks.dir), "--sleep", "0.5", "--env-to", f"{tmp_path}/env{i}")
+        for i in ids
+    ]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), threads=2, settings=settings)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then each ran once, alone on its node, told to use 2 threads
+    assert (final.succeeded, final.failed) == (3, 0), final
+    marks.assert_exactly_once(ids)
+    assert most_at_once(marks, ids) == 1
+    for i in ids:
+        env = json.loads((tmp_path / f"env{i}").read_text())
+        assert {v: env[v] for v in THREAD_VARS} == dict.fromkeys(THREAD_VARS, "2")
+
+
+def test_a_command_killed_for_memory_is_handed_back_then_fails_as_oom_naming_its_peak(
+    tmp_path: Path,
+    settings: Settings,
+    workers: Callable[..., Worker],
+    cgroups: Callable[[int], MemoryCgroup],
+    run_tag: str,
+) -> None:
+    # Given two nodes of 384 MiB each (in cgroups of their own), two OOM kills allowed
+    env = {"TBSS_QUEUE_OOM_LIMIT": "2"}
+    group1, group2 = cgroups(384 * MiB), cgroups(384 * MiB)
+    workers("w1", 1, env=env, wrap=group1.wrap)
+    # When a command that asks 100 MiB but grows to 512 MiB is queued while only w1 runs
+    marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
+    line = job("big", log, "--marker", str(marks.dir), "--alloc", "512", "--sleep", "1")
+    batch = api.submit(write_commands(tmp_path / "cmds", [line]), mem=100 * MiB, settings=settings)
+    # Then the kernel kills it there, and it is handed back, not failed
+    wait_until(lambda: group1.oom_kills() == 1, timeout=60, what="an OOM kill on w1")
+    wait_until(lambda: api.status(batch.id, settings=settings).requeued == 1, what="the hand-back")
+    now = api.status(batch.id, settings=settings)
+    assert (now.failed, now.queued + now.running) == (0, 1), now
+    # and w1 admits less: it gives the command back unclaimed instead of running it again
+    w1_log = next(tmp_path.glob("worker-w1-*.log"))
+    wait_until(lambda: "given back unclaimed" in w1_log.read_text(), what="w1 giving it back")
+    assert len(marks.starts("big")) == 1
+    # When a second node joins, the kernel kills it there too
+    workers("w2", 1, env=env, wrap=group2.wrap)
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    # Then it failed as `oom`, on its second node, naming its peak; it started once per node
+    assert (final.failed, final.succeeded) == (1, 0), final
+    assert (group1.oom_kills(), group2.oom_kills()) == (1, 1)
+    assert marks.counts(["big"]) == {"big": (2, 0)}
+    [failure] = api.failures(batch.id, settings=settings)
+    record = failure.to_dict()
+    assert record["cause"] == "oom", record
+    assert record["node"].startswith("w2@")
+    assert "killed by the kernel for want of memory (OOM) at a peak of" in record["message"]
+    assert "killed so on 2 nodes" in record["message"]
+    assert record["peak_rss"] >= 200 * MiB
+    # and `failures` and `status --json` say so too
+    cli_env = settings_env(settings, run_tag)
+    shown = tbss_queue("failures", batch.id, env=cli_env).stdout
+    assert "OOM" in shown and "peak" in shown
+    as_json = json.loads(tbss_queue("status", batch.id, "--json", env=cli_env).stdout)
+    assert as_json["failed"] == 1
+
+
+def test_a_request_larger_than_every_node_is_refused_at_submit_and_by_fsl_sub(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], run_tag: str
+) -> None:
+    # Given a worker node of 2 GiB and 2 slots (no cgroup needed: --mem says it)
+    w1 = workers("w1", 2, "--mem", "2G")
+    write_commands(tmp_path / "cmds", [f"{sys.executable} -c pass"])
+    env = settings_env(settings, run_tag)
+    # When a batch asks 4G per command, or 4 threads
+    for args, option, why in (
+        (("--mem", "4G"), "--mem", "needs 4 GiB, largest 2 GiB"),
+        (("--threads", "4"), "--threads", "needs 4 slots, largest 2"),
+    ):
+        res = tbss_queue("submit", "cmds", *args, env=env, cwd=tmp_path)
+        # Then submit refuses it in one line naming the option, and queues nothing
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"tbss-queue: error: {option}: no worker node that ever joined can take it ({why}); "
+            "nothing queued"
+        ]
+    # and fsl_sub -R 4 (GB) is refused in fsl_sub's own style
+    fsl_env = {**env, "FSLSUB_CONF": str(_fsl_sub_conf(tmp_path))}
+    res = _fsl_sub("-R", "4", sys.executable, "-c", "pass", env=fsl_env, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stderr.strip() == (
+        "Error submitting job - -R: no worker node that ever joined can take it "
+        "(needs 4 GiB, largest 2 GiB); nothing queued"
+    )
+    assert api.list_batches(settings=settings) == []
+    # Given that node gone, and one of 1 GiB online instead
+    w1.stop()
+    workers("w2", 2, "--mem", "1G")
+    wait_until(lambda: len([n for n in api.nodes(settings=settings) if n.online]) == 1)
+    # When a batch asks 1.5G: more than any node online has, not than every node that joined
+    res = tbss_queue("submit", "cmds", "--mem", "1.5G", env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    # Then it stays queued, and status says why
+    res = tbss_queue("status", env=env)
+    shown = res.stdout + res.stderr
+    assert "1 queued: no node can take it (needs 1.5 GiB, largest 1 GiB)" in shown, shown
+    assert api.status(settings=settings).queued == 1
+
+
+def _fsl_sub_conf(tmp_path: Path) -> Path:
+    conf = tmp_path / "fsl_sub.yml"
+    plugin = Path(__file__).parent.parent / "fsl_sub_plugin_tbss_queue" / "fsl_sub_tbss_queue.yml"
+    conf.write_text(plugin.read_text())
+    return conf
+
+
+def _fsl_sub(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+
+    return subprocess.run(
+        ["fsl_sub", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
