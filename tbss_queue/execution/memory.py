@@ -128,7 +128,7 @@ def default_budget() -> int:
 def available() -> int | None:
     """What this node can still take: its cgroup's limit less its use, or the machine's
     MemAvailable, whichever is less."""
-    group = Cgroup.of()
+    group = _own_group()
     figures = [machine_available()]
     if group is not None and (limit := group.limit()) is not None:
         used = group.usage()
