@@ -189,6 +189,12 @@ def test_a_request_larger_than_every_node_is_refused_at_submit_and_by_fsl_sub(
     shown = res.stdout + res.stderr
     assert "1 queued: no node can take it (needs 1.5 GiB, largest 1 GiB)" in shown, shown
     assert api.status(settings=settings).queued == 1
+    # and the node online gives it back unclaimed, at once, every time it comes to it
+    w2_log = next(tmp_path.glob("worker-w2-*.log"))
+    wait_until(
+        lambda: "needs 1.5 GiB, more than this node's 1 GiB and 2 slots" in w2_log.read_text(),
+        what="w2 giving it back",
+    )
 
 
 def _fsl_sub_conf(tmp_path: Path) -> Path:

@@ -147,11 +147,18 @@ class OomCount:
 
     @classmethod
     def now(cls, group: Cgroup | None) -> OomCount:
-        return cls(group.oom_kills() if group is not None else None, machine_oom_kills())
+        # the root group counts no kill in its children: the machine's count serves there
+        counted = group is not None and group.path.name not in ("memory", "cgroup", "unified")
+        return cls(group.oom_kills() if counted and group else None, machine_oom_kills())
 
     def rose_since(self, before: OomCount) -> bool:
-        pairs = ((before.cgroup, self.cgroup), (before.machine, self.machine))
-        return any(a is not None and b is not None and b > a for a, b in pairs)
+        """The node's cgroup counts every OOM kill of its processes, whatever ran out (its
+        limit or the machine); the machine's count, which other users' kills raise too, is
+        read only where there is no cgroup count."""
+        if before.cgroup is not None and self.cgroup is not None:
+            return self.cgroup > before.cgroup
+        was, now = before.machine, self.machine
+        return was is not None and now is not None and now > was
 
 
 def _children(pid: int) -> list[int]:
