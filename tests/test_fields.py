@@ -194,6 +194,14 @@ REFUSED = [
     ("line", {"line": 10_000_001}),
     ("line", {"line": 3.0}),
     ("line", {"line": "3"}),
+    ("mem", {"mem": "2G"}),
+    ("mem", {"mem": 0}),
+    ("mem", {"mem": -1}),
+    ("mem", {"mem": 2**50 + 1}),
+    ("mem", {"mem": 1.5}),
+    ("threads", {"threads": 0}),
+    ("threads", {"threads": 4097}),
+    ("threads", {"threads": True}),
 ]
 
 

@@ -17,6 +17,7 @@ import pytest
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.execution.resources import THREAD_VARS
+from tbss_queue.sizes import human
 
 from .cgroups import MemoryCgroup, memory_cgroup
 from .conftest import Worker, settings_env, tbss_queue, write_commands
@@ -144,7 +145,7 @@ def test_a_command_killed_for_memory_is_handed_back_then_fails_as_oom_naming_its
     # and `failures` and `status --json` say so too
     cli_env = settings_env(settings, run_tag)
     shown = tbss_queue("failures", batch.id, env=cli_env).stdout
-    assert "OOM" in shown and "peak" in shown
+    assert "OOM" in shown and f"peak memory: {human(record['peak_rss'])}" in shown
     as_json = json.loads(tbss_queue("status", batch.id, "--json", env=cli_env).stdout)
     assert as_json["failed"] == 1
 
@@ -209,3 +210,26 @@ def _fsl_sub(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Completed
     return subprocess.run(
         ["fsl_sub", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
     )
+
+
+def test_a_size_that_is_not_one_is_refused_in_one_line_naming_the_option(
+    tmp_path: Path, settings: Settings, run_tag: str
+) -> None:
+    # Given a commands file and a broker
+    write_commands(tmp_path / "cmds", [f"{sys.executable} -c pass"])
+    env = settings_env(settings, run_tag)
+    for args in (
+        ("submit", "cmds", "--mem", "lots"),
+        ("submit", "cmds", "--mem", "0G"),
+        ("worker", "--mem", "2X", "--allow-any"),
+    ):
+        # When a size is not one
+        res = tbss_queue(*args, env=env, cwd=tmp_path, timeout=60)
+        # Then one line names the option and the value, exit 2, nothing queued or started
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.strip().splitlines() == [
+            f"tbss-queue: error: --mem {args[args.index('--mem') + 1]!r}: expected a size like "
+            "300M, 2G or 1.5GiB"
+        ]
+    assert api.list_batches(settings=settings) == []
+    assert api.nodes(settings=settings) == []

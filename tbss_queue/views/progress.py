@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbss_queue.models import LOST, Batch, BatchStatus, NodeStatus, TaskRecord
+from tbss_queue.sizes import human
 from tbss_queue.views.causes import heading, last_line
 from tbss_queue.views.visible import visible
 
@@ -282,6 +283,8 @@ def failures_text(records: Sequence[TaskRecord]) -> str:
         stderr = last_line(r.stderr_tail)
         if stderr:
             lines.append(f"  stderr: {stderr}")
+        if r.peak_rss:
+            lines.append(f"  peak memory: {human(r.peak_rss)} (its whole process tree)")
     # the command's own text: controls shown escaped, rich markup shown as written
     return "\n".join(escape(visible(line)) for line in lines)
 
