@@ -27,6 +27,7 @@ from tbss_queue.errors import TbssQueueError
 from tbss_queue.fsl.jobs import Job, hold_batches, load_job, new_job_id, save_job
 from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import connect
+from tbss_queue.views import requests as node_requests
 
 from .options import coprocessor_asked, requests, unsupported
 
@@ -169,6 +170,11 @@ class TbssQueuePlugin:
         cwd = os.getcwd()
         try:
             r = connect(settings)
+            # before a job id or a file is made: a refused job leaves nothing behind
+            facts = BatchStore(r).all_node_facts()
+            refused = node_requests.refusal(mem, threads, facts, ("-R", "-s"))
+            if refused:
+                raise BadSubmission(refused)
             job_id = new_job_id(r)
             jobs = Path(cwd, JOBS_DIR)
             jobs.mkdir(exist_ok=True)

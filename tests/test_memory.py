@@ -177,6 +177,7 @@ def test_a_request_larger_than_every_node_is_refused_at_submit_and_by_fsl_sub(
         "Error submitting job - -R: no worker node that ever joined can take it "
         "(needs 4 GiB, largest 2 GiB); nothing queued"
     )
+    assert not (tmp_path / ".tbss-queue-jobs").exists()  # no job's file left behind
     assert api.list_batches(settings=settings) == []
     # Given that node gone, and one of 1 GiB online instead
     w1.stop()
