@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tbss_queue.models import TaskRecord
+from tbss_queue.sizes import human
 from tbss_queue.views.causes import in_words, last_line
 from tbss_queue.views.progress import plural
 
@@ -64,7 +65,11 @@ def failures_table(failures: Sequence[TaskRecord]) -> str:
     rows = []
     for f in failures[:FAILURES_SHOWN]:
         command = f.text + (f"  (ran: {f.ran_text})" if f.ran_text else "")
-        cells = (f.line, command, in_words(f), f.exit_code, f.node or "", last_line(f.stderr_tail))
+        peak = human(f.peak_rss) if f.peak_rss else ""
+        cells = (
+            f.line, command, in_words(f), f.exit_code, f.node or "", peak,
+            last_line(f.stderr_tail),
+        )  # fmt: skip
         rows.append(
             "<tr>"
             + "".join(
@@ -82,5 +87,8 @@ def failures_table(failures: Sequence[TaskRecord]) -> str:
     )
     return (
         '<table id="failures"><tr><th>line</th><th>command</th><th>cause</th><th>exit</th>'
-        "<th>node</th><th>stderr (last line)</th></tr>" + "".join(rows) + "</table>" + more
+        "<th>node</th><th>peak memory</th><th>stderr (last line)</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + more
     )
