@@ -81,6 +81,30 @@ def test_a_node_of_1_gib_runs_commands_of_300_mb_at_most_3_at_once_none_killed(
     assert w1.proc.poll() is None
 
 
+def test_a_command_that_does_not_fit_waits_then_goes_back_unclaimed_and_runs_once(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
+) -> None:
+    # Given a node of 1 GiB and 2 slots, and two commands asking 600 MiB each: one runs and
+    # holds on until told, the other cannot fit beside it
+    w1 = workers("w1", 2, "--mem", "1G")
+    marks, log, go = Markers(tmp_path / "marks"), tmp_path / "log", tmp_path / "go"
+    ids = ["a", "b"]
+    lines = [job(i, log, "--marker", str(marks.dir), "--until-file", str(go)) for i in ids]
+    batch = api.submit(write_commands(tmp_path / "cmds", lines), mem=600 * MiB, settings=settings)
+    # When the other has waited its while (2 x LOST_AFTER) on the node
+    wait_until(lambda: len(marks.ids()) == 1, what="one command started")
+    wait_until(lambda: "waited in vain" in w1.log.read_text(), timeout=30, what="a give-back")
+    assert len(marks.ids()) == 1
+    # Then it went back to the queue unclaimed; once the first ends, it runs, once
+    go.touch()
+    final = api.wait(batch.id, settings=settings, timeout=60)
+    assert (final.succeeded, final.failed, final.requeued) == (2, 0, 0), final
+    marks.assert_exactly_once(ids)
+    assert most_at_once(marks, ids) == 1
+    # and neither was claimed before it ran: each ran as its first attempt
+    assert [t.attempt for t in api.tasks(batch.id, settings=settings)] == [1, 1]
+
+
 def test_a_command_of_n_threads_takes_n_slots_with_the_thread_variables_set(
     tmp_path: Path, settings: Settings, workers: Callable[..., Worker]
 ) -> None:

@@ -9,7 +9,8 @@ A command is admitted BEFORE its claim, so a node that can't run it has not take
 others: when its declared request fits what the others declared, AND the measured memory
 (what the cgroup or machine has available, less what running commands may still grow into:
 their request less their tree's RSS now) holds it. One that does not fit waits up to
-ADMIT_WAIT, then goes back to the queue unclaimed; one larger than the whole node at once.
+ADMIT_WAIT lost-after periods, then goes back to the queue unclaimed; one larger than the
+whole node at once.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ THREAD_VARS = (
 """Set to a command's thread count: OpenMP (FSL 6's fnirt, eddy), BLAS, ITK, and fsl_sub's own
 variable, which FSL's scripts read for how many threads they may use."""
 
-ADMIT_WAIT = 120.0
-"""Seconds a command that does not fit waits for running ones to end before it goes back to the
-queue unclaimed (at most half of START_BUDGET: it must still start well within it)."""
+ADMIT_WAIT = 2
+"""LOST_AFTER periods (2 min by default) a command that does not fit waits for running ones to
+end before it goes back to the queue unclaimed: long enough for a short command to end, short
+enough that another node soon gets the chance; never past half of START_BUDGET from its
+delivery, so that it still starts well within Celery's hard limit."""
 
 ADMIT_POLL = 0.1
 """Seconds between looks at the ledger while a command waits to fit."""
@@ -240,7 +243,8 @@ def admitted(
     if need.mem > ledger.budget or need.threads > ledger.slots:
         time.sleep(at.settings.heartbeat)  # a node alone with it would take it back at once
         _give_back(at, f"needs {_described(need)}, more than this node's {_budget(ledger)}")
-    deadline = min(time.monotonic() + ADMIT_WAIT, began + START_BUDGET / 2)
+    wait = ADMIT_WAIT * at.settings.lost_after
+    deadline = min(time.monotonic() + wait, began + START_BUDGET / 2)
     while True:
         with ledger.locked():
             why = ledger.why_not(need, memory.available() if need.mem else None)

@@ -20,6 +20,7 @@ p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
 p.add_argument("--marker", help="append 'start', 'out' and 'done' lines (PID TIME) to DIR/ID")
 p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
+p.add_argument("--until-file", help="after --sleep, wait until this file exists")
 p.add_argument("--env-to", help="write the environment as JSON to this file at start")
 p.add_argument("--alloc", type=int, default=0, help="hold this many MiB (touched) while asleep")
 a = p.parse_args()
@@ -58,6 +59,8 @@ for _ in range(a.alloc // 16):  # 16 MiB at a time, as a registration grows its 
     held.append(b"\1" * (16 << 20))
     time.sleep(0.01)
 time.sleep(a.sleep)
+while a.until_file and not os.path.exists(a.until_file):
+    time.sleep(0.05)
 if a.fail_unless and not os.path.exists(a.fail_unless):
     print(f"{a.fail_unless} is missing", file=sys.stderr)
     sys.exit(1)
