@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 from celery.exceptions import Ignore
 
 from tbss_queue.config import cpu_count
-from tbss_queue.execution import memory
+from tbss_queue.execution import memory, oom
 from tbss_queue.execution.lease import Attempt
 from tbss_queue.fsl.outputs import parse_fsl_reg
 from tbss_queue.queue.publish import START_BUDGET
@@ -74,6 +74,8 @@ class Request:
     threads: int = 1
     defaulted: bool = False
     """`mem` is FSL_REG_MEM, not the batch's: a node with less runs it alone, not never."""
+    peak: int = 0
+    """The peak at which this node's kernel killed it (0: never): its need here was raised."""
 
 
 def request_of(argv: Sequence[str], mem: int | None, threads: int | None) -> Request:
@@ -95,7 +97,7 @@ class Ledger:
 
     HEAD = struct.Struct("<qq")  # budget bytes, slots
     ENTRY = struct.Struct("<qqqq")  # pool pid, mem, threads, tree RSS now
-    NEED = struct.Struct("<16sq")  # command key, what it needs here after an OOM kill
+    NEED = struct.Struct("<16sqq")  # command key, its need here after an OOM kill, its peak
     NEEDS = 64
 
     def __init__(self, budget: int, slots: int) -> None:
@@ -166,21 +168,21 @@ class Ledger:
     def need(self, key: bytes, asked: Request) -> Request:
         """What the command needs here: its request, or more after an OOM kill here."""
         for i in range(self.NEEDS):
-            k, mem = self.NEED.unpack_from(self.mem, self._need_at(i))
+            k, mem, peak = self.NEED.unpack_from(self.mem, self._need_at(i))
             if k == key:
-                return Request(max(asked.mem, mem), asked.threads)
+                return Request(max(asked.mem, mem), asked.threads, peak=peak)
         if asked.defaulted:
             return Request(min(asked.mem, self.budget), asked.threads)
         return asked
 
-    def raise_need(self, key: bytes, mem: int) -> None:
-        """After an OOM kill here: the command runs here only with `mem` free for it."""
+    def raise_need(self, key: bytes, mem: int, peak: int) -> None:
+        """After an OOM kill here at `peak`: the command runs here only with `mem` free."""
         with self.locked():
             slots = [self.NEED.unpack_from(self.mem, self._need_at(i)) for i in range(self.NEEDS)]
-            i = next((j for j, (k, _) in enumerate(slots) if k in (key, bytes(16))), None)
-            if i is None:  # full: the oldest goes (ring order by key hash is good enough)
+            i = next((j for j, (k, *_) in enumerate(slots) if k in (key, bytes(16))), None)
+            if i is None:  # full: the one its key's hash picks is forgotten
                 i = key[0] % self.NEEDS
-            self.NEED.pack_into(self.mem, self._need_at(i), key, mem)
+            self.NEED.pack_into(self.mem, self._need_at(i), key, mem, peak)
 
     def _need_at(self, i: int) -> int:
         return self.HEAD.size + self.entries * self.ENTRY.size + i * self.NEED.size
@@ -241,6 +243,8 @@ def admitted(
     key = command_key(at.batch_id, at.task_id)
     need = ledger.need(key, asked)
     if need.mem > ledger.budget or need.threads > ledger.slots:
+        if need.peak and oom.killed_on_every_node(at):
+            oom.fail_everywhere(at, need.peak)  # no node online would ever start it again
         time.sleep(at.settings.heartbeat)  # a node alone with it would take it back at once
         _give_back(at, f"needs {_described(need)}, more than this node's {_budget(ledger)}")
     wait = ADMIT_WAIT * at.settings.lost_after
