@@ -184,6 +184,20 @@ def test_a_command_killed_for_memory_is_handed_back_then_fails_as_oom_naming_its
     html = tmp_path / "report.html"
     api.report(batch, path=html, settings=settings)
     assert f"<td>{human(record['peak_rss'])}</td>" in html.read_text()
+    # When a command's child grows past the limit (fnirt under fsl_reg) and the command itself
+    # exits 1 when it is killed
+    line = job("parent", log, "--marker", str(marks.dir), "--child-alloc", "512", "--sleep", "1")
+    cmds = write_commands(tmp_path / "cmds-parent", [line])
+    batch = api.submit(cmds, mem=100 * MiB, settings=settings).id
+    final = api.wait(batch, settings=settings, timeout=60)
+    # Then that too is the node's: handed back once, then failed as `oom` on the second node
+    assert (final.failed, final.requeued) == (1, 1), final
+    assert marks.counts(["parent"]) == {"parent": (2, 0)}
+    [failure] = api.failures(batch, settings=settings)
+    assert (
+        failure.cause == "oom"
+        and "(exit code 1): fnirt failed; killed so on 2 nodes" in failure.message
+    )
 
 
 def test_a_request_larger_than_every_node_is_refused_at_submit_and_by_fsl_sub(

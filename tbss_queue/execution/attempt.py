@@ -269,10 +269,12 @@ def ran(
         )  # fmt: skip
         with nudges.watching(at.store.r, at.batch_id, interrupts.write_fd):
             result = runner.run_command(spec, watch)
-    if result.cause == runner.CAUSE_OOM and not claim.lease.lapsed():
+    result = judged(at, claim, ready, result)
+    if not result.ok and result.oom_rose and not claim.lease.lapsed():
+        result = oom.as_oom(result)  # fsl_reg's missing outputs too: fnirt was the one killed
         record = attempt_record(at, claim, result, argv=ready.argv, cwd=ready.command.cwd)
         oom.hand_back(at, claim, share, result, record)
-    return Run(judged(at, claim, ready, result), log_error)
+    return Run(result, log_error)
 
 
 def _log_files(

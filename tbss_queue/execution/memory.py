@@ -221,10 +221,9 @@ class Sampler:
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         return max(self.peak, reaped if reaped > self.reaped_peak else 0)
 
-    def oom_killed(self, returncode: int | None) -> bool:
-        """SIGKILLed (or its shell reporting 128+9) while an OOM kill was counted."""
-        if returncode not in (-9, 137):
-            return False
+    def oom_rose(self) -> bool:
+        """Whether an OOM kill was counted while it ran: a command that failed then is taken
+        for the one killed, or one whose process was (fnirt under fsl_reg, which goes on)."""
         return OomCount.now(self.group).rose_since(self.before)
 
 

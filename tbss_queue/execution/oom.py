@@ -12,6 +12,7 @@ every node refuses fails: one node, as under `run`, would hand it round for ever
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Ignore
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     from tbss_queue.execution.resources import Share
 
 log = logging.getLogger(__name__)
+
+
+def as_oom(result: RunResult) -> RunResult:
+    """A failure during which the kernel killed for memory, as the node's fault (`oom`)."""
+    if result.cause == runner.CAUSE_OOM:
+        return result
+    why = f"{runner.oom_message(result.peak_rss)} (then: {result.message})"
+    return replace(result, cause=runner.CAUSE_OOM, message=why)
 
 
 def hand_back(

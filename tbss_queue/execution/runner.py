@@ -74,6 +74,9 @@ class RunResult:
     message: str = ""
     peak_rss: int | None = None
     """Bytes: the most its whole process tree held (memory.Sampler)."""
+    oom_rose: bool = False
+    """The node's cgroup (or the machine) counted an OOM kill while it ran: if it failed, a
+    process of its tree (fnirt under fsl_reg) may have been the one killed."""
 
     @property
     def ok(self) -> bool:
@@ -186,9 +189,9 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
             ending.stopped = _stop_noted(watch.stop, watch.wake_fd)
         ended = time.time()
         tails = _tail(out, spec.tail_bytes), _tail(err, spec.tail_bytes)
-        peak = sampler.ended()
-        ending.oom = ending == _Ending() and sampler.oom_killed(proc.returncode)
-    result = RunResult(proc.returncode, started, ended, *tails, peak_rss=peak)
+        peak, rose = sampler.ended(), sampler.oom_rose()
+        ending.oom = ending == _Ending() and rose and proc.returncode != 0
+    result = RunResult(proc.returncode, started, ended, *tails, peak_rss=peak, oom_rose=rose)
     return _verdict(result, ending, spec.timeout)
 
 
@@ -262,8 +265,7 @@ def _verdict(result: RunResult, ending: _Ending, timeout: float | None) -> RunRe
         why = f"time limit of {timeout:g} s reached; process group killed"
         return replace(result, cause=CAUSE_TIMEOUT, message=why)
     if ending.oom:
-        peak = human(result.peak_rss or 0)
-        why = f"killed by the kernel for want of memory (OOM) at a peak of {peak}"
+        why = oom_message(result.peak_rss) + f" ({_how(code)})"
         return replace(result, cause=CAUSE_OOM, message=why + last_line(stderr))
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
@@ -273,6 +275,18 @@ def _verdict(result: RunResult, ending: _Ending, timeout: float | None) -> RunRe
     if code != 0:
         return replace(result, cause=CAUSE_EXIT, message=f"exit code {code}" + last_line(stderr))
     return result
+
+
+def oom_message(peak: int | None) -> str:
+    return f"killed by the kernel for want of memory (OOM) at a peak of {human(peak or 0)}"
+
+
+def _how(code: int | None) -> str:
+    """How a command ended, as its exit status says."""
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return f"killed by signal {name}"
+    return f"exit code {code}"
 
 
 def _stop_noted(stop: Callable[[], Stop | None], wake_fd: int | None) -> Stop | None:

@@ -22,6 +22,9 @@ p.add_argument("--marker", help="append 'start', 'out' and 'done' lines (PID TIM
 p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
 p.add_argument("--until-file", help="after --sleep, wait until this file exists")
 p.add_argument("--env-to", help="write the environment as JSON to this file at start")
+p.add_argument(
+    "--child-alloc", type=int, default=0, help="a child holds this many MiB; exit 1 if it fails"
+)
 p.add_argument("--alloc", type=int, default=0, help="hold this many MiB (touched) while asleep")
 a = p.parse_args()
 
@@ -54,6 +57,11 @@ if a.pidfile:
         f.write(" ".join(map(str, pids)) + "\n")
 if a.kill_parent:
     os.kill(os.getppid(), 9)
+if a.child_alloc:  # like fsl_reg running fnirt: the script outlives its child's death
+    child = [sys.executable, __file__, a.id + "-child", "--alloc", str(a.child_alloc)]
+    if subprocess.run([*child, "--sleep", str(a.sleep)]).returncode != 0:
+        print("fnirt failed", file=sys.stderr)
+        sys.exit(1)
 held = []
 for _ in range(a.alloc // 16):  # 16 MiB at a time, as a registration grows its fields
     held.append(b"\1" * (16 << 20))
