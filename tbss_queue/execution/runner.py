@@ -219,19 +219,19 @@ def _wait(
     deadline = None if spec.timeout is None else started + spec.timeout
     until = watch.lease_until or (lambda: 0.0)
     with _exit_watch(proc, watch.wake_fd) as exited:
+        tick_at = time.monotonic() + watch.tick
         while True:
+            wait = min(max(0.0, tick_at - time.monotonic()), memory.SAMPLE_EVERY)
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.time()))
+            ended = exited(wait)
+            if ended:
+                return _Ending()
+            sampler.sample(proc.pid)
+            due = time.monotonic() >= tick_at or (deadline is not None and time.time() >= deadline)
+            if ended is False and not due:
+                continue  # a memory sample only; a wake (a stop request) is heard at once
             tick_at = time.monotonic() + watch.tick
-            while (left := tick_at - time.monotonic()) > 0:
-                wait = min(left, memory.SAMPLE_EVERY)
-                if deadline is not None:
-                    wait = max(0.0, min(wait, deadline - time.time()))
-                if exited(wait):
-                    return _Ending()
-                sampler.sample(proc.pid)
-                if deadline is not None and time.time() >= deadline:
-                    break
-                if watch.stop is not None and (stopped := watch.stop()) is not None:
-                    return _Ending(stopped)
             stopped = watch.stop() if watch.stop is not None else None
             if stopped is None and deadline is not None and time.time() >= deadline:
                 return _Ending(timed_out=True)
@@ -328,23 +328,25 @@ def _spawn(
 @contextlib.contextmanager
 def _exit_watch(
     proc: subprocess.Popen[bytes], wake_fd: int | None = None
-) -> Iterator[Callable[[float], bool]]:
+) -> Iterator[Callable[[float], bool | None]]:
     """exited(timeout): wait up to timeout seconds for the command to end, waking the moment
     it does (a pidfd on Linux; Popen.wait polls with growing sleeps otherwise) or the moment
-    `wake_fd` becomes readable (a stop request: its bytes are drained)."""
+    `wake_fd` becomes readable (a stop request: its bytes are drained). True: it ended; None:
+    woken by `wake_fd`; False: the time is up."""
     watch = [wake_fd] if wake_fd is not None else []
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         fd = None
 
-    def exited(timeout: float) -> bool:
+    def exited(timeout: float) -> bool | None:
         if fd is not None:
             ready, _, _ = select.select([fd, *watch], [], [], timeout)
-            if wake_fd is not None and wake_fd in ready:
+            woken = wake_fd is not None and wake_fd in ready
+            if woken and wake_fd is not None:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(wake_fd, 512)
-            return proc.poll() is not None
+            return True if proc.poll() is not None else (None if woken else False)
         try:
             proc.wait(timeout=timeout)
             return True
