@@ -170,9 +170,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
                 daemon=True,
             ).start()
         if shared is not None:
-            switch = owner_policy.consumer_switch(
-                sender, settings.queue, lambda: health.draining or reaper.stopped.is_set()
-            )
+            switch = owner_policy.consumer_switch(sender, settings.queue)
             threading.Thread(
                 target=owner_policy.watch,
                 args=(options.owner, options.grace, shared, switch),

@@ -133,7 +133,8 @@ def test_a_load_of_other_processes_pauses_the_command_and_its_lease_holds_until_
     marks = Markers(tmp_path / "marks")
     scope = ("--load-scope", str(burner.proc.pid))
     workers("w1", 1, "--yield-load", "0.4", "--max-pause", "60", *FAST, *scope)
-    batch_id = submit_one(tmp_path, settings, marks, "p", "--ticks", "40")
+    gate = tmp_path / "gate"
+    batch_id = submit_one(tmp_path, settings, marks, "p", "--gate", str(gate))
     wait_until(lambda: len(ticks(marks, "p")) >= 3, timeout=30, what="ticks")
     pid = marks.starts("p")[0].pid
     workers("w2", 1)  # a second node, idle, that could take the command over
@@ -156,11 +157,12 @@ def test_a_load_of_other_processes_pauses_the_command_and_its_lease_holds_until_
     # When the load ends, it goes on where it stopped, once
     burner.stop()
     wait_until(lambda: len(ticks(marks, "p")) > before, timeout=15, what="ticks again")
-    final = api.wait(batch_id, settings=settings, timeout=60)
-    assert (final.succeeded, final.failed) == (1, 0)
     assert node(settings, "w1").state == "online"
+    gate.touch()
+    final = api.wait(batch_id, settings=settings, timeout=60)
+    assert (final.succeeded, final.failed, final.requeued) == (1, 0, 0)
     assert marks.counts(["p"]) == {"p": (1, 1)}
-    assert len(ticks(marks, "p", pid)) == 40
+    assert ticks(marks, "p", pid) == ticks(marks, "p")  # all of one copy
     assert [n.node.split("@")[0] for n in final.nodes if n.succeeded] == ["w1"]
 
 
@@ -171,7 +173,8 @@ def test_a_command_paused_past_max_pause_is_handed_back_and_done_once_elsewhere(
     marks = Markers(tmp_path / "marks")
     scope = ("--load-scope", str(burner.proc.pid))
     workers("w1", 1, "--yield-load", "0.4", "--max-pause", "2s", *FAST, *scope)
-    batch_id = submit_one(tmp_path, settings, marks, "h", "--ticks", "20")
+    gate = tmp_path / "gate"
+    batch_id = submit_one(tmp_path, settings, marks, "h", "--gate", str(gate))
     wait_until(lambda: len(ticks(marks, "h")) >= 2, timeout=30, what="ticks")
     first = marks.starts("h")[0].pid
     # When other processes load the machine for longer than that
@@ -183,6 +186,7 @@ def test_a_command_paused_past_max_pause_is_handed_back_and_done_once_elsewhere(
     st = api.status(batch_id, settings=settings)
     assert (st.failed, st.succeeded, st.running) == (0, 0, 0)
     # ...and another node does it, once
+    gate.touch()
     workers("w2", 1)
     final = api.wait(batch_id, settings=settings, timeout=60)
     assert (final.succeeded, final.failed) == (1, 0)
@@ -191,7 +195,6 @@ def test_a_command_paused_past_max_pause_is_handed_back_and_done_once_elsewhere(
     assert len(marks.starts("h")) == 2
     second = marks.starts("h")[1]
     assert max(ticks(marks, "h", first)) < second.time  # never two copies at once
-    assert len(ticks(marks, "h", second.pid)) == 20
 
 
 def test_a_worker_stopped_while_its_command_is_paused_leaves_no_stopped_orphan(
@@ -268,6 +271,7 @@ def test_a_node_takes_commands_only_in_its_hours_and_hands_back_what_outlasts_gr
     st = api.status(batch_id, settings=settings)
     assert (st.succeeded, st.failed, st.running) == (1, 0, 0)
     assert marks.starts("C") == []
+    assert st.requeued == 1  # B alone: C was never delivered, claimed and handed back
     # ...as `status`, `tbss-queue nodes` and Flower's Batches page show it
     w1 = next(n for n in st.nodes if n.node.startswith("w1@"))
     assert (w1.state, w1.paused) == ("paused", "outside hours 19:00-07:00")

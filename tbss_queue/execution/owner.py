@@ -262,16 +262,14 @@ def describe(policy: OwnerPolicy) -> list[str]:
     return lines
 
 
-def consumer_switch(consumer: Any, queue: str, draining: Callable[[], bool]) -> Any:
-    """consume(bool) for `watch`: Celery's consumer cancels or adds the queue (as _drain
-    does), never again once the node is stopping."""
+def consumer_switch(consumer: Any, queue: str) -> Callable[[bool], None]:
+    """consume(bool) for `watch`: Celery's consumer cancels the queue (as _drain does) when
+    the node stops taking commands. Taking them again is the node's health check's to do, at
+    its next beat, as after a quarantine: it alone knows whether the node is quarantined or
+    stopping, and it re-adds the queue only while `pausing.held()` is false."""
 
     def consume(taking: bool) -> None:
-        if draining():
-            return
-        if taking:
-            consumer.add_task_queue(queue)
-        else:
+        if not taking:
             consumer.cancel_task_queue(queue)
 
     return consume
