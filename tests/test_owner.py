@@ -334,3 +334,18 @@ def test_paused_time_does_not_count_against_the_commands_own_time_limit(tmp_path
     assert marks.counts(["t"]) == {"t": (1, 1)} and len(ticks(marks, "t")) == 10
     gaps = [b - a for a, b in itertools.pairwise(ticks(marks, "t"))]
     assert max(gaps) >= 2.5
+
+
+def test_the_readme_says_how_to_set_the_owner_policy_for_each_kind_of_node() -> None:
+    # Given the README's deployment section on lent machines
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "### Lent machines: `--hours` and `--yield-load`" in text
+    section = text.split("### Lent machines", 1)[1].split("\n### ", 1)[0]
+    # Then it covers a head node, a workstation lent at night and a Slurm pilot
+    for who in ("**Head node**", "**Workstation lent at night**", "**Slurm pilot**"):
+        assert who in section
+    # ...with the options `worker --help` offers, and says what --yield-load measures
+    shown = CliRunner().invoke(cli, ["worker", "--help"], terminal_width=200).output
+    for option in ("--hours", "--yield-load", "--max-pause", "--load-window"):
+        assert option in section and option in shown
+    assert "not the load average" in section and "not the load average" in shown
