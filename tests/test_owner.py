@@ -9,6 +9,7 @@ every 0.1 s, done: pid and time), from which every test ends with exact counts.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import subprocess
@@ -27,6 +28,7 @@ from tbss_queue import api
 from tbss_queue.cli import cli, main
 from tbss_queue.config import Settings
 from tbss_queue.execution import pausing, runner
+from tbss_queue.execution.owner import CALM_WINDOWS, Decision, Hours, Owner, OwnerPolicy, watch
 from tbss_queue.models import NodeInfo
 from tbss_queue.queue.keys import RUNNING, lease_key
 from tbss_queue.views.progress import notes
@@ -349,3 +351,50 @@ def test_the_readme_says_how_to_set_the_owner_policy_for_each_kind_of_node() -> 
     for option in ("--hours", "--yield-load", "--max-pause", "--load-window"):
         assert option in section and option in shown
     assert "not the load average" in section and "not the load average" in shown
+
+
+def test_the_policy_decides_with_hysteresis_across_midnight_and_evicts_after_grace() -> None:
+    # Given a node lent 19:00-07:00 that yields to 1 CPU, with a grace of 60 s
+    policy = OwnerPolicy(hours=Hours.parse("19:00-07:00"), yield_load=1.0)
+    owner = Owner(policy, grace=60.0)
+    night, morning = dt.datetime(2026, 1, 5, 2, 0), dt.datetime(2026, 1, 5, 7, 0)
+    # Then at 02:00 with no load it runs and takes commands
+    assert owner.decide(night, 0.1, 0.0) == Decision(pausing.RUN, True, None)
+    # ...a load over 1 CPU pauses it; one calm window, or a load over half, does not end that
+    assert owner.decide(night, 1.5, 1.0).mode == pausing.PAUSE
+    assert owner.decide(night, 0.4, 2.0).mode == pausing.PAUSE
+    assert owner.decide(night, 0.7, 3.0).mode == pausing.PAUSE  # calm count starts again
+    for i in range(CALM_WINDOWS - 1):
+        assert owner.decide(night, 0.4, 4.0 + i).mode == pausing.PAUSE
+    assert owner.decide(night, 0.4, 20.0) == Decision(pausing.RUN, True, None)
+    # When its hours end, running commands go on for the grace, then are handed back
+    out = owner.decide(morning, 0.0, 100.0)
+    assert out == Decision(pausing.RUN, False, "outside hours 19:00-07:00")
+    assert owner.decide(morning, 0.0, 159.0).mode == pausing.RUN
+    assert owner.decide(morning, 0.0, 160.0).mode == pausing.EVICT
+    # ...and at 19:00 it takes commands again
+    assert owner.decide(dt.datetime(2026, 1, 5, 19, 0), 0.0, 200.0).taking
+
+
+def test_the_policys_thread_survives_a_consumer_that_fails_once(tmp_path: Path) -> None:
+    # Given a node outside its hours whose consumer raises at its first cancel (a reconnect)
+    clock = tmp_path / "clock"
+    clock.write_text("2026-01-05T12:00:00")
+    policy = OwnerPolicy(hours=Hours.parse("19:00-07:00"), load_window=0.05, clock_file=str(clock))
+    shared, stop, said, calls = pausing.Shared(60.0), threading.Event(), [], []
+
+    def consume(taking: bool) -> None:
+        calls.append(taking)
+        if len(calls) == 1:
+            raise ConnectionError("the broker connection is being re-established")
+
+    thread = threading.Thread(target=watch, args=(policy, 1.0, shared, consume, said.append, stop))
+    thread.start()
+    try:
+        # Then the next look cancels the queue again and records why the node is paused
+        wait_until(lambda: "outside hours 19:00-07:00" in said, timeout=5, what="recorded")
+        assert calls[:2] == [False, False] and thread.is_alive()
+        assert not shared.taking
+    finally:
+        stop.set()
+        thread.join(5)

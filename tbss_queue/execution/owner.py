@@ -180,7 +180,8 @@ class Owner:
                 self.calm = self.calm + 1 if load <= p.yield_load / 2 else 0
                 self.loaded = self.calm < CALM_WINDOWS
         inside = p.hours is None or p.hours.contain(now)
-        self.out_since = None if inside else (self.out_since or clock)
+        if inside or self.out_since is None:
+            self.out_since = None if inside else clock
         reasons = []
         if not inside and p.hours is not None:
             reasons.append(f"outside hours {p.hours.text}")
@@ -209,12 +210,15 @@ def watch(
     while True:
         now = owner.decide(policy.now(), load, time.monotonic())
         shared.set(now.mode, now.taking)
-        if now.taking != last.taking:
-            consume(now.taking)
-        if _kinds(now) != _kinds(last):
-            log.warning("%s", f"paused: {now.reason}" if now.reason else "taking commands again")
-            _said(publish, now.reason)
-        last = now
+        try:
+            if now.taking != last.taking:
+                consume(now.taking)
+            if _kinds(now) != _kinds(last):
+                log.warning("%s", f"paused: {now.reason}" if now.reason else "taking commands")
+                _said(publish, now.reason)
+            last = now
+        except Exception:  # the consumer mid-reconnect: the next look tries again
+            log.warning("could not apply the owner policy; trying again", exc_info=True)
         if stop.is_set():
             return
         if policy.yield_load is not None:
