@@ -221,6 +221,27 @@ def test_a_worker_stopped_while_its_command_is_paused_leaves_no_stopped_orphan(
     assert (st.queued, st.failed, st.succeeded) == (1, 0, 0)
 
 
+def test_a_worker_killed_while_its_command_is_paused_leaves_no_stopped_orphan(
+    tmp_path: Path, settings: Settings, workers: Callable[..., Worker], burner: Burner
+) -> None:
+    # Given a paused command (SIGSTOPped, with a child) on a node
+    marks = Markers(tmp_path / "marks")
+    scope = ("--load-scope", str(burner.proc.pid))
+    w1 = workers("w1", 1, "--yield-load", "0.4", *FAST, *scope)
+    pidfile = tmp_path / "pids"
+    submit_one(tmp_path, settings, marks, "k", "--gate", str(tmp_path / "never"),
+               "--child", "--pidfile", str(pidfile))  # fmt: skip
+    wait_until(lambda: len(ticks(marks, "k")) >= 2, timeout=30, what="ticks")
+    pids = [int(p) for p in pidfile.read_text().split()]
+    burner.start()
+    wait_until(lambda: all(stopped(p) for p in pids), timeout=15, what="SIGSTOP")
+    # When the whole worker is SIGKILLed (nothing of it can act but its guards)
+    w1.signal(9)
+    w1.proc.wait(10)
+    # Then the stopped command and its child are dead, not left stopped
+    assert gone(pids, timeout=5), [p for p in pids if stopped(p)]
+
+
 def test_owner_options_are_checked_in_one_line_naming_the_option(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

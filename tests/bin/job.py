@@ -41,12 +41,6 @@ if a.on_term:
         sys.exit(143)
 
     signal.signal(signal.SIGTERM, _term)
-for _ in range(a.ticks):  # work that stops while the process is stopped (SIGSTOP)
-    time.sleep(0.1)
-    mark("tick")
-while a.gate and not os.path.exists(a.gate):
-    time.sleep(0.1)
-    mark("tick")
 
 pids = [os.getpid()]
 if a.child:
@@ -63,6 +57,12 @@ if a.pidfile:
         f.write(" ".join(map(str, pids)) + "\n")
 if a.kill_parent:
     os.kill(os.getppid(), 9)
+for _ in range(a.ticks):  # work that stops while the process is stopped (SIGSTOP)
+    time.sleep(0.1)
+    mark("tick")
+while a.gate and not os.path.exists(a.gate):
+    time.sleep(0.1)
+    mark("tick")
 time.sleep(a.sleep)
 if a.fail_unless and not os.path.exists(a.fail_unless):
     print(f"{a.fail_unless} is missing", file=sys.stderr)
