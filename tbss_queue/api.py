@@ -476,6 +476,7 @@ def nodes(*, settings: Settings | None = None) -> list[NodeInfo]:
             last_seen=fleet.heartbeats.get(n),
             quarantined=fleet.quarantine.get(n),
             cannot=fleet.faults.get(n, ()),
+            paused=fleet.paused.get(n),
             facts=facts.get(n, {}),
             state=fleet.state(n, len(running.get(n, ()))),
             heartbeat_age=fleet.heartbeat_age(n),

@@ -84,5 +84,10 @@ def run_flower(settings: Settings, options: FlowerOptions) -> None:
     from tbss_queue.views.flower_pages import install
 
     argv = flower_argv(options)
-    install(connect(settings), settings, lambda: api.list_batches(settings=settings))
+    install(
+        connect(settings),
+        settings,
+        lambda: api.list_batches(settings=settings),
+        lambda: api.nodes(settings=settings),
+    )
     make_app(settings).start(argv=argv)

@@ -25,15 +25,18 @@ class Batch:
         return {**asdict(self), "warnings": list(self.warnings)}
 
 
-ONLINE, STOPPING, STOPPED, LOST, QUARANTINED = (
+ONLINE, STOPPING, STOPPED, LOST, QUARANTINED, PAUSED = (
     "online",
     "stopping",
     "stopped",
     "lost",
     "quarantined",
+    "paused",
 )
 """A node's health: beating and taking commands; beating (or finishing its commands) but
-taking no new one; stopped cleanly; no heartbeat for LOST_AFTER; taking none for a fault."""
+taking no new one; stopped cleanly; no heartbeat for LOST_AFTER; taking none for a fault;
+taking none for its owner policy (outside its --hours, or yielding to other processes'
+load: its commands stopped, their leases kept)."""
 
 
 def node_state(
@@ -42,6 +45,7 @@ def node_state(
     stopping: bool,
     quarantined: bool,
     running: int = 0,
+    paused: bool = False,
 ) -> str:
     """One definition of a node's health, for status, --watch, the report and `nodes`."""
     beating = heartbeat_age is not None and heartbeat_age < lost_after
@@ -49,7 +53,9 @@ def node_state(
         return STOPPING if beating or running else STOPPED
     if not beating:
         return LOST
-    return QUARANTINED if quarantined else ONLINE
+    if quarantined:
+        return QUARANTINED
+    return PAUSED if paused else ONLINE
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class NodeStatus:
     heartbeat_age: float | None = None  # seconds since its last heartbeat (None: never)
     requeued: int = 0  # its commands of this batch that went back to the queue
     cannot: tuple[str, ...] = ()  # what it found it cannot run (a study not mounted...)
+    paused: str | None = None  # why it takes no commands for its owner policy, if paused
 
     @property
     def per_hour(self) -> float:
@@ -91,6 +98,7 @@ class NodeInfo:
     heartbeat_age: float | None = None  # seconds since its last heartbeat (Redis's clock)
     running: tuple[str, ...] = ()  # labels of the commands it runs now (any batch)
     cannot: tuple[str, ...] = ()  # what it found it cannot run; it takes other work
+    paused: str | None = None  # why its owner policy pauses it (hours, others' load)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "running": list(self.running), "cannot": list(self.cannot)}
@@ -218,10 +226,16 @@ class Fleet:
     stopping: dict[str, float] = field(default_factory=dict)  # node -> when it began to stop
     quarantine: dict[str, str] = field(default_factory=dict)  # node -> why
     faults: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> what it can't run
+    paused: dict[str, str] = field(default_factory=dict)  # node -> why (its owner policy)
 
     def state(self, node: str, running: int = 0) -> str:
         return node_state(
-            self.age(node), self.lost_after, node in self.stopping, node in self.quarantine, running
+            self.age(node),
+            self.lost_after,
+            node in self.stopping,
+            node in self.quarantine,
+            running,
+            paused=node in self.paused,
         )
 
     def age(self, node: str) -> float | None:

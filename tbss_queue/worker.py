@@ -27,6 +27,7 @@ from celery.worker.consumer import consumer as celery_consumer
 from tbss_queue.config import Settings, cpu_count
 from tbss_queue.doctor import fsl_version
 from tbss_queue.errors import ConfigError
+from tbss_queue.execution import owner as owner_policy
 from tbss_queue.execution.health import Health
 from tbss_queue.execution.policy import Policy
 from tbss_queue.execution.resources import budget_facts, node_ledger
@@ -66,6 +67,7 @@ class WorkerOptions:
     max_time_limit: float | None = None  # caps each batch's own time limit on this node
     pass_env: tuple[str, ...] = ()  # variables passed on to commands beyond the allowlist
     idle_exit: float | None = None  # seconds with no command; then stop as at stop_after
+    owner: owner_policy.OwnerPolicy = field(default_factory=owner_policy.OwnerPolicy)
     mem: int | None = None  # bytes its commands may hold together; None: memory.default_budget
 
     @property
@@ -139,7 +141,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     rules = replace(rules, ledger=node_ledger(options))  # before the pool forks: shared
     register(app, settings, rules)
     app.conf.worker_consumer = f"{__name__}:Consumer"
-    app.Worker = _with_our_banner(app.Worker, options.policy)
+    app.Worker = _with_our_banner(app.Worker, options.policy, options.owner)
     _warn_if_root()
     if options.policy.allow_any:
         log.warning("--allow-any: this worker runs ANY command that reaches the queue")
@@ -155,6 +157,8 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     # a restarted node starts afresh: its configuration may be what was fixed
     if store.release_node(options.nodename):
         log.warning("left quarantine at start: taking commands again")
+    # the owner policy's word to the pool processes: shared memory mapped before they fork
+    shared = owner_policy.share(options.owner)
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         health.consumer = sender
@@ -167,6 +171,18 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
                 target=_drain,
                 args=(sender, settings.queue, options.stop_after, health),
                 name="tbss-queue-stop-after",
+                daemon=True,
+            ).start()
+        if shared is not None:
+            switch = owner_policy.consumer_switch(sender, settings.queue)
+            threading.Thread(
+                target=owner_policy.watch,
+                args=(options.owner, options.grace, shared, switch),
+                kwargs={
+                    "publish": functools.partial(store.paused, options.nodename),
+                    "stop": threading.Event(),  # never set: it lives as long as the node
+                },
+                name="tbss-queue-owner",
                 daemon=True,
             ).start()
         if options.idle_exit is not None:
@@ -208,7 +224,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     app.worker_main(argv=argv)
 
 
-def _with_our_banner(base: Any, policy: Policy) -> Any:
+def _with_our_banner(base: Any, policy: Policy, owner: owner_policy.OwnerPolicy) -> Any:
     """Celery's worker, whose banner says what task events are here (off until a Flower asks,
     app.py, not "enable -E") and which files this node trusts."""
 
@@ -218,7 +234,8 @@ def _with_our_banner(base: Any, policy: Policy) -> Any:
                 "OFF (enable -E to monitor tasks in this worker)",
                 "off until a Flower asks for them (tbss-queue flower)",
             )
-            return info + _policy_lines(policy)
+            lines = owner_policy.describe(owner)
+            return info + _policy_lines(policy) + "".join(f"  .> {ln}\n" for ln in lines)
 
     return Worker
 

@@ -77,6 +77,41 @@ from tbss_queue.views.visible import visible
     metavar="DURATION",
     help="Exit once no command has run for this long (90s, 10m); pilot jobs use it.",
 )
+@click.option(
+    "--hours",
+    metavar="HH:MM-HH:MM",
+    envvar="TBSS_QUEUE_HOURS",
+    help="Take commands only in these hours, local time (19:00-07:00 crosses midnight); at "
+    "their end running commands finish, or are handed back after --grace "
+    "[env TBSS_QUEUE_HOURS].",
+)
+@click.option(
+    "--yield-load",
+    metavar="CPUS",
+    type=float,
+    envvar="TBSS_QUEUE_YIELD_LOAD",
+    help="Pause commands (SIGSTOP, leases kept) while processes other than this worker's use "
+    "more than CPUS CPUs, measured over --load-window (not the load average); continue when "
+    "they use half as much for 6 windows [env TBSS_QUEUE_YIELD_LOAD].",
+)
+@click.option(
+    "--max-pause",
+    metavar="DURATION",
+    default="5m",
+    show_default=True,
+    help="Hand a command paused this long back to the queue (at most 5m: Celery's hard time "
+    "limit).",
+)
+@click.option(
+    "--load-window",
+    metavar="SECONDS",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds over which --yield-load measures other processes, once per look.",
+)
+@click.option("--clock-file", hidden=True, help="Tests only: a file holding the local time.")
+@click.option("--load-scope", type=int, hidden=True, help="Tests only: count this pid's tree.")
 @policy_options
 @click.option(
     "--pass-env",
@@ -100,6 +135,12 @@ def worker(
     allow_file: str | None,
     allow_any: bool,
     root: tuple[str, ...],
+    hours: str | None,
+    yield_load: float | None,
+    max_pause: str,
+    load_window: float,
+    clock_file: str | None,
+    load_scope: int | None,
     pass_env: tuple[str, ...],
     max_time_limit: float | None,
     settings: Settings,
@@ -111,7 +152,17 @@ def worker(
 
     Example: tbss-queue worker --broker redis://head:6379/0 -c 8
     """
+    from tbss_queue.execution.owner import Hours, OwnerPolicy
     from tbss_queue.worker import WorkerOptions, parse_duration, run_worker, stop_after_seconds
+
+    owner = OwnerPolicy(
+        hours=Hours.parse(hours) if hours else None,
+        yield_load=yield_load,
+        max_pause=parse_duration(max_pause, "--max-pause"),
+        load_window=load_window,
+        clock_file=clock_file,
+        load_scope=load_scope,
+    ).check()
 
     options = WorkerOptions(
         concurrency=concurrency,
@@ -124,6 +175,7 @@ def worker(
         max_time_limit=max_time_limit,
         pass_env=pass_env_names(pass_env),
         idle_exit=parse_duration(idle_exit, "--idle-exit") if idle_exit else None,
+        owner=owner,
         mem=parse_size(mem, "--mem") if mem else None,
     )
     run_worker(settings, options)
@@ -158,7 +210,8 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
     for n in items:
         seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
-        why = "; ".join([*([n.quarantined] if n.quarantined else []), *n.cannot])
+        said = (n.quarantined, n.paused)
+        why = "; ".join([*(s for s in said if s), *n.cannot])
         shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, why)
         table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)

@@ -31,7 +31,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from tbss_queue.execution import environment, nudges, oom, resources, runner
+from tbss_queue.execution import environment, nudges, oom, pausing, resources, runner
 from tbss_queue.execution.done import DoneMarker, done_marker, judge_done, remove_stale
 from tbss_queue.execution.fields import RefusedField, TaskFields, check_fields, open_logs
 from tbss_queue.execution.fields import log_names as fsl_sub_log_names
@@ -248,6 +248,9 @@ def ran(
         )  # fmt: skip
         hand_back(at)
         raise Ignore()
+    if pausing.held():  # delivered as the node paused or its hours ended (owner.py)
+        hand_back(at)
+        raise Ignore()
     with contextlib.ExitStack() as files:
         outputs, log_error = _log_files(at, claim, rules, ready)
         for opened in outputs or ():
@@ -265,6 +268,7 @@ def ran(
         watch = runner.Watch(
             on_tick=lease.renew, tick=at.settings.heartbeat, stop=interrupts.stop,
             wake_fd=interrupts.read_fd, lease_until=lambda: lease.valid_until,
+            pause=pausing.for_command(START_BUDGET - waited),
             on_sample=share.note_rss if share is not None else None,
         )  # fmt: skip
         with nudges.watching(at.store.r, at.batch_id, interrupts.write_fd):

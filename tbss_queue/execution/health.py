@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from tbss_queue.config import Settings
+from tbss_queue.execution import pausing
 from tbss_queue.execution.preflight import CAUSE_LATE
 from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import BROKER
@@ -74,7 +75,7 @@ class Health(threading.Thread):
         if why and consuming:
             log.error("quarantined, taking no commands: %s", why.get("message"))
             self.app.control.cancel_consumer(self.settings.queue, destination=[self.node])
-        elif not why and not consuming and not self.draining:
+        elif not why and not consuming and not self.draining and not pausing.held():
             if self.was_quarantined:
                 log.warning("out of quarantine: taking commands again")
             else:  # e.g. met between a broker reconnect and the consumer's restart

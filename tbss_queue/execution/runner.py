@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tbss_queue.execution import guard as guard_mod
 from tbss_queue.execution import memory
@@ -118,6 +118,16 @@ class RunSpec:
     tail_bytes: int = TAIL_BYTES
 
 
+class Pauser(Protocol):
+    """What the runner asks of a command's pauses (pausing.Pausing)."""
+
+    poll: float
+
+    def step(self, pgid: int) -> Stop | None: ...
+
+    def paused_for(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class Watch:
     """How the command's owner watches it while it runs."""
@@ -131,6 +141,9 @@ class Watch:
     lease_until: Callable[[], float] | None = None
     """CLOCK_BOOTTIME seconds, handed to this process's guard, which kills the command's tree
     itself if this process is frozen past it."""
+    pause: Pauser | None = None
+    """The node's owner policy (pausing.py): stops and continues the command's group; its
+    paused time does not count against the time limit."""
     on_sample: Callable[[int], None] | None = None
     """Told the tree's RSS every memory.SAMPLE_EVERY seconds (the node's ledger)."""
 
@@ -215,32 +228,43 @@ def _wait(
 ) -> _Ending:
     """Wait for the command to end, ticking: a stop request, the time limit, or the owner's
     tick (lease renewal) may end it sooner; the guard hears of every renewal. Its memory is
-    sampled in between."""
-    deadline = None if spec.timeout is None else started + spec.timeout
+    sampled in between (memory.SAMPLE_EVERY)."""
     until = watch.lease_until or (lambda: 0.0)
-    with _exit_watch(proc, watch.wake_fd) as exited:
-        tick_at = time.monotonic() + watch.tick
+    pause = watch.pause
+    next_tick = time.monotonic() + watch.tick
+    woken = [False]  # the last wait ended by wake_fd (a stop request, a nudge): act at once
+    with _exit_watch(proc, watch.wake_fd, woken) as exited:
         while True:
-            wait = min(max(0.0, tick_at - time.monotonic()), memory.SAMPLE_EVERY)
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - time.time()))
-            ended = exited(wait)
-            if ended:
+            deadline = _deadline(started, spec.timeout, pause)
+            wait = max(0.0, next_tick - time.monotonic())
+            wait = wait if pause is None else min(wait, pause.poll)
+            wait = wait if deadline is None else max(0.0, min(wait, deadline - time.time()))
+            wait = min(wait, memory.SAMPLE_EVERY)  # its memory is sampled in between
+            if exited(wait):
                 return _Ending()
             sampler.sample(proc.pid)
-            due = time.monotonic() >= tick_at or (deadline is not None and time.time() >= deadline)
-            if ended is False and not due:
-                continue  # a memory sample only; a wake (a stop request) is heard at once
-            tick_at = time.monotonic() + watch.tick
             stopped = watch.stop() if watch.stop is not None else None
+            if stopped is None and pause is not None:
+                stopped = pause.step(proc.pid)
+            deadline = _deadline(started, spec.timeout, pause)
             if stopped is None and deadline is not None and time.time() >= deadline:
                 return _Ending(timed_out=True)
+            if stopped is None and time.monotonic() < next_tick and not woken[0]:
+                continue  # a look for the owner policy only
+            next_tick = time.monotonic() + watch.tick
             if stopped is None and watch.on_tick is not None:
                 stopped = watch.on_tick(proc.pid)
             if stopped is not None:
                 return _Ending(stopped)
             # a new guard if the last one died
             _guard().started(proc.pid, spec.tag, until())
+
+
+def _deadline(started: float, timeout: float | None, pause: Pauser | None) -> float | None:
+    """When the command's time limit is reached: paused time does not count."""
+    if timeout is None:
+        return None
+    return started + timeout + (pause.paused_for() if pause is not None else 0.0)
 
 
 def _end_tree(proc: subprocess.Popen[bytes], before: set[int], hard: bool) -> None:
@@ -327,26 +351,26 @@ def _spawn(
 
 @contextlib.contextmanager
 def _exit_watch(
-    proc: subprocess.Popen[bytes], wake_fd: int | None = None
-) -> Iterator[Callable[[float], bool | None]]:
+    proc: subprocess.Popen[bytes], wake_fd: int | None = None, woken: list[bool] | None = None
+) -> Iterator[Callable[[float], bool]]:
     """exited(timeout): wait up to timeout seconds for the command to end, waking the moment
     it does (a pidfd on Linux; Popen.wait polls with growing sleeps otherwise) or the moment
-    `wake_fd` becomes readable (a stop request: its bytes are drained). True: it ended; None:
-    woken by `wake_fd`; False: the time is up."""
+    `wake_fd` becomes readable (a stop request: its bytes are drained)."""
     watch = [wake_fd] if wake_fd is not None else []
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         fd = None
 
-    def exited(timeout: float) -> bool | None:
+    def exited(timeout: float) -> bool:
         if fd is not None:
             ready, _, _ = select.select([fd, *watch], [], [], timeout)
-            woken = wake_fd is not None and wake_fd in ready
-            if woken and wake_fd is not None:
+            if woken is not None:
+                woken[0] = wake_fd is not None and wake_fd in ready
+            if wake_fd is not None and wake_fd in ready:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(wake_fd, 512)
-            return True if proc.poll() is not None else (None if woken else False)
+            return proc.poll() is not None
         try:
             proc.wait(timeout=timeout)
             return True
@@ -391,6 +415,8 @@ def kill_process_group(pgid: int, grace: float = KILL_GRACE) -> None:
     """SIGTERM the group, give it `grace` seconds, then SIGKILL what is left (at once if 0)."""
     try:
         os.killpg(pgid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        # a stopped group (a paused command: pausing.py) hears SIGTERM only once continued
+        os.killpg(pgid, signal.SIGCONT)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + grace

@@ -13,6 +13,7 @@ from tbss_queue.queue.keys import (
     FAULTS,
     LATE,
     NODES,
+    PAUSED,
     QUARANTINE,
     STOPPING,
 )
@@ -42,7 +43,8 @@ class Nodes(Store):
         pipe.hgetall(STOPPING)
         pipe.hgetall(QUARANTINE)
         pipe.hgetall(FAULTS)
-        beats, stopping, quarantine, faults = pipe.execute()
+        pipe.hgetall(PAUSED)
+        beats, stopping, quarantine, faults, paused = pipe.execute()
         cannot: dict[str, list[str]] = {}
         for key, raw in faults.items():
             cannot.setdefault(str(key).partition("|")[0], []).append(json.loads(raw)["message"])
@@ -53,6 +55,7 @@ class Nodes(Store):
             stopping={str(n): float(t) for n, t in stopping.items()},
             quarantine={str(n): json.loads(v)["message"] for n, v in quarantine.items()},
             faults={n: tuple(sorted(m)) for n, m in cannot.items()},
+            paused={str(n): json.loads(v)["reason"] for n, v in paused.items()},
         )
 
     def live_nodes(self, window: float) -> list[str]:
@@ -99,6 +102,14 @@ class Nodes(Store):
             "late", [LATE, QUARANTINE], [node, limit, max(1, int(window)), json.dumps(reason)]
         )
         return int(n), bool(quarantined)
+
+    def paused(self, node: str, reason: str | None) -> None:
+        """Record that `node` takes no command for its owner policy, and why (None: it takes
+        them again)."""
+        if reason is None:
+            self.r.hdel(PAUSED, node)
+        else:
+            self.r.hset(PAUSED, node, json.dumps({"reason": reason, "since": self.redis_time()}))
 
     def announce(self, node: str, facts: dict[str, Any]) -> None:
         """Record what a worker node runs with (FSL version, host, CPUs), for status."""

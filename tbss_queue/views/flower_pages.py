@@ -24,7 +24,7 @@ import redis
 from tornado import template, web
 
 from tbss_queue.config import Settings
-from tbss_queue.models import BatchStatus
+from tbss_queue.models import BatchStatus, NodeInfo
 from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.keys import QUEUED, batch_key
 from tbss_queue.queue.publish import study_name
@@ -86,6 +86,12 @@ BATCHES_PAGE = """{% extends "base.html" %}
   <table class="table table-sm" id="batches-table">
     <thead><tr>{% for col in columns %}<th>{{ col }}</th>{% end %}</tr></thead>
     <tbody>{% for bid, row in rows %}<tr id="batch-{{ bid }}">{% for col, cell in row %}
+      <td class="{{ col }}">{{ cell }}</td>{% end %}</tr>
+    {% end %}</tbody>
+  </table>
+  <table class="table table-sm" id="nodes-table" style="max-width: 60em">
+    <thead><tr>{% for col in node_columns %}<th>{{ col }}</th>{% end %}</tr></thead>
+    <tbody>{% for name, row in node_rows %}<tr id="node-{{ name }}">{% for col, cell in row %}
       <td class="{{ col }}">{{ cell }}</td>{% end %}</tr>
     {% end %}</tbody>
   </table>
@@ -167,24 +173,31 @@ def _handler(client: redis.Redis) -> type[web.RequestHandler]:
     return ThroughputPage
 
 
-def _batches_handler(batches: Callable[[], list[BatchStatus]]) -> type[web.RequestHandler]:
+def _batches_handler(
+    batches: Callable[[], list[BatchStatus]], nodes: Callable[[], list[NodeInfo]]
+) -> type[web.RequestHandler]:
     """The Batches page's handler: `batches()` (`api.list_batches`), the figures `status`
-    prints."""
+    prints, and `nodes()` (`api.nodes`), the nodes' states as `tbss-queue nodes` shows them
+    (Flower's Workers page knows only online or offline, not paused and why)."""
     from flower.views import BaseHandler
 
     class BatchesPage(BaseHandler):
         @web.authenticated
         def get(self) -> None:
             refresh = int(self.get_argument("refresh", "10"))
-            items = batches()
+            items, fleet = batches(), nodes()
             if self.get_argument("json", ""):
-                self.write({"batches": [b.to_dict() for b in items]})
+                self.write(
+                    {"batches": [b.to_dict() for b in items], "nodes": [n.to_dict() for n in fleet]}
+                )
                 return
             self.render(
                 "tbssq_batches.html",
                 caption=batches_caption(items),
                 columns=BATCH_COLUMNS,
                 rows=[(b.batch, batch_row(b)) for b in reversed(items)],
+                node_columns=NODE_COLUMNS,
+                node_rows=[(n.node, node_row(n)) for n in fleet],
                 refresh=refresh,
             )
 
@@ -247,7 +260,10 @@ def _workers_view() -> type[web.RequestHandler]:
 
 
 def install(
-    client: redis.Redis, settings: Settings, batches: Callable[[], list[BatchStatus]]
+    client: redis.Redis,
+    settings: Settings,
+    batches: Callable[[], list[BatchStatus]],
+    nodes: Callable[[], list[NodeInfo]] = list,
 ) -> None:
     """Add the pages to Flower's routes and navigation; call before Flower starts."""
     from flower import urls
@@ -257,7 +273,9 @@ def install(
     if "throughput" not in named:
         urls.handlers.insert(-1, web.url(r"/throughput", _handler(client), name="throughput"))
     if "batches" not in named:
-        urls.handlers.insert(-1, web.url(r"/batches", _batches_handler(batches), name="batches"))
+        urls.handlers.insert(
+            -1, web.url(r"/batches", _batches_handler(batches, nodes), name="batches")
+        )
     for i, h in enumerate(urls.handlers):
         pattern = getattr(getattr(h, "regex", None), "pattern", None)
         if pattern == "/tasks/datatable$":
@@ -284,6 +302,16 @@ def batch_row(b: BatchStatus) -> list[tuple[str, str]]:
         **{c: str(getattr(b, c)) for c in BATCH_COLUMNS[4:-1]},
     }
     return [(col, cells[col]) for col in BATCH_COLUMNS]
+
+
+NODE_COLUMNS = ("node", "state", "running", "why")
+
+
+def node_row(n: NodeInfo) -> list[tuple[str, str]]:
+    """One node as the Batches page shows it: its state and why (paused, quarantined)."""
+    why = "; ".join([*(s for s in (n.quarantined, n.paused) if s), *n.cannot])
+    cells = {"node": n.node, "state": n.state, "running": str(len(n.running)), "why": why}
+    return [(col, cells[col]) for col in NODE_COLUMNS]
 
 
 def batches_caption(items: list[BatchStatus]) -> str:

@@ -159,6 +159,8 @@ def notes(s: BatchStatus, more: Sequence[str] = ()) -> list[str]:
                 f"{n.node} quarantined: {n.quarantined} "
                 f"(fix it, then: tbss-queue nodes resume {n.node})"
             )
+        elif n.paused:
+            lines.append(f"{n.node} paused: {n.paused}")
         for why in n.cannot:
             lines.append(f"{n.node} cannot run some commands, and takes the others: {why}")
     if s.requeued:

@@ -108,6 +108,7 @@ def _nodes(raw: dict[str, str], fleet: Fleet | None, running_now: int) -> tuple[
                 last_seen=float(f["seen"]) if "seen" in f else None,
                 quarantined=fleet.quarantine.get(node) if fleet else None,
                 cannot=fleet.faults.get(node, ()) if fleet else (),
+                paused=fleet.paused.get(node) if fleet else None,
                 state=fleet.state(node, running) if fleet else "",
                 heartbeat_age=fleet.heartbeat_age(node) if fleet else None,
                 requeued=int(f.get("requeued", 0)),

@@ -20,6 +20,9 @@ p.add_argument("--fail-unless", help="exit 1 unless this file exists")
 p.add_argument("--kill-parent", action="store_true", help="SIGKILL the worker process")
 p.add_argument("--marker", help="append 'start', 'out' and 'done' lines (PID TIME) to DIR/ID")
 p.add_argument("--grandchild", action="store_true", help="start a child that starts a child")
+p.add_argument("--ticks", type=int, default=0, help="mark tick N times, 0.1 s apart")
+p.add_argument("--gate", help="then mark tick every 0.1 s until this file exists")
+p.add_argument("--on-term", action="store_true", help="mark 'term' on SIGTERM, then exit 143")
 p.add_argument("--until-file", help="after --sleep, wait until this file exists")
 p.add_argument("--env-to", help="write the environment as JSON to this file at start")
 p.add_argument(
@@ -36,6 +39,14 @@ def mark(what: str) -> None:
 
 
 mark("start")
+if a.on_term:
+    import signal
+
+    def _term(signum: int, frame: object) -> None:
+        mark("term")
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, _term)
 if a.env_to:
     import json
 
@@ -57,6 +68,12 @@ if a.pidfile:
         f.write(" ".join(map(str, pids)) + "\n")
 if a.kill_parent:
     os.kill(os.getppid(), 9)
+for _ in range(a.ticks):  # work that stops while the process is stopped (SIGSTOP)
+    time.sleep(0.1)
+    mark("tick")
+while a.gate and not os.path.exists(a.gate):
+    time.sleep(0.1)
+    mark("tick")
 if a.child_alloc:  # like fsl_reg running fnirt: the script outlives its child's death
     child = [sys.executable, __file__, a.id + "-child", "--alloc", str(a.child_alloc)]
     if subprocess.run([*child, "--sleep", str(a.sleep)]).returncode != 0:
