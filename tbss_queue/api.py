@@ -14,13 +14,13 @@ import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from tbss_queue.commands import Command, parse_commands_file
+from tbss_queue.commands import Command, ParsedFile, parse_commands_file
 from tbss_queue.config import Settings
 from tbss_queue.errors import BatchBusy, BatchNotFound, BrokerUnavailable, ConfigError, LogNotFound
 from tbss_queue.execution.done import DoneMarker, done_marker, judge_done
@@ -126,7 +126,6 @@ def submit(
     settings, store = _store(settings)
     remember(store.r)  # before any commit: no batch without the dataset's epoch mark
     resolved = str(Path(path).resolve())
-    file_key = f"{workdir}|{resolved}"
     after = [store.resolve_id(b) for b in after]  # unknown ids fail before anything is staged
     if refused := requests.refusal(mem, threads, store.all_node_facts(), request_names):
         raise ConfigError(refused)
@@ -145,31 +144,72 @@ def submit(
         "mem": mem,  # what each command asks of a node (resources.py)
         "threads": threads,
     }
+    planner = _Planner(store, parsed, local_workdir, workdir, path_map, done_if_exists, on_progress)
+    batch_id, now, queued, warning = _commit_file(store, settings, options, planner, after)
+    with contextlib.suppress(redis.RedisError):
+        replicated(store.r, settings)  # a batch a replica holds survives a failover
+    tally = planner.tally
+    return Batch(
+        batch_id,
+        resolved,
+        workdir,
+        now,
+        parsed.count,
+        queued,
+        tally[SKIPPED] + max(0, tally["changed"] - tally[SKIPPED] - queued),
+        _submit_warnings(store, parsed, warning, planner.redone),
+        unchanged=parsed.count - tally["changed"],
+    )
 
-    tally: Counter[str] = Counter()  # of the last plan: commands changed, skipped
-    redone: list[int] = []  # of the last plan: lines of succeeded commands whose outputs are gone
 
-    def plan(batch_id: str) -> Iterator[list[TaskSpec]]:
+@dataclass
+class _Planner:
+    """What a submission changes in a batch, a chunk of the file at a time; counts of the
+    last plan (an attempt to commit that lost to another submit of the file plans again)."""
+
+    store: BatchStore
+    parsed: ParsedFile
+    local_workdir: str
+    workdir: str
+    path_map: PathMap | None
+    done_if_exists: str | None
+    on_progress: Callable[[int, int], None] | None
+    tally: Counter[str] = field(default_factory=Counter)
+    redone: list[int] = field(default_factory=list)
+    """Lines of succeeded commands whose outputs are gone, queued again."""
+
+    def plan(self, batch_id: str) -> Iterator[list[TaskSpec]]:
         """The changes to batch `batch_id`, a chunk of the file at a time."""
-        tally.clear()
-        redone.clear()
-        for chunk in parsed.chunks(CHUNK):
-            markers = [done_marker(c.argv, local_workdir, done_if_exists) for c in chunk]
-            if path_map:
-                chunk = [replace(c, argv=tuple(path_map.argv(c.argv))) for c in chunk]
-            changes = _plan(store, batch_id, chunk, [c.key(workdir) for c in chunk], markers)
-            tally.update(
+        self.tally.clear()
+        self.redone.clear()
+        for chunk in self.parsed.chunks(CHUNK):
+            markers = [done_marker(c.argv, self.local_workdir, self.done_if_exists) for c in chunk]
+            if self.path_map:
+                chunk = [replace(c, argv=tuple(self.path_map.argv(c.argv))) for c in chunk]
+            keys = [c.key(self.workdir) for c in chunk]
+            changes = _plan(self.store, batch_id, chunk, keys, markers)
+            self.tally.update(
                 read=len(chunk),
                 changed=len(changes),
                 skipped=sum(c.state == SKIPPED for c in changes),
             )
-            redone.extend(c.line for c in changes if c.expect == SUCCEEDED)
+            self.redone.extend(c.line for c in changes if c.expect == SUCCEEDED)
             yield changes
-            if on_progress is not None:
-                on_progress(tally["read"], parsed.count)
+            if self.on_progress is not None:
+                self.on_progress(self.tally["read"], self.parsed.count)
 
+
+def _commit_file(
+    store: BatchStore,
+    settings: Settings,
+    options: dict[str, Any],
+    planner: _Planner,
+    after: Sequence[str],
+) -> tuple[str, float, int, str | None]:
+    """Commit the file's batch: a new one, or its earlier batch merged; planned again when
+    another submit of the same file commits first. Its id, time, commands queued, warning."""
+    file_key = f"{options['cwd']}|{options['path']}"
     for _ in range(10):
-        # another submit of this file may commit first: then plan again against its batch
         owner = store.batch_for_file(file_key)
         batch_id = owner or new_batch_id()
         now = time.time()
@@ -178,15 +218,21 @@ def submit(
         if owner is None:
             meta["submitted"] = now
         queued, warning = _enqueue(
-            store, settings, batch_id, meta, plan(batch_id), file_key, after, owner or "",
-            merge=owner is not None,
+            store, settings, batch_id, meta, planner.plan(batch_id), file_key, after,
+            owner or "", merge=owner is not None,
         )  # fmt: skip
         if queued >= 0:
-            break
-    else:
-        raise BrokerUnavailable(f"{resolved}: other submissions of this file keep committing first")
-    with contextlib.suppress(redis.RedisError):
-        replicated(store.r, settings)  # a batch a replica holds survives a failover
+            return batch_id, now, queued, warning
+    raise BrokerUnavailable(
+        f"{options['path']}: other submissions of this file keep committing first"
+    )
+
+
+def _submit_warnings(
+    store: BatchStore, parsed: ParsedFile, warning: str | None, redone: Sequence[int]
+) -> tuple[str, ...]:
+    """What a submit says beside the batch: duplicate lines, the commit's own warning,
+    succeeded commands queued again, a Redis that does not persist."""
     warnings = tuple(
         f"{parsed.path}:{line}: duplicate of line {first}, queued once"
         for line, first in parsed.duplicates
@@ -198,17 +244,7 @@ def submit(
     with contextlib.suppress(redis.RedisError):  # the batch is committed: report it anyway
         if persisted := persistence_warning(store.r):
             warnings += (persisted,)
-    return Batch(
-        batch_id,
-        resolved,
-        workdir,
-        now,
-        parsed.count,
-        queued,
-        tally[SKIPPED] + max(0, tally["changed"] - tally[SKIPPED] - queued),
-        warnings,
-        unchanged=parsed.count - tally["changed"],
-    )
+    return warnings
 
 
 def redone_line(lines: Sequence[int], shown: int = 10) -> str:
