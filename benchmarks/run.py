@@ -34,6 +34,8 @@ from tbss_queue.queue.recovery import heartbeats_judgeable
 
 from .systems import (
     REPO,
+    CeleryFloor,
+    CelerySoloFloor,
     GnuParallel,
     PlainCelery,
     System,
@@ -70,11 +72,19 @@ SPAWNERS = (Xargs.name, GnuParallel.name)
 """One process forking every line on one machine, with no queue: the floor, shown beside the
 queues but never the best peer of a ratio."""
 
+FLOOR_SYSTEMS: tuple[type[System], ...] = (CeleryFloor, CelerySoloFloor)
+"""Celery running the line and nothing else (benchmarks/celery_floor.py): what one Celery
+message per command costs, shown beside the queues but never the best peer of a ratio."""
+FLOORS = tuple(s.name for s in FLOOR_SYSTEMS)
+
+ON_REDIS = (TbssQueue, PlainCelery, *FLOOR_SYSTEMS)
+"""The systems given a fresh redis-server of their own for each round."""
+
 
 def systems_to_run(names: set[str] | None = None) -> list[type[System]]:
-    """tbss-queue, plain Celery and every installed peer; only those named (any case) if
-    `names` is given."""
-    every: list[type[System]] = [TbssQueue, PlainCelery, *installed_peers()]
+    """tbss-queue, plain Celery, Celery's floors and every installed peer; only those named
+    (any case) if `names` is given."""
+    every: list[type[System]] = [TbssQueue, PlainCelery, *FLOOR_SYSTEMS, *installed_peers()]
     if names is None:
         return every
     wanted = {n.lower() for n in names}
@@ -101,7 +111,7 @@ def each_system(
     makes = list(systems) if systems is not None else systems_to_run()
     for _ in range(rounds):
         for make in makes:
-            server = fresh_redis(workdir) if make in (TbssQueue, PlainCelery) else None
+            server = fresh_redis(workdir) if make in ON_REDIS else None
             system = make(workdir, server) if server else make(workdir)  # type: ignore[call-arg]
             try:
                 system.start(nodes, slots)
@@ -142,8 +152,9 @@ def ratio(values: dict[str, str], lower_is_better: bool = True) -> str:
 
 def queues_only(values: dict[str, str]) -> dict[str, str]:
     """The values of tbss-queue and the queues it is compared with: plain Celery, ipyparallel,
-    dask, HyperQueue (issue 23: below HyperQueue and plain Celery), not the spawners."""
-    return {k: v for k, v in values.items() if k not in SPAWNERS}
+    dask, HyperQueue (issue 23: below HyperQueue and plain Celery), not the spawners or
+    Celery's floors."""
+    return {k: v for k, v in values.items() if k not in SPAWNERS + FLOORS}
 
 
 def overhead(

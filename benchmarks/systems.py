@@ -22,6 +22,7 @@ import redis
 
 from tbss_queue import api
 from tbss_queue.config import Settings
+from tbss_queue.queue.app import make_app
 from tbss_queue.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,6 +146,72 @@ class PlainCelery(System):
         for r in results:
             r.get(timeout=3600)
         return time.perf_counter() - start
+
+
+class CeleryFloor(System):
+    """benchmarks/celery_floor.py on tbss-queue's pool (prefork, one node of `slots`)."""
+
+    name = "Celery floor (prefork)"
+
+    def __init__(self, workdir: Path, server: RedisServer) -> None:
+        super().__init__(workdir)
+        self.server = server
+        self.tally = workdir / "celery-floor.tally"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CELERY_FLOOR_BROKER": self.server.url,
+            "CELERY_FLOOR_TALLY": str(self.tally),
+            "PYTHONPATH": str(REPO),
+        }
+
+    def _worker(self, name: str, pool: str, slots: int) -> None:
+        log = self.workdir / f"floor-{name}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.celery_floor", "worker"]
+        args = [*cmd, "-P", pool, "-c", str(slots), "-n", f"{name}@%h", "-l", "info"]
+        proc = _spawn([*args, "--without-mingle", "--without-gossip"], self.env(), log)
+        self.pids.append(proc.pid)
+        self.procs.append(proc)
+        _wait_log(log, " ready.")
+
+    def start(self, nodes: int, slots: int) -> None:
+        for n in range(nodes):
+            self._worker(f"f{n}", "prefork", slots)
+
+    def run(self, lines: Sequence[str]) -> float:
+        from benchmarks.celery_floor import TASK
+
+        app = make_app(Settings.resolve(env={}, broker=self.server.url))
+        self.tally.write_bytes(b"")
+        start = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for line in lines:
+                app.send_task(TASK, (shlex.split(line),), producer=producer)
+        while self.tally.stat().st_size < len(lines):
+            if any(proc.poll() is not None for proc in self.procs):
+                raise RuntimeError(f"a {self.name} worker died: see {self.workdir}/floor-*.log")
+            time.sleep(0.02)
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        super().stop()
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+
+
+class CelerySoloFloor(CeleryFloor):
+    """The same task, each slot a consumer of its own with Celery's solo pool: no pool
+    process, no pipe between the consumer and the task."""
+
+    name = "Celery floor (solo per slot)"
+
+    def start(self, nodes: int, slots: int) -> None:
+        for n in range(nodes):
+            for s in range(slots):
+                self._worker(f"f{n}s{s}", "solo", 1)
 
 
 class Xargs(System):

@@ -11,7 +11,7 @@ import benchmarks.systems as systems
 from benchmarks.balance import Span, analyse, ideal_spans, list_schedule, workload
 from benchmarks.profile import parse_raw, stage_of, top
 from benchmarks.run import queues_only, ratio
-from benchmarks.systems import GnuParallel, HyperQueue
+from benchmarks.systems import CeleryFloor, CelerySoloFloor, GnuParallel, HyperQueue
 
 
 def test_list_schedule_takes_commands_in_order_to_the_slot_that_frees_first() -> None:
@@ -93,6 +93,25 @@ def test_gnu_parallel_runs_every_line_once(tmp_path: Path) -> None:
     # Then every line ran
     assert sorted(p.name for p in tmp_path.glob("ran-*")) == sorted(f"ran-{i}" for i in range(20))
     assert took > 0
+
+
+@pytest.mark.parametrize("floor", [CeleryFloor, CelerySoloFloor], ids=["prefork", "solo"])
+def test_celerys_floor_runs_every_line_once_on_tbss_queues_celery_settings(
+    tmp_path: Path, floor: type[CeleryFloor]
+) -> None:
+    # Given Celery's floor (tbss-queue's Celery app, a task that only runs the line) on 2 slots
+    server = systems.fresh_redis(tmp_path)
+    system = floor(tmp_path, server)
+    try:
+        system.start(1, 2)
+        # When it runs 20 lines
+        took = system.run(_lines_that_leave_files(tmp_path, 20))
+    finally:
+        system.stop()
+        server.stop()
+    # Then every line ran, and the run ended when the last one had
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == sorted(f"ran-{i}" for i in range(20))
+    assert took > 0 and system.tally.stat().st_size == 20
 
 
 def test_hyperqueue_runs_every_line_once_on_several_workers(tmp_path: Path) -> None:

@@ -149,7 +149,8 @@ class OomCount:
     def now(cls, group: Cgroup | None) -> OomCount:
         # the root group counts no kill in its children: the machine's count serves there
         counted = group is not None and group.path.name not in ("memory", "cgroup", "unified")
-        return cls(group.oom_kills() if counted and group else None, machine_oom_kills())
+        own = group.oom_kills() if counted and group else None
+        return cls(own, machine_oom_kills() if own is None else None)
 
     def rose_since(self, before: OomCount) -> bool:
         """The node's cgroup counts every OOM kill of its processes, whatever ran out (its
@@ -161,7 +162,9 @@ class OomCount:
         return was is not None and now is not None and now > was
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """pid's children (/proc children files of each of its threads): a few reads, no scan of
+    every process."""
     out: list[int] = []
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -176,7 +179,7 @@ def tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         found.append(p)
-        todo += _children(p)
+        todo += children(p)
     return found
 
 

@@ -178,7 +178,7 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
         env = {**(env if env is not None else os.environ), TAG_VAR: spec.tag}
     with _output(spec.outputs, 0) as out, _output(spec.outputs, 1) as err:
         guard = _guard()
-        before = set(_children(os.getpid()))  # anything new after the command is its doing
+        before = set(memory.children(os.getpid()))  # anything new after the command is its doing
         sampler = memory.Sampler(watch.on_sample)
         until = watch.lease_until or (lambda: 0.0)
         guard.starting(spec.tag, until())
@@ -202,7 +202,8 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
             ending.stopped = _stop_noted(watch.stop, watch.wake_fd)
         ended = time.time()
         tails = _tail(out, spec.tail_bytes), _tail(err, spec.tail_bytes)
-        peak, rose = sampler.ended(), sampler.oom_rose()
+        # the kill count is read again only when it matters: the command failed
+        peak, rose = sampler.ended(), proc.returncode != 0 and sampler.oom_rose()
         ending.oom = ending == _Ending() and rose and proc.returncode != 0
     result = RunResult(proc.returncode, started, ended, *tails, peak_rss=peak, oom_rose=rose)
     return _verdict(result, ending, spec.timeout)
@@ -497,27 +498,18 @@ def _become_subreaper() -> None:
         _PRCTL(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    return out
-
-
 def kill_strays(keep: set[int]) -> list[int]:
     """SIGKILL every descendant of this process but `keep` (the guard, children it had before)
     and reap them: what a command left running after it ended. Cheap: a few /proc files, no
     scan of every process. Orphans of the killed come to this process (subreaper): next round."""
     killed: list[int] = []
     for _ in range(3):
-        direct = [c for c in _children(os.getpid()) if c not in keep]
+        direct = [c for c in memory.children(os.getpid()) if c not in keep]
         found, todo = [], list(direct)
         while todo:
             pid = todo.pop()
             found.append(pid)
-            todo += _children(pid)
+            todo += memory.children(pid)
         if not found:
             break
         for pid in found:
