@@ -266,8 +266,10 @@ def measure(
         started = time.monotonic()
         start_nodes(system, nodes)
         print(f"  {nodes} nodes ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
-        run = functools.partial(
-            run_tbss_queue if isinstance(system, TbssQueue) else run_plain_celery, system
+        run: Callable[[Sequence[str], Sequence[float]], Trace] = (
+            functools.partial(run_tbss_queue, system)
+            if isinstance(system, TbssQueue)
+            else functools.partial(run_plain_celery, system)
         )
         warm_up(run, nodes)
         return run(lines, nominal)
@@ -322,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 print(f"  {extra[-1]}", file=sys.stderr, flush=True)
                 continue
-            make = {"tbss-queue": TbssQueue, "plain-celery": PlainCelery}[name]
+            makes: dict[str, type[TbssQueue] | type[PlainCelery]] = {
+                "tbss-queue": TbssQueue,
+                "plain-celery": PlainCelery,
+            }
+            make = makes[name]
             trace = measure(make, workdir, args.nodes, lines, nominal)
             traces.append(trace)
             took = analyse(trace.spans, trace.t0, args.nodes)["makespan"]

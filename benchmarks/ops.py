@@ -22,16 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tbss_queue import api
 from tbss_queue.config import Settings
 from tbss_queue.queue.app import make_app
-from tbss_queue.queue.batches import BatchStore, _task_keys
+from tbss_queue.queue.batches import BatchStore
 from tbss_queue.queue.broker import connect
-from tbss_queue.queue.keys import CHUNK, QUARANTINE, batch_key, run_line
+from tbss_queue.queue.keys import CHUNK
 from tbss_queue.queue.recovery import keep_tidy, missing_messages, republish_orphans
 
 from .run import _commands_file, machine
@@ -62,21 +62,38 @@ def submit_process(path: Path, url: str) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0
 
 
+class _Queued(BatchStore):
+    """A store whose scripts are queued in `pipe` instead of sent: the workers' own calls
+    (claim, finish: their keys and arguments), pipelined. Their replies are not read."""
+
+    def __init__(self, store: BatchStore, pipe: Any) -> None:
+        self.r = store.r
+        self._scripts = store._scripts
+        self.pipe = pipe
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self._scripts[name](keys=list(keys), args=list(args), client=self.pipe)
+        return "ok"
+
+
+def _scans(app: Any, store: BatchStore, settings: Settings) -> None:
+    """A reaper's scans: counters against the queue, a full orphan scan, tidying."""
+    missing_messages(store, settings)
+    republish_orphans(app, store, settings)
+    keep_tidy(store, settings)
+
+
 def as_if_run(store: BatchStore, batch: str, nodes: int) -> None:
     """Claim and finish every queued command of `batch` with claim.lua and finish.lua, as
     `nodes` one-slot workers back to back would (3-5 s each, 1 in 50 failing), pipelined."""
     specs = store.task_specs(batch)
-    claim, finish = store._scripts["claim"], store._scripts["finish"]
     clock = [1.7e9] * nodes
     ids = list(specs)
     for start in range(0, len(ids), CHUNK):
-        pipe = store.r.pipeline(transaction=False)
-        part = ids[start : start + CHUNK]
-        for i, tid in enumerate(part, start):
+        queued = _Queued(store, store.r.pipeline(transaction=False))
+        for i, tid in enumerate(ids[start : start + CHUNK], start):
             node, token = f"w{i % nodes}@bench", f"t{i}"
-            keys = [*_task_keys(batch, tid), batch_key(batch, "attempts")]
-            keys += [batch_key(batch), QUARANTINE]
-            claim(keys=keys, args=[tid, f"{batch}|{tid}", node, token, 60000, 1, ""], client=pipe)
+            queued.claim(batch, tid, node, token, 60.0, 1)
             began = clock[i % nodes]
             clock[i % nodes] = ended = began + 3 + (i % 7) / 3
             state = "failed" if i % 50 == 0 else "succeeded"
@@ -84,12 +101,8 @@ def as_if_run(store: BatchStore, batch: str, nodes: int) -> None:
                       "ended": ended, "duration": ended - began, "node": node, "slot": 1,
                       "line": specs[tid]["line"], "stdout_tail": "", "stderr_tail": "",
                       "cause": None if state == "succeeded" else "exit", "message": ""}  # fmt: skip
-            keys = [*_task_keys(batch, tid), batch_key(batch, "result")]
-            keys += [batch_key(batch, "ended"), batch_key(batch)]
-            keys += [batch_key(batch, "runs"), batch_key(batch, "failed")]
-            args = [tid, f"{batch}|{tid}", node, token, state, json.dumps(record)]
-            finish(keys=keys, args=[*args, ended - began, run_line(record)], client=pipe)
-        pipe.execute()
+            queued.finish(batch, tid, node, token, state, record)
+        queued.pipe.execute()
 
 
 def one_size(workdir: Path, n: int) -> dict[str, str]:
@@ -125,11 +138,7 @@ def one_size(workdir: Path, n: int) -> dict[str, str]:
         # a reaper's scans: counters against the queue, then a full orphan scan and tidying
         timed(
             "recovery scans",
-            lambda: (
-                missing_messages(store, settings),
-                republish_orphans(app, store, settings),
-                keep_tidy(store, settings),
-            ),
+            lambda: _scans(app, store, settings),
         )
         # every command claimed and finished through the workers' own scripts (nothing runs:
         # the report's input, a million recorded attempts, is what matters here)

@@ -41,7 +41,7 @@ app = make_app(os.environ.get("PLAIN_CELERY_BROKER", "redis://localhost:6379/0")
 run = app.tasks["plain.run"]
 
 
-def submit(path: str) -> list:  # type: ignore[type-arg]
+def submit(path: str) -> list[Any]:
     with open(path) as fh:
         return [run.apply_async((line.strip(),)) for line in fh if line.strip()]
 
