@@ -60,6 +60,8 @@ def test_a_node_of_1_gib_runs_commands_of_300_mb_at_most_3_at_once_none_killed(
     w1 = workers("w1", 4, wrap=group.wrap)
     [node] = api.nodes(settings=settings)
     assert node.facts["mem_budget"] == 1024 * MiB and node.facts["slots"] == 4
+    listed = tbss_queue("nodes", env=cli_env)
+    assert listed.returncode == 0 and "4 slots, 1 GiB" in listed.stdout, listed.stdout
     # When 8 commands that each hold 256 MiB for a second are queued, each asking 300 MiB
     marks, log = Markers(tmp_path / "marks"), tmp_path / "log"
     ids = [str(i) for i in range(8)]

@@ -27,6 +27,7 @@ from tbss_queue.paths import PathMap
 from tbss_queue.sizes import parse_size
 from tbss_queue.slurm import DEFAULT_MEM_PER_CPU
 from tbss_queue.views.progress import fmt_duration
+from tbss_queue.views.requests import capacity
 from tbss_queue.views.visible import visible
 
 
@@ -186,8 +187,9 @@ def worker(
 @broker_options
 @click.pass_context
 def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
-    """List worker nodes: online, stopping, stopped, lost or quarantined (and why), their last
-    heartbeat, the commands they run now and their FSL version.
+    """List worker nodes: online, stopping, stopped, lost, paused or quarantined (and why),
+    their last heartbeat, slots and memory budget, the commands they run now and their FSL
+    version.
 
     Example: tbss-queue nodes
     """
@@ -205,14 +207,15 @@ def nodes(ctx: click.Context, as_json: bool, settings: Settings) -> None:
             out.print(line, highlight=False)
         return
     table = Table(box=None)
-    for col in ("node", "state", "heartbeat", "running", "FSL", "why"):
+    for col in ("node", "state", "heartbeat", "capacity", "running", "FSL", "why"):
         table.add_column(col)
     for n in items:
         seen = "-" if n.heartbeat_age is None else f"{fmt_duration(n.heartbeat_age)} ago"
         fsl = str(n.facts.get("fsl_version") or "-")
         said = (n.quarantined, n.paused)
         why = "; ".join([*(s for s in said if s), *n.cannot])
-        shown = (n.node, n.state, seen, ", ".join(n.running) or "-", fsl, why)
+        running = ", ".join(n.running) or "-"
+        shown = (n.node, n.state, seen, capacity(n.facts), running, fsl, why)
         table.add_row(*(Text(visible(str(cell))) for cell in shown))
     out.print(table)
     for line in pilots:  # a pilot's node is slurmJOBID@host

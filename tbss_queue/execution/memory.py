@@ -8,13 +8,14 @@ machine's figure) where a file is missing, so a node without cgroups still runs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tbss_queue.execution import procs
 
 UNLIMITED = 2**60
 """A v1 limit this large (the kernel's 'max', rounded to pages) means no limit."""
@@ -162,24 +163,13 @@ class OomCount:
         return was is not None and now is not None and now > was
 
 
-def children(pid: int) -> list[int]:
-    """pid's children (/proc children files of each of its threads): a few reads, no scan of
-    every process."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            raw = _read(f"/proc/{pid}/task/{tid}/children")
-            out += [int(c) for c in (raw or "").split()]
-    return out
-
-
 def tree(pid: int) -> list[int]:
     """pid and its descendants (those still its descendants: /proc children files)."""
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
         found.append(p)
-        todo += children(p)
+        todo += procs.children(p)
     return found
 
 

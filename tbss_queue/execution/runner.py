@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import IO, Any, Protocol
 
 from tbss_queue.execution import guard as guard_mod
-from tbss_queue.execution import memory
+from tbss_queue.execution import memory, procs
 from tbss_queue.execution.guard import TAG_VAR
 from tbss_queue.sizes import human
 
@@ -178,7 +178,7 @@ def run_command(spec: RunSpec, watch: Watch | None = None) -> RunResult:
         env = {**(env if env is not None else os.environ), TAG_VAR: spec.tag}
     with _output(spec.outputs, 0) as out, _output(spec.outputs, 1) as err:
         guard = _guard()
-        before = set(memory.children(os.getpid()))  # anything new after the command is its doing
+        before = set(procs.children(os.getpid()))  # anything new after the command is its doing
         sampler = memory.Sampler(watch.on_sample)
         until = watch.lease_until or (lambda: 0.0)
         guard.starting(spec.tag, until())
@@ -504,12 +504,12 @@ def kill_strays(keep: set[int]) -> list[int]:
     scan of every process. Orphans of the killed come to this process (subreaper): next round."""
     killed: list[int] = []
     for _ in range(3):
-        direct = [c for c in memory.children(os.getpid()) if c not in keep]
+        direct = [c for c in procs.children(os.getpid()) if c not in keep]
         found, todo = [], list(direct)
         while todo:
             pid = todo.pop()
             found.append(pid)
-            todo += memory.children(pid)
+            todo += procs.children(pid)
         if not found:
             break
         for pid in found:

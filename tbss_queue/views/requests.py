@@ -16,6 +16,16 @@ def largest(facts: Mapping[str, Mapping[str, Any]], key: str) -> tuple[int, str]
     return max(known) if known else None
 
 
+def capacity(facts: Mapping[str, Any]) -> str:
+    """What a node said it can run at once, as `nodes` shows it: '4 slots, 1 GiB'."""
+    parts = []
+    if facts.get("slots"):
+        parts.append(f"{int(facts['slots'])} slots")
+    if facts.get("mem_budget"):
+        parts.append(human(int(facts["mem_budget"])))
+    return ", ".join(parts) or "-"
+
+
 def beyond(
     mem: int | None, threads: int | None, facts: Mapping[str, Mapping[str, Any]]
 ) -> tuple[str, str] | None:
